@@ -1,0 +1,454 @@
+"""Bradley-Terry reward-model trainer: a subclass of verl 0.6.1's FSDPSFTTrainer.
+
+    torchrun --nproc_per_node=8 bt_trainer.py model.partial_pretrain=Qwen/Qwen3-32B   # see run_bt_rm.sh
+
+A scalar value head (`*ForTokenClassification`, num_labels=1, what verl's RewardModelWorker
+loads) on a causal LM, sharded with FSDP2, trained on -log sigmoid(r_chosen - r_rejected).
+
+From verl we keep: checkpoint save / resume (FSDPCheckpointManager, dataloader state, the
+latest-step tracker), the FSDP2 helpers, the optimizer builder, the LR schedules and the metric
+trackers. We replace what is token cross-entropy specific or CUDA-only; each override names the
+verl method it replaces and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+
+import hydra
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.utils.data import DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from tqdm import tqdm
+from verl.trainer.fsdp_sft_trainer import FSDPSFTTrainer
+from verl.utils.fs import copy_to_local
+from verl.utils.fsdp_utils import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    apply_fsdp2,
+    fsdp2_clip_grad_norm_,
+    fsdp2_load_full_state_dict,
+    get_fsdp_wrap_policy,
+    get_init_weight_context_manager,
+    init_fn,
+)
+from verl.utils.torch_functional import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_wsd_schedule_with_warmup,
+)
+from verl.utils.tracking import Tracking
+from verl.workers.config.optimizer import build_optimizer
+
+import bt_data
+from bt_loss import bradley_terry_loss, metrics_from_sums, pair_sums
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- small pure helpers
+
+
+def resolve_device(setting: str) -> str:
+    """`auto` is cuda when a GPU is visible, else cpu."""
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting not in ("cuda", "cpu"):
+        raise ValueError(f"trainer.device is {setting!r}; expected auto, cuda or cpu")
+    return setting
+
+
+def resolve_attn_implementation(setting: str) -> str:
+    """`auto` is flash_attention_2 when flash_attn is installed, else sdpa."""
+    if setting != "auto":
+        return setting
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+
+
+def resolve_param_dtype(setting: str, device: str) -> torch.dtype:
+    """Compute dtype of the sharded parameters. `auto`: bf16 on GPU, fp32 on CPU (master weights stay fp32)."""
+    if setting == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return DTYPES[setting]
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: the score head starts identical everywhere and runs repeat exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_value_head_model(model_path: str, *, attn_implementation: str, torch_dtype: torch.dtype, trust_remote_code: bool):
+    """An `AutoModelForTokenClassification` (num_labels=1) from a causal-LM or value-head checkpoint.
+
+    From a causal LM (Qwen3-32B), the lm_head is dropped and the score head newly initialised
+    (seed first). The score bias is zeroed and frozen: a BT loss cannot see a shared offset, and
+    a bias would make TokenClassification and SequenceClassification loaders (the latter has no
+    bias) disagree. `config.architectures` is set to the value-head class so the exported
+    checkpoint declares what it is.
+    """
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    config.num_labels = 1
+    config.classifier_dropout = 0.0
+    model = AutoModelForTokenClassification.from_pretrained(
+        model_path, config=config, torch_dtype=torch_dtype, attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    model.config.architectures = [type(model).__name__]
+    if model.score.bias is not None:
+        if model.score.bias.device.type != "meta":
+            with torch.no_grad():
+                model.score.bias.zero_()
+        model.score.bias.requires_grad_(False)
+    return model
+
+
+def build_lr_scheduler(optimizer, optim_config, total_steps: int):
+    warmup_steps = int(total_steps * optim_config.warmup_steps_ratio)
+    name = optim_config.lr_scheduler
+    if name == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps, min_lr_ratio=optim_config.min_lr_ratio)
+    if name == "wsd":
+        return get_wsd_schedule_with_warmup(optimizer, warmup_steps, total_steps, min_lr_ratio=optim_config.min_lr_ratio)
+    if name == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    raise ValueError(f"optim.lr_scheduler is {name!r}; expected cosine, wsd or constant")
+
+
+def create_pair_dataset(files, data_config, tokenizer):
+    """PairDataset, or the class named by data.custom_cls (same constructor signature as verl's SFTDataset)."""
+    if data_config.custom_cls.get("path"):
+        from verl.utils.import_utils import load_extern_type
+
+        dataset_cls = load_extern_type(data_config.custom_cls.path, data_config.custom_cls.name)
+    else:
+        dataset_cls = bt_data.PairDataset
+    files = list(files) if not isinstance(files, str) else [files]
+    return dataset_cls(parquet_files=files, tokenizer=tokenizer, config=data_config, max_samples=data_config.max_samples)
+
+
+def load_tokenizer(model_path: str, data_config, trust_remote_code: bool):
+    """The model's tokenizer, with data.pad_token applied; refuses a missing pad token or pad == eos.
+
+    pad == eos is a classic silent failure: transformers' SequenceClassification pooling then reads
+    the reward before the final eos, so the same checkpoint scores differently per loader.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if data_config.pad_token is not None:
+        tokenizer.pad_token = data_config.pad_token
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(
+            f"tokenizer of {model_path}: pad token is {tokenizer.pad_token!r} (eos is {tokenizer.eos_token!r}); "
+            "set data.pad_token to a token of the vocabulary that is not eos and never appears in conversations"
+        )
+    if tokenizer.chat_template is None:
+        raise ValueError(f"tokenizer of {model_path} has no chat template; use a chat model's tokenizer")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class BTRewardTrainer(FSDPSFTTrainer):
+    def __init__(self, config: DictConfig, device_mesh: DeviceMesh, tokenizer, train_dataset, val_dataset):
+        self.device_name = resolve_device(config.trainer.device)
+        if config.ulysses_sequence_parallel_size != 1:
+            raise ValueError("ulysses_sequence_parallel_size > 1 is not supported by the BT trainer")
+        super().__init__(config, device_mesh, None, tokenizer, train_dataset, val_dataset)
+        # verl's __init__ ends by copying config.trainer.device verbatim; "auto" must stay resolved.
+        self.device_name = resolve_device(config.trainer.device)
+
+    # Replaces FSDPSFTTrainer._normalize_config_bsz: verl divides data.train_batch_size by the dp
+    # size in place; we derive the per-rank count and leave the config as written.
+    def _normalize_config_bsz(self):
+        dp_size = self.device_mesh.size()
+        data = self.config.data
+        if data.train_batch_size % dp_size:
+            raise ValueError(f"data.train_batch_size={data.train_batch_size} is not divisible by the {dp_size} data-parallel ranks")
+        self.pairs_per_rank = data.train_batch_size // dp_size
+        if data.max_tokens_per_micro_batch is None and self.pairs_per_rank % data.micro_batch_size_per_gpu:
+            raise ValueError(
+                f"{self.pairs_per_rank} pairs per rank (data.train_batch_size / ranks) is not divisible by "
+                f"data.micro_batch_size_per_gpu={data.micro_batch_size_per_gpu}"
+            )
+
+    # Replaces FSDPSFTTrainer._build_dataloader: a step's pairs stay a list (micro-batches are
+    # formed per step, padded or packed), the sampler is seeded from trainer.seed, the worker count
+    # comes from the config (verl hard-codes 8 workers and pinning), and validation is sharded
+    # without the padding DistributedSampler adds, so every pair is scored exactly once.
+    def _build_dataloader(self, train_dataset, val_dataset):
+        self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        rank, world_size = self.device_mesh.get_rank(), self.device_mesh.size()
+        self.train_sampler = DistributedSampler(
+            train_dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.config.trainer.seed, drop_last=True
+        )
+        self.train_dataloader = StatefulDataLoader(
+            dataset=train_dataset, batch_size=self.pairs_per_rank, sampler=self.train_sampler, drop_last=True,
+            collate_fn=bt_data.keep_as_list, num_workers=self.config.data.dataloader_num_workers,
+        )
+        if len(self.train_dataloader) == 0:
+            raise ValueError(f"{len(train_dataset)} training pairs make no full step of data.train_batch_size={self.config.data.train_batch_size}")
+        self.val_indices = list(range(rank, len(val_dataset), world_size))
+
+    # Replaces FSDPSFTTrainer._build_model_optimizer: verl builds AutoModelForCausalLM with
+    # flash_attention_2 hard-coded and bf16 mixed precision always; we build the value-head model,
+    # choose attention and precision by device, and add the constant schedule.
+    def _build_model_optimizer(self):
+        model_config = self.config.model
+        seed_everything(self.config.trainer.seed)
+        local_model_path = copy_to_local(src=model_config.partial_pretrain, verbose=False)
+        from transformers import AutoConfig
+
+        tie_word_embeddings = AutoConfig.from_pretrained(local_model_path, trust_remote_code=model_config.trust_remote_code).tie_word_embeddings
+        init_context = get_init_weight_context_manager(use_meta_tensor=not tie_word_embeddings, mesh=self.device_mesh)
+        with init_context():
+            self.model = load_value_head_model(
+                local_model_path,
+                attn_implementation=resolve_attn_implementation(model_config.attn_implementation),
+                torch_dtype=DTYPES[model_config.fsdp_config.model_dtype],
+                trust_remote_code=model_config.trust_remote_code,
+            )
+        self.model_config = self.model.config
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if model_config.enable_gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        param_dtype = resolve_param_dtype(model_config.mixed_precision, self.device_name)
+        fsdp_config = model_config.fsdp_config
+        if model_config.strategy == "fsdp2":
+            offload = CPUOffloadPolicy(pin_memory=self.device_name == "cuda") if fsdp_config.cpu_offload else None
+            fsdp_kwargs = {
+                "mesh": self.device_mesh,
+                "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=True),
+                "offload_policy": offload,
+                "reshard_after_forward": True,
+            }
+            full_state = self.model.state_dict()
+            apply_fsdp2(self.model, fsdp_kwargs, fsdp_config)
+            fsdp2_load_full_state_dict(self.model, full_state, self.device_mesh, offload)
+            self.fsdp_model = self.model
+        elif model_config.strategy == "fsdp":
+            from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            self.fsdp_model = FSDP(
+                self.model,
+                cpu_offload=CPUOffload(offload_params=True) if fsdp_config.cpu_offload else None,
+                param_init_fn=init_fn,
+                use_orig_params=True,  # the frozen score bias shares a flat parameter with trainable weights
+                auto_wrap_policy=get_fsdp_wrap_policy(self.model, config=fsdp_config.wrap_policy),
+                device_id=torch.cuda.current_device() if self.device_name == "cuda" else None,
+                sharding_strategy=ShardingStrategy.FULL_SHARD,
+                mixed_precision=MixedPrecision(param_dtype=param_dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32),
+                sync_module_states=True,
+                device_mesh=self.device_mesh,
+            )
+        else:
+            raise ValueError(f"model.strategy is {model_config.strategy!r}; expected fsdp2 or fsdp")
+
+        trainable = [p for p in self.fsdp_model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(trainable, self.config.optim)
+        # The schedule is set by the epochs; trainer.total_training_steps only stops early.
+        self.steps_per_epoch = len(self.train_dataloader)
+        self.total_steps = self.steps_per_epoch * self.config.trainer.total_epochs
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.config.optim, self.total_steps)
+        if self.device_mesh.get_rank() == 0:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            print(f"value-head model: {type(self.model).__name__}, {n_params / 1e6:.2f}M parameters (sharded view), "
+                  f"{self.steps_per_epoch} steps/epoch x {self.config.trainer.total_epochs} epochs = {self.total_steps} steps")
+
+    # ---- micro-batching
+
+    def _all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        dist.all_reduce(tensor, op=op)
+        return tensor
+
+    def plan_step(self, pairs: list[bt_data.TokenizedPair], balance_ranks: bool) -> list[list[int]]:
+        """Micro-batches of this rank's pairs; with a token budget, every rank gets the same count."""
+        data = self.config.data
+        plan = bt_data.plan_micro_batches(pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu)
+        if data.max_tokens_per_micro_batch is None or not balance_ranks:
+            return plan
+        count = int(self._all_reduce(torch.tensor(len(plan), device=self.device_name), dist.ReduceOp.MAX))
+        return bt_data.plan_micro_batches(pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu, min_count=count)
+
+    def _collate(self, pairs: list[bt_data.TokenizedPair]) -> dict[str, torch.Tensor]:
+        batch = bt_data.collate_pairs(pairs, self.tokenizer.pad_token_id, packed=self.use_remove_padding)
+        return bt_data.move_to(batch, self.device_name)
+
+    # Replaces FSDPSFTTrainer._compute_loss_and_backward: token cross-entropy under a hard-coded
+    # bf16 autocast becomes the BT loss over rewards read at verl's reward token.
+    def _compute_loss_and_backward(self, pairs, do_backward=True, n_micro_batches=None, step_pairs=None):
+        """BT loss of one micro-batch, normalised by the pairs of the whole step (exact accumulation).
+
+        Returns (loss, pair_sums vector, real tokens, computed tokens).
+        """
+        batch = self._collate(pairs)
+        rewards = bt_data.compute_rewards(self.fsdp_model, batch)
+        n = len(pairs)
+        loss, _ = bradley_terry_loss(rewards[:n], rewards[n:], normalizer=step_pairs or n)
+        if do_backward:
+            loss.backward()
+        return loss, pair_sums(rewards[:n], rewards[n:]), *bt_data.batch_token_counts(batch)
+
+    # Replaces FSDPSFTTrainer.training_step: BT metrics summed over micro-batches and all ranks
+    # (verl all-reduces its loss only under CUDA, so on CPU it logs rank 0's alone).
+    def training_step(self, pairs: list[bt_data.TokenizedPair]) -> dict[str, float]:
+        start = time.perf_counter()
+        self.fsdp_model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device_name)
+        tokens = torch.zeros(3, dtype=torch.float64, device=self.device_name)  # real, computed, micro-batches
+        for indices in self.plan_step(pairs, balance_ranks=True):
+            _, batch_sums, real, computed = self._compute_loss_and_backward([pairs[i] for i in indices], step_pairs=len(pairs))
+            sums += batch_sums
+            tokens += torch.tensor([real, computed, 1], dtype=torch.float64, device=self.device_name)
+
+        if self.config.model.strategy == "fsdp2":
+            grad_norm = fsdp2_clip_grad_norm_(self.fsdp_model.parameters(), max_norm=self.config.optim.clip_grad)
+        else:
+            grad_norm = self.fsdp_model.clip_grad_norm_(max_norm=self.config.optim.clip_grad)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            print(f"WARN: grad_norm is not finite ({grad_norm.item()}); skipping the update")
+            self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+
+        self._all_reduce(sums)
+        self._all_reduce(tokens)
+        elapsed = time.perf_counter() - start
+        metrics = {f"train/{k}": v for k, v in metrics_from_sums(sums).items()}
+        real, computed, micro_batches = tokens.tolist()
+        metrics.update({
+            "train/lr(1e-3)": lr * 1e3,
+            "train/grad_norm": float(grad_norm),
+            "train/time(s)": elapsed,
+            "train/pairs_per_s": float(sums[0]) / elapsed,
+            "train/real_tokens_per_s": real / elapsed,
+            "train/real_token_share": real / computed,
+            "train/micro_batches": micro_batches / self.device_mesh.size(),
+        })
+        return metrics
+
+    # Replaces FSDPSFTTrainer.validation_step: scores every validation pair once and returns
+    # metrics over the whole set and all ranks (verl returns a per-micro-batch loss and fit()
+    # averages those means on rank 0).
+    @torch.no_grad()
+    def validation_step(self, batch=None) -> dict[str, float]:
+        self.fsdp_model.eval()
+        pairs = [self.val_dataset[i] for i in self.val_indices]
+        plan = self.plan_step(pairs, balance_ranks=False) if pairs else []
+        # FSDP forwards are collectives: every rank runs as many as the busiest one, extra ones discarded.
+        rounds = int(self._all_reduce(torch.tensor(len(plan), device=self.device_name), dist.ReduceOp.MAX))
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device_name)
+        for round_index in range(rounds):
+            if round_index < len(plan):
+                _, batch_sums, _, _ = self._compute_loss_and_backward([pairs[i] for i in plan[round_index]], do_backward=False)
+                sums += batch_sums
+            else:
+                self._compute_loss_and_backward([self.val_dataset[0]], do_backward=False)
+        self._all_reduce(sums)
+        return {f"val/{k}": v for k, v in metrics_from_sums(sums).items()}
+
+    # Replaces FSDPSFTTrainer.fit: the same loop (resume, early stop, validate, save), logging BT
+    # metrics; a training set that ends mid-run on total_training_steps keeps the epoch schedule.
+    def fit(self):
+        rank = self.device_mesh.get_rank()
+        trainer_config = self.config.trainer
+        tracking = None
+        if rank == 0:
+            tracking = Tracking(
+                project_name=trainer_config.project_name, experiment_name=trainer_config.experiment_name,
+                default_backend=list(trainer_config.logger), config=OmegaConf.to_container(self.config, resolve=True),
+            )
+        global_step = self.resume_global_step
+        last_step = self.total_steps
+        if trainer_config.total_training_steps is not None:
+            last_step = min(last_step, trainer_config.total_training_steps)
+        self.last_val_metrics = None
+        start_epoch = global_step // self.steps_per_epoch
+        for epoch in range(start_epoch, trainer_config.total_epochs):
+            if global_step >= last_step:
+                break
+            self.train_sampler.set_epoch(epoch)
+            progress = tqdm(self.train_dataloader, total=self.steps_per_epoch, initial=global_step % self.steps_per_epoch if epoch == start_epoch else 0,
+                            desc=f"epoch {epoch + 1}/{trainer_config.total_epochs}", disable=rank != 0)
+            for pairs in progress:
+                global_step += 1
+                metrics = self.training_step(pairs)
+                if tracking:
+                    tracking.log(data=metrics, step=global_step)
+                is_last_step = global_step >= last_step
+                if is_last_step or (trainer_config.test_freq > 0 and global_step % trainer_config.test_freq == 0):
+                    self.last_val_metrics = self.validation_step()
+                    if tracking:
+                        tracking.log(data=self.last_val_metrics, step=global_step)
+                if is_last_step or (trainer_config.save_freq > 0 and global_step % trainer_config.save_freq == 0):
+                    self.save_checkpoint(step=global_step)
+                if is_last_step:
+                    break
+            if global_step >= last_step:
+                break
+        if rank == 0:
+            print(f"final validation metrics: {self.last_val_metrics}")
+        self.final_step = global_step
+        return self.last_val_metrics
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Replaces verl.utils.distributed.initialize_global_process_group, which always asks for nccl."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def run(config: DictConfig):
+    device = resolve_device(config.trainer.device)
+    rank, world_size = init_distributed(device)
+    seed_everything(config.trainer.seed)
+    device_mesh = init_device_mesh(device_type=device, mesh_shape=(world_size,), mesh_dim_names=("fsdp",))
+    local_model_path = copy_to_local(src=config.model.partial_pretrain, verbose=False)
+    tokenizer = load_tokenizer(local_model_path, config.data, config.model.trust_remote_code)
+    train_dataset = create_pair_dataset(config.data.train_files, config.data, tokenizer)
+    val_dataset = create_pair_dataset(config.data.val_files, config.data, tokenizer)
+    trainer = BTRewardTrainer(config, device_mesh, tokenizer, train_dataset, val_dataset)
+    metrics = trainer.fit()
+    dist.destroy_process_group()
+    return metrics
+
+
+@hydra.main(config_path=".", config_name="trainer", version_base=None)
+def main(config: DictConfig):
+    run(config)
+
+
+if __name__ == "__main__":
+    main()
