@@ -5,7 +5,8 @@
 
 Nothing here comes from HelpSteer2. Each response is a few sentences, each either helpful
 (specific, on-task) or unhelpful (dismissive, vague); the better response has more helpful
-sentences, and |preference_strength| is the difference. A tiny model can learn that in minutes
+sentences, and |preference_strength| is the difference, except for 10% of pairs whose label is
+flipped (annotator noise, so the best reachable accuracy is about 0.9). A tiny model can learn that in minutes
 on CPU, which is all the demo needs: it proves the pipeline, not a reward model worth using.
 Single- and multi-turn prompts (in HelpSteer2's `<extra_id_1>` format), every strength from -3
 to 3 and both splits appear.
@@ -24,6 +25,7 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "helpsteer2_demo.jsonl.gz"
 SEED = 20241124
 N_ROWS = {"train": 1400, "val": 200}
 SENTENCES_PER_RESPONSE = 4
+LABEL_NOISE = 0.1  # share of pairs whose label is flipped: the best reachable accuracy is about 0.9
 
 TASKS = [
     "cook rice", "learn python", "fix a flat tyre", "write a cover letter", "plant tomatoes",
@@ -84,6 +86,8 @@ def make_row(rng: random.Random, split: str) -> dict:
     low = rng.randint(0, SENTENCES_PER_RESPONSE - abs(strength))
     high = low + abs(strength)
     helpful_1, helpful_2 = (low, high) if strength >= 0 else (high, low)
+    if rng.random() < LABEL_NOISE:  # a careless annotator: the label points the wrong way
+        strength = -strength
     statement = {0: "about the same", 1: "slightly better", 2: "better", 3: "much better"}[abs(strength)]
     better = "@Response 2" if strength > 0 else "@Response 1"
     return {
