@@ -1,8 +1,74 @@
 """Shared fixtures: everything is built offline on CPU, in temporary directories."""
 
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the project is a flat cookbook, not an installed package
     sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen3 causal LM + byte-level BPE tokenizer with a ChatML template."""
+    from demo.make_tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory) -> Path:
+    """The bundled synthetic demo data, prepared into train.parquet / test.parquet."""
+    import prepare_helpsteer2
+
+    out = tmp_path_factory.mktemp("demo-data")
+    assert prepare_helpsteer2.main(["--input", str(REPO / "demo" / "helpsteer2_demo.jsonl.gz"), "--output-dir", str(out)]) == 0
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_trainer(tmp_path: Path, model_dir: Path, data_dir: Path, *overrides: str, nproc: int = 2, name: str = "run", timeout: int = 300):
+    """Launch bt_trainer.py through run_bt_rm.sh on `nproc` CPU ranks; returns (completed process, metrics file)."""
+    metrics_file = tmp_path / f"{name}.jsonl"
+    env = {
+        **os.environ,
+        "N_GPUS_PER_NODE": str(nproc), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
+        "MODEL_PATH": str(model_dir), "TRAIN_FILE": str(data_dir / "train.parquet"), "VAL_FILE": str(data_dir / "test.parquet"),
+        "SAVE_PATH": str(tmp_path / "ckpt"), "EXPERIMENT_NAME": name, "VERL_FILE_LOGGER_PATH": str(metrics_file),
+        "TRAIN_BATCH_SIZE": "8", "MICRO_BATCH_SIZE": "2", "LR": "1e-3", "TOTAL_EPOCHS": "1", "MAX_LENGTH": "1024",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "run_bt_rm.sh"), "trainer.logger=[console,file]", "trainer.device=cpu", *overrides],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result, metrics_file
+
+
+def read_metrics(metrics_file: Path) -> dict[int, dict[str, float]]:
+    """verl's file logger lines, merged per step: {step: {metric: value}}."""
+    import json
+
+    merged: dict[int, dict[str, float]] = {}
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line)
+        merged.setdefault(record["step"], {}).update(record["data"])
+    return merged
