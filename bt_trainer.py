@@ -247,6 +247,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
             fsdp2_load_full_state_dict(self.model, full_state, self.device_mesh, offload)
             self.fsdp_model = self.model
         elif model_config.strategy == "fsdp":
+            if self.device_name != "cuda":
+                raise ValueError("model.strategy=fsdp (FSDP1) needs a GPU in torch 2.13; use model.strategy=fsdp2 on CPU")
             from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -256,7 +258,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
                 param_init_fn=init_fn,
                 use_orig_params=True,  # the frozen score bias shares a flat parameter with trainable weights
                 auto_wrap_policy=get_fsdp_wrap_policy(self.model, config=fsdp_config.wrap_policy),
-                device_id=torch.cuda.current_device() if self.device_name == "cuda" else None,
+                device_id=torch.cuda.current_device(),
                 sharding_strategy=ShardingStrategy.FULL_SHARD,
                 mixed_precision=MixedPrecision(param_dtype=param_dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32),
                 sync_module_states=True,
