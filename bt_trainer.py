@@ -13,6 +13,7 @@ verl method it replaces and why.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -129,6 +130,33 @@ def build_lr_scheduler(optimizer, optim_config, total_steps: int):
     if name == "constant":
         return get_constant_schedule_with_warmup(optimizer, warmup_steps)
     raise ValueError(f"optim.lr_scheduler is {name!r}; expected cosine, wsd or constant")
+
+
+def keep_history_through(path: str, last_step: int) -> None:
+    """Drop history lines after `last_step` (a resumed run replays them), via temp file + rename."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as lines:
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    temp = f"{path}.tmp"
+    with open(temp, "w", encoding="utf-8") as out:
+        out.writelines(kept)
+    os.replace(temp, path)
+
+
+def start_tracking(trainer_config, config: DictConfig) -> Tracking:
+    """verl's Tracking, with the wandb mode and tensorboard directory taken from the config."""
+    if trainer_config.wandb_mode is not None:
+        os.environ["WANDB_MODE"] = trainer_config.wandb_mode
+    if trainer_config.wandb_dir is not None:
+        os.makedirs(trainer_config.wandb_dir, exist_ok=True)
+        os.environ["WANDB_DIR"] = trainer_config.wandb_dir
+    if trainer_config.tensorboard_dir is not None:
+        os.environ["TENSORBOARD_DIR"] = trainer_config.tensorboard_dir
+    return Tracking(
+        project_name=trainer_config.project_name, experiment_name=trainer_config.experiment_name,
+        default_backend=list(trainer_config.logger), config=OmegaConf.to_container(config, resolve=True),
+    )
 
 
 def create_pair_dataset(files, data_config, tokenizer):
@@ -380,12 +408,21 @@ class BTRewardTrainer(FSDPSFTTrainer):
     def fit(self):
         rank = self.device_mesh.get_rank()
         trainer_config = self.config.trainer
-        tracking = None
+        tracking, history = None, None
         if rank == 0:
-            tracking = Tracking(
-                project_name=trainer_config.project_name, experiment_name=trainer_config.experiment_name,
-                default_backend=list(trainer_config.logger), config=OmegaConf.to_container(self.config, resolve=True),
-            )
+            tracking = start_tracking(trainer_config, self.config)
+            if trainer_config.history_file is not None:
+                os.makedirs(os.path.dirname(os.path.abspath(trainer_config.history_file)), exist_ok=True)
+                keep_history_through(trainer_config.history_file, self.resume_global_step)
+                history = open(trainer_config.history_file, "a", encoding="utf-8")
+
+        def log(metrics: dict[str, float], step: int) -> None:
+            if tracking is not None:
+                tracking.log(data=metrics, step=step)
+            if history is not None:
+                history.write(json.dumps({"step": step, "data": metrics}) + "\n")
+                history.flush()
+
         global_step = self.resume_global_step
         last_step = self.total_steps
         if trainer_config.total_training_steps is not None:
@@ -400,14 +437,11 @@ class BTRewardTrainer(FSDPSFTTrainer):
                             desc=f"epoch {epoch + 1}/{trainer_config.total_epochs}", disable=rank != 0)
             for pairs in progress:
                 global_step += 1
-                metrics = self.training_step(pairs)
-                if tracking:
-                    tracking.log(data=metrics, step=global_step)
+                log(self.training_step(pairs), global_step)
                 is_last_step = global_step >= last_step
                 if is_last_step or (trainer_config.test_freq > 0 and global_step % trainer_config.test_freq == 0):
                     self.last_val_metrics = self.validation_step()
-                    if tracking:
-                        tracking.log(data=self.last_val_metrics, step=global_step)
+                    log(self.last_val_metrics, global_step)
                 if is_last_step or (trainer_config.save_freq > 0 and global_step % trainer_config.save_freq == 0):
                     self.save_checkpoint(step=global_step)
                 if is_last_step:
@@ -416,6 +450,12 @@ class BTRewardTrainer(FSDPSFTTrainer):
                 break
         if rank == 0:
             print(f"final validation metrics: {self.last_val_metrics}")
+            if history is not None:
+                history.close()
+                if trainer_config.curves_png is not None:
+                    from plot_curves import plot_curves, read_history
+
+                    print(f"training curves: {plot_curves(read_history(trainer_config.history_file), trainer_config.curves_png, trainer_config.experiment_name)}")
         self.final_step = global_step
         return self.last_val_metrics
 

@@ -36,10 +36,6 @@ EXPERIMENT_NAME=${EXPERIMENT_NAME:-qwen3-32b-helpsteer2}
 PYTHON=${PYTHON:-python3}
 
 cd "$(dirname "$0")"
-# verl's file logger writes here unless the caller chose a path.
-export VERL_FILE_LOGGER_PATH=${VERL_FILE_LOGGER_PATH:-$SAVE_PATH/$EXPERIMENT_NAME/metrics.jsonl}
-mkdir -p "$(dirname "$VERL_FILE_LOGGER_PATH")"
-
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc_per_node="$N_GPUS_PER_NODE" --node_rank="$NODE_RANK" \
   --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \

@@ -15,6 +15,10 @@ export N_GPUS_PER_NODE=${N_GPUS_PER_NODE:-2} MODEL_PATH=demo/tiny-qwen3 PYTHON=$
 export TRAIN_FILE=data/demo/train.parquet VAL_FILE=data/demo/test.parquet
 export TRAIN_BATCH_SIZE=32 MICRO_BATCH_SIZE=4 LR=1e-3 TOTAL_EPOCHS=2 MAX_LENGTH=1024
 export SAVE_PATH=checkpoints EXPERIMENT_NAME=demo MASTER_PORT=${MASTER_PORT:-29511}
-export VERL_FILE_LOGGER_PATH=$SAVE_PATH/$EXPERIMENT_NAME/metrics.jsonl
 rm -rf "${SAVE_PATH:?}/$EXPERIMENT_NAME"  # a fresh run each time (the trainer would otherwise resume)
-bash run_bt_rm.sh trainer.test_freq=10 optim.warmup_steps_ratio=0.1 trainer.logger=[console,file] "$@"
+bash run_bt_rm.sh trainer.test_freq=10 optim.warmup_steps_ratio=0.1 "$@"
+
+final_step=$(cat "$SAVE_PATH/$EXPERIMENT_NAME/latest_checkpointed_iteration.txt")
+$PY evaluate_rm.py --model "$SAVE_PATH/$EXPERIMENT_NAME/global_step_$final_step" --data "$VAL_FILE" \
+  --output "$SAVE_PATH/$EXPERIMENT_NAME/val_scores.jsonl" --no-progress
+echo "demo done: checkpoint $SAVE_PATH/$EXPERIMENT_NAME/global_step_$final_step/huggingface, curves $SAVE_PATH/$EXPERIMENT_NAME/training_curves.png"

@@ -153,6 +153,10 @@ def test_runs_are_reproducible_and_resume_exactly(tmp_path, tiny_model_dir, demo
     assert min(resumed) == 6 and max(resumed) == 12
     for step in range(6, 13):
         assert without_timings(resumed[step]) == without_timings(full[step]), step  # every digit
+    # the trainer's own history file spans both launches (verl's file logger restarts at the resume)
+    history = read_metrics(tmp_path / "ckpt" / "resumed" / "metrics.jsonl")
+    assert sorted(history) == list(range(1, 13))
+    assert {s: without_timings(m) for s, m in history.items()} == {s: without_timings(m) for s, m in full.items()}
 
 
 def without_timings(metrics):
