@@ -126,16 +126,32 @@ def test_two_rank_run_learns_and_writes_hf_checkpoint(tmp_path, tiny_model_dir, 
     assert torch.count_nonzero(weights["score.bias"]) == 0  # frozen at zero through 40 steps of Adam
 
 
-def test_micro_batch_size_does_not_change_training(tmp_path, tiny_model_dir, demo_data_dir):
+def test_micro_batching_and_packing_do_not_change_training(tmp_path, tiny_model_dir, demo_data_dir):
+    """Same steps, loss and gradient norm with 4 micro-batches of 1 pair, 1 of 4, and packed token-budget micro-batches."""
     common = ("trainer.total_training_steps=3", "trainer.test_freq=3", "data.max_samples=64", "trainer.checkpoint.save_contents=[model]")
-    runs = {}
-    for micro in (1, 4):
-        _, metrics_file = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, f"data.micro_batch_size_per_gpu={micro}", *common, name=f"micro{micro}")
-        runs[micro] = read_metrics(metrics_file)
-    for step in (1, 2, 3):
-        assert runs[1][step]["train/loss"] == pytest.approx(runs[4][step]["train/loss"], abs=1e-5)
-        assert runs[1][step]["train/grad_norm"] == pytest.approx(runs[4][step]["train/grad_norm"], rel=1e-4)
-    assert runs[1][3]["val/loss"] == pytest.approx(runs[4][3]["val/loss"], abs=1e-5)
+    variants = {
+        "micro1": ("data.micro_batch_size_per_gpu=1",),
+        "micro4": ("data.micro_batch_size_per_gpu=4",),
+        "packed": ("use_remove_padding=true", "data.max_tokens_per_micro_batch=700"),
+    }
+    runs = {name: read_metrics(run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *extra, *common, name=name)[1]) for name, extra in variants.items()}
+    for name in ("micro4", "packed"):
+        for step in (1, 2, 3):
+            assert runs[name][step]["train/loss"] == pytest.approx(runs["micro1"][step]["train/loss"], abs=1e-5), (name, step)
+            assert runs[name][step]["train/grad_norm"] == pytest.approx(runs["micro1"][step]["train/grad_norm"], rel=1e-4), (name, step)
+        assert runs[name][3]["val/loss"] == pytest.approx(runs["micro1"][3]["val/loss"], abs=1e-5), name
+    assert runs["packed"][1]["train/real_token_share"] == 1.0 > runs["micro4"][1]["train/real_token_share"]
+    assert runs["packed"][1]["train/micro_batches"] >= 2  # 4 pairs of ~300-700 tokens do not fit one 700-token budget
+
+
+def test_two_rank_packed_run_learns(tmp_path, tiny_model_dir, demo_data_dir):
+    _, metrics_file = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, "use_remove_padding=true", "data.max_tokens_per_micro_batch=2048",
+                                  "trainer.total_training_steps=40", "trainer.test_freq=40", "optim.warmup_steps_ratio=0.05",
+                                  "trainer.checkpoint.save_contents=[model]", name="packed_learn")
+    metrics = read_metrics(metrics_file)
+    assert metrics[1]["train/loss"] == pytest.approx(math.log(2), abs=0.02)
+    assert metrics[40]["val/accuracy"] >= 0.8 and metrics[40]["val/loss"] < 0.5
+    assert all(m["train/real_token_share"] == 1.0 for m in metrics.values() if "train/real_token_share" in m)
 
 
 def test_runs_are_reproducible_and_resume_exactly(tmp_path, tiny_model_dir, demo_data_dir):
