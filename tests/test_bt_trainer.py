@@ -172,7 +172,9 @@ def test_runs_are_reproducible_and_resume_exactly(tmp_path, tiny_model_dir, demo
     # the trainer's own history file spans both launches (verl's file logger restarts at the resume)
     history = read_metrics(tmp_path / "ckpt" / "resumed" / "metrics.jsonl")
     assert sorted(history) == list(range(1, 13))
-    assert {s: without_timings(m) for s, m in history.items()} == {s: without_timings(m) for s, m in full.items()}
+    got = {s: without_timings(m) for s, m in history.items()}
+    got[5] = {k: v for k, v in got[5].items() if not k.startswith("val/")}  # the stopped launch validated at its last step
+    assert got == {s: without_timings(m) for s, m in full.items()}
 
 
 def without_timings(metrics):
