@@ -302,8 +302,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.total_steps = self.steps_per_epoch * self.config.trainer.total_epochs
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.config.optim, self.total_steps)
         if self.device_mesh.get_rank() == 0:
-            n_params = sum(p.numel() for p in self.model.parameters())
-            print(f"value-head model: {type(self.model).__name__}, {n_params / 1e6:.2f}M parameters (sharded view), "
+            print(f"value-head model: {type(self.model).__name__}, "
                   f"{self.steps_per_epoch} steps/epoch x {self.config.trainer.total_epochs} epochs = {self.total_steps} steps")
 
     # ---- micro-batching
