@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -48,7 +49,9 @@ from verl.utils.torch_functional import (
 from verl.utils.tracking import Tracking
 from verl.workers.config.optimizer import build_optimizer
 
+import bt_checkpoint
 import bt_data
+import bt_io
 from bt_loss import bradley_terry_loss, metrics_from_sums, pair_sums
 
 logger = logging.getLogger(__name__)
@@ -138,10 +141,17 @@ def keep_history_through(path: str, last_step: int) -> None:
         return
     with open(path, encoding="utf-8") as lines:
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
-    temp = f"{path}.tmp"
-    with open(temp, "w", encoding="utf-8") as out:
-        out.writelines(kept)
-    os.replace(temp, path)
+    bt_io.atomic_write_text(path, "".join(kept))
+
+
+def json_line(step: int, metrics: dict[str, float]) -> str:
+    """One history line; non-finite values become null (bare NaN/Infinity are not JSON)."""
+    finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
+    return json.dumps({"step": step, "data": finite}, allow_nan=False) + "\n"
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps, or non-finite weights about to be saved."""
 
 
 def start_tracking(trainer_config, config: DictConfig) -> Tracking:
@@ -199,6 +209,9 @@ def load_tokenizer(model_path: str, data_config, trust_remote_code: bool):
 class BTRewardTrainer(FSDPSFTTrainer):
     def __init__(self, config: DictConfig, device_mesh: DeviceMesh, tokenizer, train_dataset, val_dataset):
         self.device_name = resolve_device(config.trainer.device)
+        self.skipped_steps = 0  # non-finite steps over the whole run (restored on resume)
+        self.consecutive_skipped_steps = 0
+        self.resumed_from = None
         if config.ulysses_sequence_parallel_size != 1:
             raise ValueError("ulysses_sequence_parallel_size > 1 is not supported by the BT trainer")
         super().__init__(config, device_mesh, None, tokenizer, train_dataset, val_dataset)
@@ -358,11 +371,14 @@ class BTRewardTrainer(FSDPSFTTrainer):
             grad_norm = self.fsdp_model.clip_grad_norm_(max_norm=self.config.optim.clip_grad)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        # grad_norm is global (all-reduced by the clip), so every rank takes the same branch.
         if torch.isfinite(grad_norm):
             self.optimizer.step()
+            self.consecutive_skipped_steps = 0
         else:
-            print(f"WARN: grad_norm is not finite ({grad_norm.item()}); skipping the update")
             self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.consecutive_skipped_steps += 1
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
 
@@ -379,6 +395,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
             "train/real_tokens_per_s": real / elapsed,
             "train/real_token_share": real / computed,
             "train/micro_batches": micro_batches / self.device_mesh.size(),
+            "train/skipped_steps": self.skipped_steps,
         })
         return metrics
 
@@ -402,11 +419,98 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self._all_reduce(sums)
         return {f"val/{k}": v for k, v in metrics_from_sums(sums).items()}
 
+    # ---- checkpoints (bt_checkpoint decides what counts; verl's manager writes the shards)
+
+    def _all_weights_finite(self) -> bool:
+        finite = torch.tensor(1.0, device=self.device_name)
+        for parameter in self.fsdp_model.parameters():
+            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+            if not torch.isfinite(local).all():
+                finite.zero_()
+                break
+        return bool(self._all_reduce(finite, dist.ReduceOp.MIN))
+
+    # Replaces FSDPSFTTrainer.save_checkpoint: verl updates the tracker and deletes old checkpoints
+    # before the new one is complete, saves non-finite weights, and pickles data.pt. Here: refuse
+    # non-finite weights, shards via verl's manager (retention off), data.pt, then bt_state.json
+    # (the completeness mark), then the tracker, then retention.
+    def save_checkpoint(self, step):
+        trainer_config = self.config.trainer
+        root = trainer_config.default_local_dir
+        directory = bt_checkpoint.step_dir(root, step)
+        rank = self.device_mesh.get_rank()
+        if not self._all_weights_finite():
+            latest = bt_checkpoint.latest_complete(root)
+            raise TrainingDiverged(f"weights are not finite at step {step}; not saving (the last good checkpoint is {latest})")
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / bt_checkpoint.STATE_FILE).unlink(missing_ok=True)  # re-saving a step: incomplete until done
+        dist.barrier()
+        self.checkpoint_manager.save_checkpoint(local_path=str(directory), global_step=step, max_ckpt_to_keep=None)
+        if rank == 0:
+            with bt_io.atomic_outputs([directory / bt_checkpoint.DATA_STATE_FILE]) as (temp,):
+                torch.save(self.train_dataloader.state_dict(), temp)
+            bt_checkpoint.mark_complete(
+                directory, step=step, world_size=self.device_mesh.size(), save_contents=list(trainer_config.checkpoint.save_contents),
+                trainer_state={"skipped_steps": self.skipped_steps, "consecutive_skipped_steps": self.consecutive_skipped_steps},
+            )
+            bt_checkpoint.write_tracker(root, step)
+            for removed in bt_checkpoint.remove_old_checkpoints(root, keep=trainer_config.max_ckpt_to_keep, newest_step=step):
+                print(f"removed old checkpoint {removed}")
+            if trainer_config.default_hdfs_dir:
+                from verl.utils import hdfs_io
+
+                hdfs_io.makedirs(trainer_config.default_hdfs_dir, exist_ok=True)
+                hdfs_io.copy(src=str(directory), dst=trainer_config.default_hdfs_dir, dirs_exist_ok=True)
+        dist.barrier()
+
+    # Replaces FSDPSFTTrainer.load_checkpoint (and its _determine_resume_path / _find_latest_checkpoint /
+    # _load_dataloader_state): verl restarts from step 0 when the tracker is missing, replays the
+    # epoch when data.pt is missing, loads pickles with weights_only=False, and at an epoch boundary
+    # restores an exhausted dataloader that then skips the whole next epoch.
+    def load_checkpoint(self):
+        trainer_config = self.config.trainer
+        found = bt_checkpoint.find_resume_checkpoint(
+            trainer_config.default_local_dir, mode=trainer_config.resume_mode, resume_from_path=trainer_config.resume_from_path,
+            world_size=self.device_mesh.size(), load_contents=list(trainer_config.checkpoint.load_contents),
+        )
+        if found is None:
+            return 0
+        directory, state = found
+        step = int(state["step"])
+        with bt_checkpoint.weights_only_loading():
+            self.checkpoint_manager.load_checkpoint(str(directory))
+            if step % self.steps_per_epoch:
+                self.train_dataloader.load_state_dict(torch.load(directory / bt_checkpoint.DATA_STATE_FILE, map_location="cpu"))
+        # At an epoch boundary the saved dataloader has yielded its whole epoch: the next epoch starts
+        # from a fresh iterator, exactly as in an uninterrupted run.
+        self.skipped_steps = int(state["trainer"]["skipped_steps"])
+        self.consecutive_skipped_steps = int(state["trainer"]["consecutive_skipped_steps"])
+        self.resume_global_step = step
+        self.resumed_from = directory
+        if self.device_mesh.get_rank() == 0:
+            print(f"resumed from {directory} (step {step})")
+        return step
+
     # Replaces FSDPSFTTrainer.fit: the same loop (resume, early stop, validate, save), logging BT
     # metrics; a training set that ends mid-run on total_training_steps keeps the epoch schedule.
+    # Also: a finished run is reported as such, a diverged run stops without saving, and a
+    # failing validation still leaves the trained state saved.
     def fit(self):
         rank = self.device_mesh.get_rank()
         trainer_config = self.config.trainer
+        global_step = self.resume_global_step
+        last_step = self.total_steps
+        if trainer_config.total_training_steps is not None:
+            last_step = min(last_step, trainer_config.total_training_steps)
+        self.last_val_metrics = None
+        self.final_step = global_step
+        if global_step >= last_step:
+            if rank == 0:
+                print(f"run complete: step {global_step} of {last_step}; final checkpoint {self.resumed_from} "
+                      "(nothing to train; use another trainer.experiment_name for a new run)")
+            return None
+
         tracking, history = None, None
         if rank == 0:
             tracking = start_tracking(trainer_config, self.config)
@@ -419,43 +523,63 @@ class BTRewardTrainer(FSDPSFTTrainer):
             if tracking is not None:
                 tracking.log(data=metrics, step=step)
             if history is not None:
-                history.write(json.dumps({"step": step, "data": metrics}) + "\n")
+                history.write(json_line(step, metrics))
                 history.flush()
 
-        global_step = self.resume_global_step
-        last_step = self.total_steps
-        if trainer_config.total_training_steps is not None:
-            last_step = min(last_step, trainer_config.total_training_steps)
-        self.last_val_metrics = None
-        start_epoch = global_step // self.steps_per_epoch
-        for epoch in range(start_epoch, trainer_config.total_epochs):
-            if global_step >= last_step:
-                break
-            self.train_sampler.set_epoch(epoch)
-            progress = tqdm(self.train_dataloader, total=self.steps_per_epoch, initial=global_step % self.steps_per_epoch if epoch == start_epoch else 0,
-                            desc=f"epoch {epoch + 1}/{trainer_config.total_epochs}", disable=rank != 0)
-            for pairs in progress:
-                global_step += 1
-                log(self.training_step(pairs), global_step)
-                is_last_step = global_step >= last_step
-                if is_last_step or (trainer_config.test_freq > 0 and global_step % trainer_config.test_freq == 0):
-                    self.last_val_metrics = self.validation_step()
-                    log(self.last_val_metrics, global_step)
-                if is_last_step or (trainer_config.save_freq > 0 and global_step % trainer_config.save_freq == 0):
-                    self.save_checkpoint(step=global_step)
-                if is_last_step:
+        progress = tqdm(total=last_step, initial=global_step, desc="training", unit="step", disable=rank != 0, dynamic_ncols=True)
+        try:
+            for epoch in range(global_step // self.steps_per_epoch, trainer_config.total_epochs):
+                self.train_sampler.set_epoch(epoch)
+                for pairs in self.train_dataloader:
+                    global_step += 1
+                    metrics = self.training_step(pairs)
+                    log(metrics, global_step)
+                    progress.update(1)
+                    progress.set_postfix(epoch=epoch + 1, loss=f"{metrics['train/loss']:.4g}", acc=f"{metrics['train/accuracy']:.3g}")
+                    if self.consecutive_skipped_steps >= trainer_config.max_consecutive_skipped_steps:
+                        raise TrainingDiverged(
+                            f"{self.consecutive_skipped_steps} consecutive steps had non-finite gradients (last: step {global_step}, "
+                            f"{self.skipped_steps} skipped in all); stopping without saving. Last good checkpoint: "
+                            f"{bt_checkpoint.latest_complete(trainer_config.default_local_dir)}. Lower optim.lr or optim.clip_grad."
+                        )
+                    is_last_step = global_step >= last_step
+                    is_save_step = is_last_step or (trainer_config.save_freq > 0 and global_step % trainer_config.save_freq == 0)
+                    if is_last_step or (trainer_config.test_freq > 0 and global_step % trainer_config.test_freq == 0):
+                        try:
+                            self.last_val_metrics = self.validation_step()
+                        except Exception:
+                            if rank == 0:
+                                print(f"validation failed at step {global_step}: saving the trained state first")
+                            self.save_checkpoint(step=global_step)
+                            raise
+                        log(self.last_val_metrics, global_step)
+                    if is_save_step and self.consecutive_skipped_steps:
+                        # the state after skipped updates is suspect: keep the last good checkpoint as the latest
+                        latest = bt_checkpoint.latest_complete(trainer_config.default_local_dir)
+                        if is_last_step:
+                            raise TrainingDiverged(f"the last {self.consecutive_skipped_steps} steps had non-finite gradients; "
+                                                   f"not saving the final state. Last good checkpoint: {latest}")
+                        if rank == 0:
+                            print(f"not saving at step {global_step}: the last {self.consecutive_skipped_steps} steps had non-finite gradients")
+                    elif is_save_step:
+                        self.save_checkpoint(step=global_step)
+                    if is_last_step:
+                        break
+                if global_step >= last_step:
                     break
-            if global_step >= last_step:
-                break
-        if rank == 0:
-            print(f"final validation metrics: {self.last_val_metrics}")
+        finally:
+            progress.close()
+            self.final_step = global_step
             if history is not None:
                 history.close()
-                if trainer_config.curves_png is not None:
-                    from plot_curves import plot_curves, read_history
+        if rank == 0:
+            final = bt_checkpoint.step_dir(trainer_config.default_local_dir, global_step)
+            print("final validation: " + "  ".join(f"{k.removeprefix('val/')} {v:.4g}" for k, v in self.last_val_metrics.items()))
+            print(f"final model: {final / 'huggingface'}")
+            if history is not None and trainer_config.curves_png is not None:
+                from plot_curves import plot_curves, read_history
 
-                    print(f"training curves: {plot_curves(read_history(trainer_config.history_file), trainer_config.curves_png, trainer_config.experiment_name)}")
-        self.final_step = global_step
+                print(f"training curves: {plot_curves(read_history(trainer_config.history_file), trainer_config.curves_png, trainer_config.experiment_name)}")
         return self.last_val_metrics
 
 
