@@ -94,8 +94,9 @@ def latest_complete(root: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
-def _use_instead(root) -> str:
-    latest = latest_complete(root)
+def _use_instead(root, damaged: Path | None = None) -> str:
+    complete = [path for _, path in list_checkpoints(root) if (path / STATE_FILE).is_file() and path != damaged]
+    latest = complete[-1] if complete else None
     if latest is None:
         return "no complete checkpoint is left: start over with trainer.resume_mode=disable (or an empty trainer.default_local_dir)"
     return f"to resume from the latest complete one, pass trainer.resume_from_path={latest}"
@@ -117,16 +118,16 @@ def validate_checkpoint(directory: str | os.PathLike, *, world_size: int, load_c
     directory = Path(directory)
     root = directory.parent
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such checkpoint directory; {_use_instead(root)}")
+        raise CheckpointError(f"{directory}: no such checkpoint directory; {_use_instead(root, directory)}")
     state_path = directory / STATE_FILE
     if not state_path.is_file():
-        raise CheckpointError(f"{directory}: incomplete checkpoint (no {STATE_FILE}: the run stopped while saving it); {_use_instead(root)}")
+        raise CheckpointError(f"{directory}: incomplete checkpoint (no {STATE_FILE}: the run stopped while saving it); {_use_instead(root, directory)}")
     try:
         state = json.loads(state_path.read_text())
         recorded = dict(state["files"])
         saved_world_size = int(state["world_size"])
     except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{state_path}: unreadable; {_use_instead(root)}") from None
+        raise CheckpointError(f"{state_path}: unreadable; {_use_instead(root, directory)}") from None
     if saved_world_size != world_size:
         raise CheckpointError(
             f"{directory}: saved by {saved_world_size} ranks, this run has {world_size}; "
@@ -135,9 +136,9 @@ def validate_checkpoint(directory: str | os.PathLike, *, world_size: int, load_c
     for name in shard_files(world_size, load_contents) + [DATA_STATE_FILE]:
         path = directory / name
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing from the checkpoint; {_use_instead(root)}")
+            raise CheckpointError(f"{path}: missing from the checkpoint; {_use_instead(root, directory)}")
         if name in recorded and path.stat().st_size != recorded[name]:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, {recorded[name]} when saved (damaged); {_use_instead(root)}")
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, {recorded[name]} when saved (damaged); {_use_instead(root, directory)}")
     return state
 
 

@@ -52,7 +52,7 @@ from verl.workers.config.optimizer import build_optimizer
 import bt_checkpoint
 import bt_data
 import bt_io
-from bt_loss import bradley_terry_loss, metrics_from_sums, pair_sums
+from bt_loss import SUM_FIELDS, bradley_terry_loss, metrics_from_sums, pair_sums
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         start = time.perf_counter()
         self.fsdp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(7, dtype=torch.float64, device=self.device_name)
+        sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=self.device_name)
         tokens = torch.zeros(3, dtype=torch.float64, device=self.device_name)  # real, computed, micro-batches
         for indices in self.plan_step(pairs, balance_ranks=True):
             _, batch_sums, real, computed = self._compute_loss_and_backward([pairs[i] for i in indices], step_pairs=len(pairs))
@@ -409,7 +409,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         plan = self.plan_step(pairs, balance_ranks=False) if pairs else []
         # FSDP forwards are collectives: every rank runs as many as the busiest one, extra ones discarded.
         rounds = int(self._all_reduce(torch.tensor(len(plan), device=self.device_name), dist.ReduceOp.MAX))
-        sums = torch.zeros(7, dtype=torch.float64, device=self.device_name)
+        sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=self.device_name)
         for round_index in range(rounds):
             if round_index < len(plan):
                 _, batch_sums, _, _ = self._compute_loss_and_backward([pairs[i] for i in plan[round_index]], do_backward=False)

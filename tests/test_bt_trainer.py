@@ -154,28 +154,135 @@ def test_two_rank_packed_run_learns(tmp_path, tiny_model_dir, demo_data_dir):
     assert all(m["train/real_token_share"] == 1.0 for m in metrics.values() if "train/real_token_share" in m)
 
 
-def test_runs_are_reproducible_and_resume_exactly(tmp_path, tiny_model_dir, demo_data_dir):
-    common = ("data.max_samples=96", "trainer.test_freq=2", "trainer.total_epochs=1", "trainer.checkpoint.save_contents=[model,optimizer,extra]")
-    _, full_a = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *common, name="full_a")
-    _, full_b = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *common, name="full_b")
-    full = read_metrics(full_a)
-    assert {s: without_timings(m) for s, m in full.items()} == {s: without_timings(m) for s, m in read_metrics(full_b).items()}
-    assert max(full) == 12  # 96 pairs / 8 per step
+# ---- reliability: resume from any step, retention, divergence, metrics over all ranks
+# One reference run (2 epochs of 6 steps, checkpoints every 3 steps) serves every comparison below.
 
-    _, first = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *common, "trainer.total_training_steps=5", name="resumed")
-    assert max(read_metrics(first)) == 5
-    _, second = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *common, name="resumed")  # resume_mode=auto
-    resumed = read_metrics(second)
-    assert min(resumed) == 6 and max(resumed) == 12
-    for step in range(6, 13):
-        assert without_timings(resumed[step]) == without_timings(full[step]), step  # every digit
-    # the trainer's own history file spans both launches (verl's file logger restarts at the resume)
-    history = read_metrics(tmp_path / "ckpt" / "resumed" / "metrics.jsonl")
-    assert sorted(history) == list(range(1, 13))
-    got = {s: without_timings(m) for s, m in history.items()}
-    got[5] = {k: v for k, v in got[5].items() if not k.startswith("val/")}  # the stopped launch validated at its last step
-    assert got == {s: without_timings(m) for s, m in full.items()}
+REFERENCE = ("data.max_samples=48", "trainer.total_epochs=2", "trainer.test_freq=3", "trainer.save_freq=3",
+             "trainer.checkpoint.save_contents=[model,optimizer,extra]")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_model_dir, demo_data_dir):
+    tmp_path = tmp_path_factory.mktemp("reference")
+    result, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, name="reference")
+    return tmp_path, result, history(tmp_path, "reference")
+
+
+def history(tmp_path, name):
+    """The trainer's own history file (spans resumed launches), without wall-clock metrics."""
+    return {step: without_timings(m) for step, m in read_metrics(tmp_path / "ckpt" / name / "metrics.jsonl").items()}
 
 
 def without_timings(metrics):
     return {k: v for k, v in metrics.items() if k not in ("train/time(s)", "train/pairs_per_s", "train/real_tokens_per_s")}
+
+
+def test_logged_step_metrics_are_over_all_ranks_pairs(reference_run, tiny_model_dir, demo_data_dir):
+    """Step 1's train loss/accuracy/rewards == a hand computation over both ranks' 4 pairs each.
+
+    The rewards come from transformers run one conversation at a time (no bt_data batching), on the
+    model the trainer starts from (seeded score head), for the pairs DistributedSampler gives each rank.
+    """
+    from omegaconf import OmegaConf
+    from torch.utils.data import DistributedSampler
+    from transformers import AutoTokenizer
+
+    from bt_trainer import load_value_head_model, seed_everything
+
+    _, _, metrics = reference_run
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = OmegaConf.create({"chosen_key": "chosen", "rejected_key": "rejected", "max_length": 1024, "truncation": "left",
+                               "apply_chat_template_kwargs": {}})
+    dataset = bt_data.PairDataset([str(demo_data_dir / "train.parquet")], tokenizer, config, max_samples=48)
+    step_pairs = []
+    for rank in range(2):
+        sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=42, drop_last=True)
+        sampler.set_epoch(0)
+        step_pairs += [dataset[i] for i in list(sampler)[:4]]
+    seed_everything(42)
+    model = load_value_head_model(str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False).eval()
+    with torch.no_grad():
+        reward = lambda ids: model(input_ids=torch.tensor([ids])).logits[0, -1, 0].item()  # noqa: E731
+        chosen = torch.tensor([reward(p.chosen) for p in step_pairs], dtype=torch.float64)
+        rejected = torch.tensor([reward(p.rejected) for p in step_pairs], dtype=torch.float64)
+    hand_loss = torch.log1p(torch.exp(-(chosen - rejected))).mean().item()
+    logged = metrics[1]
+    assert logged["train/loss"] == pytest.approx(hand_loss, abs=1e-6)
+    assert logged["train/accuracy"] == (chosen > rejected).double().mean().item()
+    assert logged["train/chosen_reward"] == pytest.approx(chosen.mean().item(), abs=1e-6)
+    assert logged["train/rejected_reward"] == pytest.approx(rejected.mean().item(), abs=1e-6)
+    # rank 0's pairs alone differ from the whole step: this test can tell the two apart
+    rank0 = torch.log1p(torch.exp(-(chosen[:4] - rejected[:4]))).mean().item()
+    assert abs(rank0 - hand_loss) > 1e-5
+
+
+def test_resume_from_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path, reference_run, tiny_model_dir, demo_data_dir):
+    _, _, full = reference_run
+    assert sorted(full) == list(range(1, 13))
+    run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, "trainer.total_training_steps=6", name="boundary")
+    second, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, name="boundary")
+    assert "resumed from" in second.stdout and "global_step_6" in second.stdout
+    assert history(tmp_path, "boundary") == full  # every digit, steps 1..12; epoch 2 is not skipped
+    # a rerun of the finished run trains nothing and says where the final checkpoint is
+    third, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, name="boundary")
+    assert "run complete: step 12 of 12" in third.stdout and "global_step_12" in third.stdout
+    assert "None" not in third.stdout.splitlines()[-1]
+    assert history(tmp_path, "boundary") == full
+
+
+def test_kill_during_save_and_retention_still_resumes_exactly(tmp_path, reference_run, tiny_model_dir, demo_data_dir):
+    """Stop mid-epoch at step 4 with max_ckpt_to_keep=1, then leave what kills would leave: a cut-off
+    save of step 6 (one shard, no completeness mark) and a cut-off removal of step 2. The rerun resumes
+    from step 4, equal to the uninterrupted run, and retention ends with one complete checkpoint."""
+    _, _, full = reference_run
+    keep_one = (*REFERENCE[:-2], "trainer.save_freq=2", "trainer.max_ckpt_to_keep=1", REFERENCE[-1])
+    run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *keep_one, "trainer.total_training_steps=4", name="killed")
+    root = tmp_path / "ckpt" / "killed"
+    assert sorted(p.name for p in root.glob("global_step_*")) == ["global_step_4"]
+    cut_save = root / "global_step_6"
+    cut_save.mkdir()
+    (cut_save / "model_world_size_2_rank_0.pt").write_bytes((root / "global_step_4" / "model_world_size_2_rank_0.pt").read_bytes()[:100])
+    (root / ".removing-global_step_2").mkdir()
+    (root / ".removing-global_step_2" / "optim_world_size_2_rank_1.pt").write_bytes(b"partial")
+    second, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *keep_one, name="killed")
+    assert "resumed from" in second.stdout and "global_step_4" in second.stdout
+    got = history(tmp_path, "killed")
+    got[4] = {k: v for k, v in got[4].items() if not k.startswith("val/")}  # the stopped launch validated at its last step
+    assert got == full
+    assert sorted(p.name for p in root.iterdir() if "global_step" in p.name) == ["global_step_12"]
+    assert (root / "global_step_12" / "bt_state.json").is_file()
+
+
+def test_missing_data_state_stops_instead_of_replaying(tmp_path, reference_run, tiny_model_dir, demo_data_dir):
+    import shutil
+
+    reference_dir, _, _ = reference_run
+    root = tmp_path / "ckpt" / "copied"
+    shutil.copytree(reference_dir / "ckpt" / "reference", root)
+    (root / "global_step_12" / "data.pt").unlink()
+    result, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, name="copied", expect_success=False)
+    assert result.returncode != 0
+    assert f"{root}/global_step_12/data.pt: missing from the checkpoint" in result.stdout + result.stderr
+    assert f"resume_from_path={root}/global_step_9" in result.stdout + result.stderr
+
+
+def test_diverged_run_stops_without_saving_non_finite_state(tmp_path, tiny_model_dir, demo_data_dir):
+    result, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, "data.max_samples=48", "trainer.total_epochs=2", "optim.lr=1e6",
+                            "trainer.save_freq=1", "trainer.max_consecutive_skipped_steps=2", "trainer.test_freq=-1",
+                            "trainer.checkpoint.save_contents=[model,optimizer,extra]", name="diverged", expect_success=False)
+    assert result.returncode != 0
+    assert "2 consecutive steps had non-finite gradients" in result.stdout + result.stderr
+    root = tmp_path / "ckpt" / "diverged"
+    lines = (root / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in the history")) for line in lines]
+    skipped = [r["data"]["train/skipped_steps"] for r in records]
+    assert skipped[-2:] == [skipped[-3] + 1, skipped[-3] + 2] and records[-1]["data"]["train/grad_norm"] is None
+    tracked = int((root / "latest_checkpointed_iteration.txt").read_text())
+    assert tracked < len(records) - 1  # the steps whose updates were skipped were not saved
+    assert not (root / f"global_step_{len(records)}").exists()
+    for shard in (root / f"global_step_{tracked}").glob("model_world_size_*"):
+        from bt_checkpoint import weights_only_loading
+
+        with weights_only_loading():
+            state = torch.load(shard)
+        assert all(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in state.values())
