@@ -286,3 +286,45 @@ def test_diverged_run_stops_without_saving_non_finite_state(tmp_path, tiny_model
         with weights_only_loading():
             state = torch.load(shard)
         assert all(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in state.values())
+
+
+# ---- paths users take: multi-node launch, memory knobs, tied embeddings
+
+
+def test_multi_node_launch_equals_one_two_rank_launch(tmp_path, reference_run, tiny_model_dir, demo_data_dir):
+    """The README's multi-node form: two run_bt_rm.sh launches (WORLD_SIZE=2, RANK=0/1), one rank each."""
+    from conftest import free_port, trainer_env
+
+    env = {**trainer_env(tmp_path, tiny_model_dir, demo_data_dir, 1, "nodes"), "WORLD_SIZE": "2", "MASTER_PORT": str(free_port()),
+           "MASTER_ADDR": "127.0.0.1"}
+    command = ["bash", str(REPO / "run_bt_rm.sh"), "trainer.device=cpu", *REFERENCE]
+    nodes = [subprocess.Popen(command, env={**env, "RANK": str(rank)}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert history(tmp_path, "nodes") == reference_run[2]
+
+
+def test_memory_knobs_do_not_change_training(tmp_path, reference_run, tiny_model_dir, demo_data_dir):
+    """Gradient checkpointing off and FSDP2 CPU offload give the reference run's steps."""
+    run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, "trainer.total_training_steps=3",
+                "model.enable_gradient_checkpointing=false", "model.fsdp_config.cpu_offload=true", name="knobs")
+    got, full = history(tmp_path, "knobs"), reference_run[2]
+    for step in (1, 2, 3):
+        for key, value in full[step].items():
+            assert got[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_tied_embeddings_model_trains_and_exports(tmp_path, tiny_model_dir, demo_data_dir):
+    """Tied-embedding models skip verl's meta-device init (every rank builds the full model)."""
+    from demo.make_tiny_model import build_tiny_model
+    from transformers import AutoModelForTokenClassification
+
+    tied_dir = build_tiny_model(tmp_path / "tied-qwen3", seed=0, tie_word_embeddings=True)
+    assert json.loads((tied_dir / "config.json").read_text())["tie_word_embeddings"] is True
+    _, metrics_file = run_trainer(tmp_path, tied_dir, demo_data_dir, "data.max_samples=48", "trainer.total_training_steps=3",
+                                  "trainer.test_freq=3", name="tied")
+    metrics = read_metrics(metrics_file)
+    assert metrics[1]["train/loss"] == pytest.approx(math.log(2), abs=0.02) and math.isfinite(metrics[3]["val/loss"])
+    exported = AutoModelForTokenClassification.from_pretrained(tmp_path / "ckpt" / "tied" / "global_step_3" / "huggingface")
+    assert exported.score.weight.abs().sum() > 0
