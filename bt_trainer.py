@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+from typing import NamedTuple
 
 import hydra
 import numpy as np
@@ -52,7 +53,17 @@ from verl.workers.config.optimizer import build_optimizer
 import bt_checkpoint
 import bt_data
 import bt_io
-from bt_loss import SUM_FIELDS, bradley_terry_loss, metrics_from_sums, pair_sums
+from bt_loss import (
+    STRENGTH_SUM_FIELDS,
+    SUM_FIELDS,
+    LossConfig,
+    metrics_from_sums,
+    preference_loss,
+    require_strengths,
+    reward_stats_from_sums,
+    strength_metrics_from_sums,
+    strength_sums,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +161,15 @@ def json_line(step: int, metrics: dict[str, float]) -> str:
     return json.dumps({"step": step, "data": finite}, allow_nan=False) + "\n"
 
 
+class MicroBatchResult(NamedTuple):
+    loss: torch.Tensor  # this micro-batch's share of the step's loss (already backpropagated when training)
+    sums: torch.Tensor  # bt_loss.pair_sums vector
+    chosen: torch.Tensor  # detached rewards
+    rejected: torch.Tensor
+    real_tokens: int
+    computed_tokens: int
+
+
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps, or non-finite weights about to be saved."""
 
@@ -179,6 +199,24 @@ def create_pair_dataset(files, data_config, tokenizer):
         dataset_cls = bt_data.PairDataset
     files = list(files) if not isinstance(files, str) else [files]
     return dataset_cls(parquet_files=files, tokenizer=tokenizer, config=data_config, max_samples=data_config.max_samples)
+
+
+def dataset_strengths(dataset) -> list:
+    return [dataset[i].preference_strength for i in range(len(dataset))]
+
+
+def has_strengths(dataset) -> bool:
+    """Per-strength validation metrics need a strength on every pair."""
+    return len(dataset) > 0 and all(s is not None for s in dataset_strengths(dataset))
+
+
+def check_strengths(loss_config: LossConfig, data_config, train_dataset, val_dataset) -> None:
+    """Strength-based objectives need a valid strength on every pair; per-strength metrics on every val pair."""
+    if loss_config.needs_strengths:
+        require_strengths(dataset_strengths(train_dataset), f"data.train_files={data_config.train_files} (loss.type={loss_config.type})", loss_config.max_strength)
+        require_strengths(dataset_strengths(val_dataset), f"data.val_files={data_config.val_files} (loss.type={loss_config.type})", loss_config.max_strength)
+    elif has_strengths(val_dataset):
+        require_strengths(dataset_strengths(val_dataset), f"data.val_files={data_config.val_files}", loss_config.max_strength)
 
 
 def load_tokenizer(model_path: str, data_config, trust_remote_code: bool):
@@ -212,6 +250,9 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.skipped_steps = 0  # non-finite steps over the whole run (restored on resume)
         self.consecutive_skipped_steps = 0
         self.resumed_from = None
+        self.loss_config = LossConfig.from_mapping(OmegaConf.to_container(config.loss, resolve=True))
+        self.val_has_strengths = has_strengths(val_dataset)
+        self.last_val_sums = None
         if config.ulysses_sequence_parallel_size != 1:
             raise ValueError("ulysses_sequence_parallel_size > 1 is not supported by the BT trainer")
         super().__init__(config, device_mesh, None, tokenizer, train_dataset, val_dataset)
@@ -338,19 +379,18 @@ class BTRewardTrainer(FSDPSFTTrainer):
         return bt_data.move_to(batch, self.device_name)
 
     # Replaces FSDPSFTTrainer._compute_loss_and_backward: token cross-entropy under a hard-coded
-    # bf16 autocast becomes the BT loss over rewards read at verl's reward token.
-    def _compute_loss_and_backward(self, pairs, do_backward=True, n_micro_batches=None, step_pairs=None):
-        """BT loss of one micro-batch, normalised by the pairs of the whole step (exact accumulation).
-
-        Returns (loss, pair_sums vector, real tokens, computed tokens).
-        """
+    # bf16 autocast becomes the preference loss (config `loss:`) over rewards read at verl's reward token.
+    def _compute_loss_and_backward(self, pairs, do_backward=True, n_micro_batches=None, step_pairs=None) -> MicroBatchResult:
+        """Loss of one micro-batch, normalised by the pairs of the whole step (exact accumulation)."""
         batch = self._collate(pairs)
         rewards = bt_data.compute_rewards(self.fsdp_model, batch)
         n = len(pairs)
-        loss, _ = bradley_terry_loss(rewards[:n], rewards[n:], normalizer=step_pairs or n)
+        strengths = [p.preference_strength for p in pairs] if self.loss_config.needs_strengths else None
+        loss, sums = preference_loss(rewards[:n], rewards[n:], strengths, self.loss_config, normalizer=step_pairs or n)
         if do_backward:
             loss.backward()
-        return loss, pair_sums(rewards[:n], rewards[n:]), *bt_data.batch_token_counts(batch)
+        real, computed = bt_data.batch_token_counts(batch)
+        return MicroBatchResult(loss, sums, rewards[:n].detach(), rewards[n:].detach(), real, computed)
 
     # Replaces FSDPSFTTrainer.training_step: BT metrics summed over micro-batches and all ranks
     # (verl all-reduces its loss only under CUDA, so on CPU it logs rank 0's alone).
@@ -361,9 +401,9 @@ class BTRewardTrainer(FSDPSFTTrainer):
         sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=self.device_name)
         tokens = torch.zeros(3, dtype=torch.float64, device=self.device_name)  # real, computed, micro-batches
         for indices in self.plan_step(pairs, balance_ranks=True):
-            _, batch_sums, real, computed = self._compute_loss_and_backward([pairs[i] for i in indices], step_pairs=len(pairs))
-            sums += batch_sums
-            tokens += torch.tensor([real, computed, 1], dtype=torch.float64, device=self.device_name)
+            result = self._compute_loss_and_backward([pairs[i] for i in indices], step_pairs=len(pairs))
+            sums += result.sums
+            tokens += torch.tensor([result.real_tokens, result.computed_tokens, 1], dtype=torch.float64, device=self.device_name)
 
         if self.config.model.strategy == "fsdp2":
             grad_norm = fsdp2_clip_grad_norm_(self.fsdp_model.parameters(), max_norm=self.config.optim.clip_grad)
@@ -409,15 +449,24 @@ class BTRewardTrainer(FSDPSFTTrainer):
         plan = self.plan_step(pairs, balance_ranks=False) if pairs else []
         # FSDP forwards are collectives: every rank runs as many as the busiest one, extra ones discarded.
         rounds = int(self._all_reduce(torch.tensor(len(plan), device=self.device_name), dist.ReduceOp.MAX))
-        sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=self.device_name)
+        max_strength = self.loss_config.max_strength
+        # one vector, one all-reduce: pair sums, then per-|strength| sums (zeros when there are no strengths)
+        sums = torch.zeros(len(SUM_FIELDS) + max_strength * len(STRENGTH_SUM_FIELDS), dtype=torch.float64, device=self.device_name)
         for round_index in range(rounds):
             if round_index < len(plan):
-                _, batch_sums, _, _ = self._compute_loss_and_backward([pairs[i] for i in plan[round_index]], do_backward=False)
-                sums += batch_sums
+                micro = [pairs[i] for i in plan[round_index]]
+                result = self._compute_loss_and_backward(micro, do_backward=False)
+                sums[: len(SUM_FIELDS)] += result.sums
+                if self.val_has_strengths:
+                    sums[len(SUM_FIELDS):] += strength_sums(result.chosen, result.rejected, [p.preference_strength for p in micro], max_strength)
             else:
                 self._compute_loss_and_backward([self.val_dataset[0]], do_backward=False)
         self._all_reduce(sums)
-        return {f"val/{k}": v for k, v in metrics_from_sums(sums).items()}
+        self.last_val_sums = sums[: len(SUM_FIELDS)].cpu()
+        metrics = {f"val/{k}": v for k, v in metrics_from_sums(sums[: len(SUM_FIELDS)]).items()}
+        if self.val_has_strengths:
+            metrics.update({f"val/{k}": v for k, v in strength_metrics_from_sums(sums[len(SUM_FIELDS):]).items()})
+        return metrics
 
     # ---- checkpoints (bt_checkpoint decides what counts; verl's manager writes the shards)
 
@@ -604,6 +653,7 @@ def run(config: DictConfig):
     tokenizer = load_tokenizer(local_model_path, config.data, config.model.trust_remote_code)
     train_dataset = create_pair_dataset(config.data.train_files, config.data, tokenizer)
     val_dataset = create_pair_dataset(config.data.val_files, config.data, tokenizer)
+    check_strengths(LossConfig.from_mapping(OmegaConf.to_container(config.loss, resolve=True)), config.data, train_dataset, val_dataset)
     trainer = BTRewardTrainer(config, device_mesh, tokenizer, train_dataset, val_dataset)
     metrics = trainer.fit()
     dist.destroy_process_group()

@@ -1,25 +1,47 @@
 #!/usr/bin/env python3
 """Plot train/val loss and accuracy against step from a metrics file.
 
-    python plot_curves.py checkpoints/demo/metrics.jsonl [--output curves.png]
+    python plot_curves.py checkpoints/demo/metrics.jsonl                 # -> checkpoints/demo/metrics_curves.png
+    python plot_curves.py METRICS.jsonl --output curves.png --smoothing 0.6
 
 The file holds one JSON object a line, `{"step": N, "data": {"train/loss": ..., ...}}`: the
-trainer's history file (trainer.history_file) or verl's "file" logger output.
+trainer's history file (trainer.history_file) or verl's "file" logger output. Values that are null
+or not finite (a diverged step) are skipped.
+
+Each panel shows the per-step train values faintly, their smoothed line on top (an exponential
+moving average, debiased as TensorBoard does: see ema_smooth), validation points, and, when the
+validation data has preference strengths, one dashed line per |preference_strength|
+(val/accuracy_s1, val/loss_s1, ...).
+
+The default output sits next to the metrics file as `<metrics stem>_curves.png`, so the PNG the
+trainer wrote at the end of the run (training_curves.png) is left alone. An existing file is never
+replaced unless --force is given or --output names it explicitly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
+import math
+import re
+import sys
 from pathlib import Path
+from typing import Sequence
 
-PANELS = (("loss", "BT loss"), ("accuracy", "accuracy (r_chosen > r_rejected)"))
+from bt_io import atomic_outputs
+
+PANELS = (("loss", "BT loss  -log sigmoid(r_chosen - r_rejected)"), ("accuracy", "accuracy (r_chosen > r_rejected)"))
+DEFAULT_SMOOTHING = 0.9  # per-step BT metrics of one batch are noisy; 0.9 averages roughly the last 10 steps
+STRENGTH_METRIC = re.compile(r"^val/(?P<name>loss|accuracy)_s(?P<strength>\d+)$")
+
+History = dict[str, list[tuple[int, float]]]
 
 
-def read_history(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} sorted by step; a later line for the same step and metric wins."""
+def read_history(path: Path) -> History:
+    """{metric: [(step, value), ...]} sorted by step; a later line for the same step and metric wins.
+
+    Null, NaN and infinite values are skipped (a point that cannot be drawn), as are non-numbers.
+    """
     by_metric: dict[str, dict[int, float]] = {}
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -28,58 +50,124 @@ def read_history(path: Path) -> dict[str, list[tuple[int, float]]]:
             try:
                 record = json.loads(line)
                 step, data = int(record["step"]), record["data"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                items = data.items()
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
                 raise ValueError(f"{path} line {number}: expected {{\"step\": int, \"data\": {{...}}}}") from None
-            for key, value in data.items():
-                if isinstance(value, (int, float)):
+            for key, value in items:
+                # bool is an int subclass; NaN/Infinity are what Python's json writes for non-finite floats.
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     by_metric.setdefault(key, {})[step] = float(value)
     return {key: sorted(points.items()) for key, points in by_metric.items()}
 
 
-def plot_curves(history: dict[str, list[tuple[int, float]]], output: Path, title: str = "") -> Path:
-    """Two panels (loss, accuracy), train and val lines; written to a temp file and renamed."""
-    import matplotlib
+def ema_smooth(values: Sequence[float], weight: float = DEFAULT_SMOOTHING) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's scalar smoothing).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    s_t = weight * s_{t-1} + (1 - weight) * x_t with s_0 = 0, reported as s_t / (1 - weight^t): the
+    weighted mean of x_1..x_t with weights weight^(t - i), so the first points are not pulled towards
+    0 and the first output equals the first value. weight 0 returns the values unchanged. The average
+    runs over logged points, not steps (the train metrics are logged every step).
+    """
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing weight must be in [0, 1); got {weight}")
+    smoothed, running = [], 0.0
+    for t, value in enumerate(values, start=1):
+        running = weight * running + (1 - weight) * value
+        smoothed.append(running / (1 - weight**t))
+    return smoothed
+
+
+def strength_series(history: History, name: str) -> list[tuple[int, list[tuple[int, float]]]]:
+    """[(|strength|, points), ...] of val/<name>_s<k>, sorted by strength."""
+    found = []
+    for key, points in history.items():
+        match = STRENGTH_METRIC.match(key)
+        if match and match["name"] == name and points:
+            found.append((int(match["strength"]), points))
+    return sorted(found)
+
+
+def build_figure(history: History, title: str = "", smoothing: float = DEFAULT_SMOOTHING):
+    """A matplotlib Figure with two panels (loss, accuracy); see the module docstring for the lines."""
+    # Figure without pyplot: no global backend switch or figure registry in the calling process.
+    from matplotlib.figure import Figure
 
     if not any(f"{split}/{name}" in history for split in ("train", "val") for name, _ in PANELS):
         raise ValueError("no train/ or val/ loss or accuracy in the metrics")
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ema_smooth([], smoothing)  # validate the weight before drawing anything
+    figure = Figure(figsize=(11, 4.2))
+    axes = figure.subplots(1, 2)
     for axis, (name, label) in zip(axes, PANELS):
-        for split, style in (("train", dict(alpha=0.6, linewidth=1)), ("val", dict(marker="o", linewidth=2))):
-            points = history.get(f"{split}/{name}")
-            if points:
-                steps, values = zip(*points)
-                axis.plot(steps, values, label=split, **style)
+        train = history.get(f"train/{name}")
+        if train:
+            steps, values = zip(*train)
+            if smoothing > 0 and len(values) > 1:
+                axis.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8, label="train (per step)")
+                axis.plot(steps, ema_smooth(values, smoothing), color="C0", linewidth=1.8, label=f"train (EMA {smoothing:g})")
+            else:
+                axis.plot(steps, values, color="C0", linewidth=1.2, label="train")
+        val = history.get(f"val/{name}")
+        if val:
+            steps, values = zip(*val)
+            axis.plot(steps, values, color="C1", marker="o", linewidth=2, label="val")
+        for index, (strength, points) in enumerate(strength_series(history, name)):
+            steps, values = zip(*points)
+            axis.plot(steps, values, color=f"C{2 + index % 8}", marker=".", linestyle="--", linewidth=1,
+                      label=f"val |strength|={strength}")
         axis.set_xlabel("step")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.lines:
+            axis.legend(fontsize="small")
     figure.suptitle(title or "Bradley-Terry reward model training")
     figure.tight_layout()
+    return figure
+
+
+def plot_curves(history: History, output: Path, title: str = "", smoothing: float = DEFAULT_SMOOTHING) -> Path:
+    """build_figure written as a PNG atomically (bt_io.atomic_outputs), replacing `output`."""
+    figure = build_figure(history, title, smoothing)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".png", dir=output.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temp, dpi=100)
-        os.replace(temp, output)
-    finally:
-        plt.close(figure)
-        Path(temp).unlink(missing_ok=True)
+    with atomic_outputs([output]) as (temp,):
+        figure.savefig(temp, format="png", dpi=100)  # the temp name ends in .tmp: say the format
     return output
 
 
-def main(argv: list[str] | None = None) -> None:
+def default_output(metrics: Path) -> Path:
+    """`<metrics stem>_curves.png` beside the metrics file (not the trainer's training_curves.png)."""
+    return metrics.with_name(f"{metrics.stem}_curves.png")
+
+
+def smoothing_weight(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (0 = no smoothing); got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("metrics", type=Path, help="metrics .jsonl file")
-    parser.add_argument("--output", type=Path, default=None, help="PNG path (default: next to the metrics file, training_curves.png)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="PNG path, replaced if it exists (default: <metrics stem>_curves.png beside the metrics file)")
+    parser.add_argument("--force", action="store_true", help="replace the default output if it exists")
+    parser.add_argument("--smoothing", type=smoothing_weight, default=DEFAULT_SMOOTHING,
+                        help="EMA weight for the train lines, in [0, 1); 0 = raw only (default: %(default)s)")
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
-    output = args.output or args.metrics.with_name("training_curves.png")
-    print(f"wrote {plot_curves(read_history(args.metrics), output, args.title)}")
+    output = args.output or default_output(args.metrics)
+    if args.output is None and output.exists() and not args.force:
+        print(f"error: {output} exists; pass --force to replace it or --output to write elsewhere", file=sys.stderr)
+        return 1
+    try:
+        history = read_history(args.metrics)
+        written = plot_curves(history, output, args.title, args.smoothing)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {written}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
