@@ -13,12 +13,15 @@ verl method it replaces and why.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
 import os
 import random
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import hydra
@@ -50,6 +53,7 @@ from verl.utils.torch_functional import (
 from verl.utils.tracking import Tracking
 from verl.workers.config.optimizer import build_optimizer
 
+import bt_attention
 import bt_checkpoint
 import bt_data
 import bt_io
@@ -121,10 +125,14 @@ def load_value_head_model(model_path: str, *, attn_implementation: str, torch_dt
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     config.num_labels = 1
     config.classifier_dropout = 0.0
-    model = AutoModelForTokenClassification.from_pretrained(
-        model_path, config=config, torch_dtype=torch_dtype, attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-    )
+    # transformers warns at length that the score head is "newly initialized ... TRAIN this model":
+    # expected here, so the warning is silenced and the caller reports it in one line.
+    with quiet_transformers():
+        model, loading_info = AutoModelForTokenClassification.from_pretrained(
+            model_path, config=config, dtype=torch_dtype, attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code, output_loading_info=True,
+        )
+    model.newly_initialized = sorted(loading_info["missing_keys"])
     model.config.architectures = [type(model).__name__]
     if model.score.bias is not None:
         if model.score.bias.device.type != "meta":
@@ -168,14 +176,68 @@ class MicroBatchResult(NamedTuple):
     rejected: torch.Tensor
     real_tokens: int
     computed_tokens: int
+    conversation_tokens: int = 0  # tokens of the pairs' conversations run separately (> real when a prompt is shared)
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps, or non-finite weights about to be saved."""
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers warnings off for the block (for warnings about calls we do not control)."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def quiet_known_noise() -> None:
+    """Console noise the project triggers but cannot fix at its source; the run's log file keeps INFO.
+
+    - torchdata 0.11 calls the deprecated torch.set_vital on every DataLoader;
+    - FSDP2 warns that the model output is a view: the rewards read from it are never modified in place;
+    - verl logs every shard it saves and loads at INFO from every rank.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def write_run_log(text: str) -> None:
+    """Append to the run's log file (Hydra's <run dir>/bt_trainer.log) without echoing to the console."""
+    if not text:
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                handler.stream.write(text if text.endswith("\n") else text + "\n")
+                handler.flush()
+            finally:
+                handler.release()
+
+
+def format_console_line(step: int, metrics: dict[str, float]) -> str:
+    """One compact console line: 4 significant digits, wall-clock metrics left to the trackers."""
+    shown = {k: v for k, v in metrics.items() if k not in ("train/time(s)", "train/micro_batches")}
+    return f"step {step}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+
+
 def start_tracking(trainer_config, config: DictConfig) -> Tracking:
-    """verl's Tracking, with the wandb mode and tensorboard directory taken from the config."""
+    """verl's Tracking, with the wandb mode and tensorboard directory taken from the config.
+
+    verl's console backend prints every metric with 16 digits; the trainer prints its own compact
+    line instead (format_console_line), so `console` is not handed to verl.
+    """
     if trainer_config.wandb_mode is not None:
         os.environ["WANDB_MODE"] = trainer_config.wandb_mode
     if trainer_config.wandb_dir is not None:
@@ -185,7 +247,7 @@ def start_tracking(trainer_config, config: DictConfig) -> Tracking:
         os.environ["TENSORBOARD_DIR"] = trainer_config.tensorboard_dir
     return Tracking(
         project_name=trainer_config.project_name, experiment_name=trainer_config.experiment_name,
-        default_backend=list(trainer_config.logger), config=OmegaConf.to_container(config, resolve=True),
+        default_backend=[b for b in trainer_config.logger if b != "console"], config=OmegaConf.to_container(config, resolve=True),
     )
 
 
@@ -255,9 +317,18 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.last_val_sums = None
         if config.ulysses_sequence_parallel_size != 1:
             raise ValueError("ulysses_sequence_parallel_size > 1 is not supported by the BT trainer")
-        super().__init__(config, device_mesh, None, tokenizer, train_dataset, val_dataset)
+        self.startup_lines: list[str] = []  # printed by rank 0 once verl's __init__ is done
+        # verl's __init__ prints the whole config and its settings: they go to the run's log file only.
+        verl_output = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(verl_output):
+                super().__init__(config, device_mesh, None, tokenizer, train_dataset, val_dataset)
+        finally:
+            write_run_log(verl_output.getvalue())
         # verl's __init__ ends by copying config.trainer.device verbatim; "auto" must stay resolved.
         self.device_name = resolve_device(config.trainer.device)
+        if device_mesh.get_rank() == 0:
+            print("\n".join(self.startup_lines))
 
     # Replaces FSDPSFTTrainer._normalize_config_bsz: verl divides data.train_batch_size by the dp
     # size in place; we derive the per-rank count and leave the config as written.
@@ -311,6 +382,18 @@ class BTRewardTrainer(FSDPSFTTrainer):
             )
         self.model_config = self.model.config
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        # Layout (bt_data.LAYOUTS): packed and shared rows are attended per segment (bt_attention, no flash-attn
+        # needed); padded batches keep model.attn_implementation, also on a model switched to segments.
+        self.layout = bt_data.layout_for(self.use_remove_padding, self.config.data.get("share_prompt", False))
+        if self.layout != "padded":
+            bt_attention.enable_segment_attention(self.model)
+        self.layout_checked = self.layout == "padded" or not self.config.trainer.get("check_layout", True)
+        self.startup_lines.append(f"layout: {self.layout} (use_remove_padding={self.use_remove_padding}, data.share_prompt="
+                                  f"{self.config.data.get('share_prompt', False)}), attention: {self.model.config._attn_implementation}")
+        for split, dataset in (("train", self.train_dataset), ("val", self.val_dataset)):
+            if getattr(dataset, "truncated_pairs", 0):
+                self.startup_lines.append(f"{split}: {dataset.truncated_pairs} of {len(dataset)} pairs truncated to data.max_length "
+                                          f"({dataset.dropped_tokens} tokens dropped; data.truncation={self.config.data.truncation})")
         if model_config.enable_gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -355,9 +438,10 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.steps_per_epoch = len(self.train_dataloader)
         self.total_steps = self.steps_per_epoch * self.config.trainer.total_epochs
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.config.optim, self.total_steps)
-        if self.device_mesh.get_rank() == 0:
-            print(f"value-head model: {type(self.model).__name__}, "
-                  f"{self.steps_per_epoch} steps/epoch x {self.config.trainer.total_epochs} epochs = {self.total_steps} steps")
+        if self.model.newly_initialized:
+            self.startup_lines.append(f"score head initialised fresh ({', '.join(self.model.newly_initialized)}): expected when starting from a causal LM")
+        self.startup_lines.append(f"value-head model: {type(self.model).__name__}, "
+                                  f"{self.steps_per_epoch} steps/epoch x {self.config.trainer.total_epochs} epochs = {self.total_steps} steps")
 
     # ---- micro-batching
 
@@ -368,15 +452,38 @@ class BTRewardTrainer(FSDPSFTTrainer):
     def plan_step(self, pairs: list[bt_data.TokenizedPair], balance_ranks: bool) -> list[list[int]]:
         """Micro-batches of this rank's pairs; with a token budget, every rank gets the same count."""
         data = self.config.data
-        plan = bt_data.plan_micro_batches(pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu)
+        plan = bt_data.plan_micro_batches(pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu, layout=self.layout)
         if data.max_tokens_per_micro_batch is None or not balance_ranks:
             return plan
         count = int(self._all_reduce(torch.tensor(len(plan), device=self.device_name), dist.ReduceOp.MAX))
-        return bt_data.plan_micro_batches(pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu, min_count=count)
+        return bt_data.plan_micro_batches(pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu, min_count=count, layout=self.layout)
 
     def _collate(self, pairs: list[bt_data.TokenizedPair]) -> dict[str, torch.Tensor]:
-        batch = bt_data.collate_pairs(pairs, self.tokenizer.pad_token_id, packed=self.use_remove_padding)
+        batch = bt_data.collate_pairs(pairs, self.tokenizer.pad_token_id, self.layout)
         return bt_data.move_to(batch, self.device_name)
+
+    def _check_layout(self, pairs: list[bt_data.TokenizedPair]) -> None:
+        """Start-up check (trainer.check_layout): the first micro-batch's rewards in the training layout vs padded, no grad.
+
+        Every rank checks its own first micro-batch (two forwards each, so FSDP's collectives pair up);
+        the worst ratio is all-reduced, so all ranks stop together.
+        """
+        self.layout_checked = True
+        data = self.config.data
+        first = [pairs[i] for i in bt_data.plan_micro_batches(pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu, layout=self.layout)[0]]
+        dtype = resolve_param_dtype(self.config.model.mixed_precision, self.device_name)
+        check = bt_data.check_layout(self.fsdp_model, first, self.tokenizer.pad_token_id, self.layout, self.device_name, dtype)
+        worst = float(self._all_reduce(torch.tensor(check.ratio, dtype=torch.float64, device=self.device_name), dist.ReduceOp.MAX))
+        if not worst <= 1.0:  # NaN fails too
+            raise RuntimeError(
+                f"start-up layout check failed: rewards of the {self.layout} layout differ from the padded layout's by {worst:.3g}x the "
+                f"{dtype} tolerance on the first micro-batch (this rank: max |difference| {check.max_difference:.3g}, tolerance "
+                f"{check.tolerance:.3g}). Segment attention is not exact on this hardware/kernel: train padded with use_remove_padding=false, "
+                "or skip the check with trainer.check_layout=false"
+            )
+        if self.device_mesh.get_rank() == 0:
+            print(f"layout check: {self.layout} rewards equal the padded layout's on the first micro-batch "
+                  f"(worst difference {worst:.2g}x the {dtype} tolerance)")
 
     # Replaces FSDPSFTTrainer._compute_loss_and_backward: token cross-entropy under a hard-coded
     # bf16 autocast becomes the preference loss (config `loss:`) over rewards read at verl's reward token.
@@ -389,21 +496,23 @@ class BTRewardTrainer(FSDPSFTTrainer):
         loss, sums = preference_loss(rewards[:n], rewards[n:], strengths, self.loss_config, normalizer=step_pairs or n)
         if do_backward:
             loss.backward()
-        real, computed = bt_data.batch_token_counts(batch)
-        return MicroBatchResult(loss, sums, rewards[:n].detach(), rewards[n:].detach(), real, computed)
+        counts = bt_data.token_counts(batch)
+        return MicroBatchResult(loss, sums, rewards[:n].detach(), rewards[n:].detach(), counts.real, counts.computed, counts.conversation)
 
     # Replaces FSDPSFTTrainer.training_step: BT metrics summed over micro-batches and all ranks
     # (verl all-reduces its loss only under CUDA, so on CPU it logs rank 0's alone).
     def training_step(self, pairs: list[bt_data.TokenizedPair]) -> dict[str, float]:
         start = time.perf_counter()
+        if not self.layout_checked:
+            self._check_layout(pairs)
         self.fsdp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=self.device_name)
-        tokens = torch.zeros(3, dtype=torch.float64, device=self.device_name)  # real, computed, micro-batches
+        tokens = torch.zeros(4, dtype=torch.float64, device=self.device_name)  # real, computed, micro-batches, conversation
         for indices in self.plan_step(pairs, balance_ranks=True):
             result = self._compute_loss_and_backward([pairs[i] for i in indices], step_pairs=len(pairs))
             sums += result.sums
-            tokens += torch.tensor([result.real_tokens, result.computed_tokens, 1], dtype=torch.float64, device=self.device_name)
+            tokens += torch.tensor([result.real_tokens, result.computed_tokens, 1, result.conversation_tokens], dtype=torch.float64, device=self.device_name)
 
         if self.config.model.strategy == "fsdp2":
             grad_norm = fsdp2_clip_grad_norm_(self.fsdp_model.parameters(), max_norm=self.config.optim.clip_grad)
@@ -426,7 +535,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self._all_reduce(tokens)
         elapsed = time.perf_counter() - start
         metrics = {f"train/{k}": v for k, v in metrics_from_sums(sums).items()}
-        real, computed, micro_batches = tokens.tolist()
+        real, computed, micro_batches, conversation = tokens.tolist()
         metrics.update({
             "train/lr(1e-3)": lr * 1e3,
             "train/grad_norm": float(grad_norm),
@@ -434,6 +543,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
             "train/pairs_per_s": float(sums[0]) / elapsed,
             "train/real_tokens_per_s": real / elapsed,
             "train/real_token_share": real / computed,
+            "train/tokens_per_pair": computed / float(sums[0]),        # computed per pair: padding included, a shared prompt once
+            "train/prefix_saved_share": 1.0 - real / conversation,    # share of the conversations' tokens a shared prefix saved
             "train/micro_batches": micro_batches / self.device_mesh.size(),
             "train/skipped_steps": self.skipped_steps,
         })
@@ -495,7 +606,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
             directory.mkdir(parents=True, exist_ok=True)
             (directory / bt_checkpoint.STATE_FILE).unlink(missing_ok=True)  # re-saving a step: incomplete until done
         dist.barrier()
-        self.checkpoint_manager.save_checkpoint(local_path=str(directory), global_step=step, max_ckpt_to_keep=None)
+        with quiet_transformers():  # verl's export passes the deprecated torch_dtype= to transformers
+            self.checkpoint_manager.save_checkpoint(local_path=str(directory), global_step=step, max_ckpt_to_keep=None)
         if rank == 0:
             with bt_io.atomic_outputs([directory / bt_checkpoint.DATA_STATE_FILE]) as (temp,):
                 torch.save(self.train_dataloader.state_dict(), temp)
@@ -537,8 +649,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.consecutive_skipped_steps = int(state["trainer"]["consecutive_skipped_steps"])
         self.resume_global_step = step
         self.resumed_from = directory
-        if self.device_mesh.get_rank() == 0:
-            print(f"resumed from {directory} (step {step})")
+        self.startup_lines.append(f"resumed from {directory} (step {step})")
         return step
 
     # Replaces FSDPSFTTrainer.fit: the same loop (resume, early stop, validate, save), logging BT
@@ -571,6 +682,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
         def log(metrics: dict[str, float], step: int) -> None:
             if tracking is not None:
                 tracking.log(data=metrics, step=step)
+                if "console" in trainer_config.logger:
+                    tqdm.write(format_console_line(step, metrics))
             if history is not None:
                 history.write(json_line(step, metrics))
                 history.flush()
@@ -625,6 +738,9 @@ class BTRewardTrainer(FSDPSFTTrainer):
             final = bt_checkpoint.step_dir(trainer_config.default_local_dir, global_step)
             print("final validation: " + "  ".join(f"{k.removeprefix('val/')} {v:.4g}" for k, v in self.last_val_metrics.items()))
             print(f"final model: {final / 'huggingface'}")
+            val_files = [self.config.data.val_files] if isinstance(self.config.data.val_files, str) else list(self.config.data.val_files)
+            print(f"evaluate it: python evaluate_rm.py --model {final} --data {' '.join(val_files)} "
+                  f"--output {Path(trainer_config.default_local_dir) / 'val_scores.jsonl'}")
             if history is not None and trainer_config.curves_png is not None:
                 from plot_curves import plot_curves, read_history
 
@@ -645,6 +761,7 @@ def init_distributed(device: str) -> tuple[int, int]:
 
 
 def run(config: DictConfig):
+    quiet_known_noise()
     device = resolve_device(config.trainer.device)
     rank, world_size = init_distributed(device)
     seed_everything(config.trainer.seed)
