@@ -6,23 +6,35 @@ and scoring-time formatting cannot drift apart.
 - Tokens: `encode_conversation` applies the tokenizer's chat template to the text and tokenizes
   it with `add_special_tokens=False` (a template that writes BOS already has it; adding it again
   would double it).
+- Truncation: `truncate_pair` (data.truncation); PairDataset counts truncated pairs and dropped tokens.
 - Reward position: the last real token of each sequence, read exactly as verl's
   `RewardModelWorker` reads it: `argmax(position_ids * attention_mask)` under right padding
-  (`reward_token_index`); in a packed row, the last token of each packed sequence.
-- Batches: a micro-batch holds whole pairs, chosen sequences first then rejected, either padded
-  to the longest sequence in it (`collate_padded`; never to max_length) or packed into one row with
-  position_ids restarting at 0 per sequence (`collate_packed`).
+  (`reward_token_index`); in a packed row, the last token of each conversation.
+- Batches: a micro-batch holds whole pairs; its rewards always come out chosen first, then
+  rejected. Layouts (`collate_pairs`, LAYOUTS):
+  padded: right-padded to the longest sequence in it (`collate_padded`; never to max_length);
+  packed: one row, position_ids restarting at 0 per conversation, each conversation one attention
+          segment (`collate_packed`);
+  shared: one row, each pair `[shared prefix | chosen suffix | rejected suffix]`, the prefix (the
+          prompt, and any leading tokens the responses share) computed once (`collate_shared`).
+  The packed layouts are described once here, as bt_attention.SegmentLayout (per segment its
+  queries and its keys), and attended by bt_attention; token budgets count computed tokens.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from functools import cached_property
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 
+import bt_attention
+
 TRUNCATION_MODES = ("left", "right", "error")
+LAYOUTS = ("padded", "packed", "shared")
 
 
 class DataError(ValueError):
@@ -57,28 +69,67 @@ def encode_conversation(tokenizer, messages: list[dict[str, str]], chat_template
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def truncate_pair(chosen: list[int], rejected: list[int], max_length: int, mode: str, where: str) -> tuple[list[int], list[int]]:
-    """Fit both sequences of a pair into max_length tokens without losing the reward token.
+def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
+    """Number of leading tokens the two sequences share."""
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
 
-    left:  drop the same number of tokens from the start of both (the overflow of the longer one),
-           so both keep the last token and condition on the identical (shared-prefix) prompt tail.
-    right: keep the first max_length - 1 tokens and the final token of each over-long sequence.
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Tokens all sequences share at their start, capped so each keeps at least its last token.
+
+    The cap keeps a conversation that is a prefix of another (or equal to it) its own reward token.
+    """
+    if len(sequences) < 2:
+        return 0
+    first = sequences[0]
+    return min(min(common_prefix_length(first, other) for other in sequences[1:]), min(len(s) for s in sequences) - 1)
+
+
+class Truncation(NamedTuple):
+    chosen: list[int]
+    rejected: list[int]
+    dropped_tokens: int  # tokens removed from chosen and rejected together (0: the pair fitted)
+
+
+def truncate_pair(chosen: list[int], rejected: list[int], max_length: int, mode: str, where: str) -> Truncation:
+    """Fit both conversations of a pair into max_length tokens each, never losing a reward token.
+
+    left (default): drop the oldest tokens of the prompt the two conversations share (their longest
+           common token prefix, capped so each keeps its last token), the same tokens from both, and
+           only as many as the longer conversation needs: both keep an identical prompt tail, and
+           a conversation that fits loses prompt tokens only, never its response. Only a response
+           (the part after the shared prefix) that alone exceeds max_length is cut, from its
+           start, keeping its last token (the reward token).
+    right: keep the first max_length - 1 tokens and the last token of each over-long conversation
+           (the head of the prompt survives; the end of a long response is lost except its last token).
     error: raise, naming the row and both lengths.
     """
     if mode not in TRUNCATION_MODES:
         raise ValueError(f"data.truncation is {mode!r}; expected one of {TRUNCATION_MODES}")
+    if max_length < 1:
+        raise ValueError(f"data.max_length must be at least 1, got {max_length}")
+    if not chosen or not rejected:
+        raise DataError(f"{where}: chosen has {len(chosen)} tokens and rejected {len(rejected)}; a conversation cannot be empty")
     overflow = max(len(chosen), len(rejected)) - max_length
     if overflow <= 0:
-        return chosen, rejected
+        return Truncation(chosen, rejected, 0)
     if mode == "error":
         raise DataError(
             f"{where}: chosen has {len(chosen)} tokens and rejected {len(rejected)}; data.max_length is {max_length} "
             "(set data.truncation to left or right, or raise data.max_length)"
         )
     if mode == "left":
-        return chosen[overflow:], rejected[overflow:]
-    cut = lambda ids: ids if len(ids) <= max_length else ids[: max_length - 1] + ids[-1:]  # noqa: E731
-    return cut(chosen), cut(rejected)
+        drop = min(overflow, shared_prefix_length([chosen, rejected]))
+        kept = [ids[drop:] for ids in (chosen, rejected)]
+        new_chosen, new_rejected = (ids if len(ids) <= max_length else ids[-max_length:] for ids in kept)
+    else:
+        new_chosen, new_rejected = (ids if len(ids) <= max_length else ids[: max_length - 1] + ids[-1:] for ids in (chosen, rejected))
+    return Truncation(new_chosen, new_rejected, len(chosen) + len(rejected) - len(new_chosen) - len(new_rejected))
 
 
 @dataclass(frozen=True)
@@ -89,37 +140,59 @@ class TokenizedPair:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of the two conversations run separately."""
         return len(self.chosen) + len(self.rejected)
+
+    @cached_property
+    def shared_prefix(self) -> int:
+        """Tokens the `shared` layout computes once for both conversations."""
+        return shared_prefix_length([self.chosen, self.rejected])
+
+    def computed_tokens(self, layout: str) -> int:
+        """Tokens the model computes for this pair in `layout` (padding aside): the prefix once when shared."""
+        return self.num_tokens - self.shared_prefix if layout == "shared" else self.num_tokens
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Preference pairs from Parquet files with JSON-messages `chosen` / `rejected` columns.
+    """Preference pairs from data files in any layout bt_io.read_pair_rows reads (see data.format).
 
     Tokenizes everything once, up front. The constructor signature is that of verl's SFTDataset,
     so `data.custom_cls` can name any class with the same signature whose items are TokenizedPair.
     """
 
     def __init__(self, parquet_files: str | Sequence[str], tokenizer, config, max_samples: int = -1):
-        import pyarrow.parquet as pq
+        import bt_io  # files are read (any format bt_io.detect_pair_format knows) only through bt_io.read_pair_rows
 
-        files = [parquet_files] if isinstance(parquet_files, str) else list(parquet_files)
         chat_template_kwargs = dict(config.get("apply_chat_template_kwargs", None) or {})
         self.pairs: list[TokenizedPair] = []
-        for path in files:
-            table = pq.read_table(path)
-            for key in (config.chosen_key, config.rejected_key):
-                if key not in table.column_names:
-                    raise DataError(f"{path}: no column '{key}' (columns: {table.column_names}); set data.chosen_key / data.rejected_key")
-            strengths = table.column("preference_strength").to_pylist() if "preference_strength" in table.column_names else None
-            chosen_col, rejected_col = table.column(config.chosen_key).to_pylist(), table.column(config.rejected_key).to_pylist()
-            for row, (chosen, rejected) in enumerate(zip(chosen_col, rejected_col), start=1):
-                where = f"{path} row {row}"
-                chosen_ids = encode_conversation(tokenizer, parse_messages(chosen, f"{where} field '{config.chosen_key}'"), chat_template_kwargs)
-                rejected_ids = encode_conversation(tokenizer, parse_messages(rejected, f"{where} field '{config.rejected_key}'"), chat_template_kwargs)
-                chosen_ids, rejected_ids = truncate_pair(chosen_ids, rejected_ids, config.max_length, config.truncation, where)
-                self.pairs.append(TokenizedPair(chosen_ids, rejected_ids, strengths[row - 1] if strengths else None))
-                if 0 < max_samples <= len(self.pairs):
-                    return
+        self.truncated_pairs = 0  # pairs that lost tokens to data.max_length (data.truncation)
+        self.dropped_tokens = 0   # tokens those pairs lost, chosen and rejected together
+        try:  # reading problems surface as this module's DataError, like every other data problem
+            read = bt_io.read_pair_rows(parquet_files, config, drop_identical=config.get("drop_identical_pairs", True))
+        except bt_io.DataError as error:
+            raise DataError(str(error)) from None
+        rows = read.rows[:max_samples] if max_samples > 0 else read.rows
+        self.formats = read.formats                           # file -> bt_io.PairFormat it was read in
+        self.read_report = read.describe()                    # formats and dropped pairs, for the start-up report
+        self.identical_pairs_dropped = read.identical_dropped  # chosen == rejected: no preference signal
+        self.sources = [row.where for row in rows]            # "file row N" of each pair, in order
+        self.subsets = [row.subset for row in rows]           # RewardBench's subset column (None elsewhere)
+
+        def encode(side, where: str) -> list[int]:
+            if isinstance(side, str):  # data.format=text: no chat template; bt_io.encode_plain_text appends eos
+                try:
+                    return bt_io.encode_plain_text(tokenizer, side)
+                except bt_io.DataError as error:
+                    raise DataError(f"{where}: {error}") from None
+            return encode_conversation(tokenizer, side, chat_template_kwargs)
+
+        for row in rows:
+            where = row.where
+            chosen_ids, rejected_ids = encode(row.chosen, where), encode(row.rejected, where)
+            truncation = truncate_pair(chosen_ids, rejected_ids, config.max_length, config.truncation, where)
+            self.truncated_pairs += truncation.dropped_tokens > 0
+            self.dropped_tokens += truncation.dropped_tokens
+            self.pairs.append(TokenizedPair(truncation.chosen, truncation.rejected, row.preference_strength))
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -171,25 +244,98 @@ def collate_padded(sequences: Sequence[Sequence[int]], pad_token_id: int) -> dic
 def collate_packed(sequences: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
     """Concatenate into one row, position_ids restarting at 0 per sequence, no attention mask.
 
-    transformers detects the packed layout from the position_ids (flash_attention_2, sdpa and
-    eager alike) only when the model is called with use_cache=False: `compute_rewards` does.
+    Each sequence is one attention segment (`attention_segments`): its tokens attend to its own
+    tokens only, computed by bt_attention's segment attention (compute_rewards passes the segments).
     """
-    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    lengths = [len(s) for s in sequences]
+    starts = list(itertools.accumulate(lengths, initial=0))
     input_ids = torch.tensor([token for s in sequences for token in s], dtype=torch.long).unsqueeze(0)
-    position_ids = torch.cat([torch.arange(n) for n in lengths.tolist()]).unsqueeze(0)
-    return {"input_ids": input_ids, "position_ids": position_ids, "reward_index": torch.cumsum(lengths, 0) - 1}
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    segments = [((starts[i], starts[i + 1]), [(starts[i], starts[i + 1])]) for i in range(len(sequences))]
+    return {"input_ids": input_ids, "position_ids": position_ids, "reward_index": torch.tensor(starts[1:], dtype=torch.long) - 1,
+            "attention_segments": bt_attention.SegmentLayout.from_segments(segments)}
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    sequences = pair_sequences(pairs)
-    return collate_packed(sequences) if packed else collate_padded(sequences, pad_token_id)
+def collate_shared(groups: Sequence[Sequence[Sequence[int]]]) -> dict[str, torch.Tensor]:
+    """One row of groups `[shared prefix | suffix 1 | suffix 2 | ...]`, the prefix computed once per group.
+
+    A group's shared prefix is the longest common token prefix of its sequences, capped so each
+    suffix keeps at least one token (its reward token): `shared_prefix_length`. The first sequence is
+    one segment (prefix + its suffix, positions 0..); every other suffix is a segment whose
+    positions continue from the prefix's end and whose keys are `prefix + suffix`: each token
+    gets the hidden state it has when its sequence runs alone. `reward_index` lists each
+    sequence's last token, group after group, member after member.
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    segments = []
+    reward_index: list[int] = []
+    for group in groups:
+        prefix = shared_prefix_length(group)
+        offset = len(ids)
+        for member, sequence in enumerate(group):
+            start = len(ids)
+            if member == 0:
+                ids.extend(sequence)
+                positions.extend(range(len(sequence)))
+                segments.append(((start, len(ids)), [(start, len(ids))]))
+            else:
+                ids.extend(sequence[prefix:])
+                positions.extend(range(prefix, len(sequence)))
+                keys = [(offset, offset + prefix), (start, len(ids))] if prefix else [(start, len(ids))]
+                segments.append(((start, len(ids)), keys))
+            reward_index.append(len(ids) - 1)
+    return {"input_ids": torch.tensor(ids, dtype=torch.long).unsqueeze(0), "position_ids": torch.tensor(positions, dtype=torch.long).unsqueeze(0),
+            "reward_index": torch.tensor(reward_index, dtype=torch.long), "attention_segments": bt_attention.SegmentLayout.from_segments(segments)}
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, layout: str = "padded", *, packed: bool | None = None) -> dict[str, torch.Tensor]:
+    """A micro-batch of pairs in `layout` (LAYOUTS); rewards come out chosen first, then rejected, in every layout.
+
+    padded: right-padded rows (collate_padded); packed: one row, one segment per conversation
+    (collate_packed); shared: one row, each pair `[shared prefix | chosen suffix | rejected suffix]`
+    (collate_shared). `packed=True/False` is the older spelling of layout="packed"/"padded".
+    """
+    if packed is not None:
+        layout = "packed" if packed else "padded"
+    if layout == "padded":
+        return collate_padded(pair_sequences(pairs), pad_token_id)
+    if layout == "packed":
+        return collate_packed(pair_sequences(pairs))
+    if layout == "shared":
+        batch = collate_shared([(p.chosen, p.rejected) for p in pairs])
+        batch["reward_index"] = batch["reward_index"].view(-1, 2).t().reshape(-1)  # (c1, r1, c2, r2...) -> (c1, c2..., r1, r2...)
+        return batch
+    raise ValueError(f"layout is {layout!r}; expected one of {LAYOUTS}")
+
+
+def layout_for(use_remove_padding: bool, share_prompt: bool) -> str:
+    """The trainer's layout: padded without packing (data.share_prompt then does not apply), else packed or shared."""
+    if not use_remove_padding:
+        return "padded"
+    return "shared" if share_prompt else "packed"
+
+
+class TokenCounts(NamedTuple):
+    conversation: int  # tokens of the conversations as separate sequences (chosen + rejected lengths)
+    real: int          # non-padding tokens the model computes (a shared prefix once)
+    computed: int      # positions the model computes, padding included
+
+
+def token_counts(batch: dict[str, torch.Tensor]) -> TokenCounts:
+    """Counts of a collated batch: padding is computed but not real; a shared prefix is real once, in two conversations."""
+    computed = batch["input_ids"].numel()
+    if "attention_mask" in batch:
+        real = int(batch["attention_mask"].sum())
+        return TokenCounts(real, real, computed)
+    segments = batch.get("attention_segments")
+    return TokenCounts(int(sum(segments.key_lengths)) if segments is not None else computed, computed, computed)
 
 
 def batch_token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(real tokens, computed tokens) of a collated batch: padding is computed but not real."""
-    computed = batch["input_ids"].numel()
-    real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else computed
-    return real, computed
+    counts = token_counts(batch)
+    return counts.real, counts.computed
 
 
 # ----------------------------------------------------------------------------- micro-batches
@@ -237,11 +383,15 @@ def token_budget_micro_batches(pair_tokens: Sequence[int], max_tokens: int, min_
     return [sorted(b) for b in bins]
 
 
-def plan_micro_batches(pairs: Sequence[TokenizedPair], max_tokens: int | None, pairs_per_micro_batch: int, min_count: int = 1) -> list[list[int]]:
-    """Micro-batches of a step: by token budget when max_tokens is set, else fixed-size."""
+def plan_micro_batches(pairs: Sequence[TokenizedPair], max_tokens: int | None, pairs_per_micro_batch: int, min_count: int = 1,
+                       layout: str = "padded") -> list[list[int]]:
+    """Micro-batches of a step: by token budget when max_tokens is set, else fixed-size.
+
+    The budget counts the tokens the layout computes: in `shared`, a pair's prefix once.
+    """
     if max_tokens is None:
         return fixed_size_micro_batches(len(pairs), pairs_per_micro_batch)
-    return token_budget_micro_batches([p.num_tokens for p in pairs], max_tokens, min_count)
+    return token_budget_micro_batches([p.computed_tokens(layout) for p in pairs], max_tokens, min_count)
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -253,16 +403,27 @@ def compute_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     The model is a `*ForTokenClassification` with num_labels=1 (what verl's reward worker loads);
     its per-token logits are [rows, tokens, 1]. A *ForSequenceClassification model (padded batches
     only) reads the last non-pad token itself, the same token under right padding, and returns
-    [rows, 1]. Padded batches carry an attention mask; packed
-    ones (a single row) do not, and need use_cache=False for transformers to see the packing.
+    [rows, 1]. Padded batches carry an attention mask; packed and shared ones (a single row) carry
+    `attention_segments` instead, which reach bt_attention's segment attention through the model's
+    forward (the model must have been switched with bt_attention.enable_segment_attention).
+    use_cache=False: a cache would make transformers treat the row as one sequence.
     """
+    segments = {}
+    if "attention_segments" in batch:
+        if not bt_attention.uses_segment_attention(model):
+            raise ValueError("a packed or shared batch needs segment attention: call bt_attention.enable_segment_attention(model) first "
+                             f"(the model uses {model.config._attn_implementation!r})")
+        segments["attention_segments"] = batch["attention_segments"]
     logits = model(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch["position_ids"],
         use_cache=False,
+        **segments,
     ).logits.float()
     if logits.dim() == 2:  # *ForSequenceClassification pools at the last non-pad token itself: [rows, 1]
+        if segments:
+            raise ValueError("a *ForSequenceClassification model pools one reward per row: use the padded layout")
         return logits.squeeze(-1)
     logits = logits.squeeze(-1)
     if "attention_mask" in batch:
@@ -270,8 +431,78 @@ def compute_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return logits[0, batch["reward_index"]]
 
 
+# Start-up check tolerance: |reward(layout) - reward(padded)| <= this x max(1, max |reward(padded)|).
+# fp32 paths agree to ~1e-6 relative; half-precision kernels with different reduction orders differ
+# by a few ulps per layer (bf16 ulp 2^-8 relative). A broken mask (a leak across segments, a causal
+# block aligned the wrong way) changes rewards by a sizeable fraction of their scale.
+LAYOUT_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+class LayoutCheck(NamedTuple):
+    layout: str
+    max_difference: float  # max |reward(layout) - reward(padded)| over the micro-batch's conversations
+    tolerance: float
+
+    @property
+    def ratio(self) -> float:
+        """Difference as a multiple of the tolerance: above 1 fails."""
+        return self.max_difference / self.tolerance
+
+
+@torch.no_grad()
+def check_layout(model, pairs: Sequence[TokenizedPair], pad_token_id: int, layout: str, device, compute_dtype: torch.dtype) -> LayoutCheck:
+    """Rewards of `pairs` in `layout` against the padded layout, same model, no grad.
+
+    Guards hardware and kernels the tests never ran on (e.g. varlen_attn's causal alignment on a
+    given GPU). Runs two forwards: under FSDP every rank must call it, on its own pairs.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        padded = compute_rewards(model, move_to(collate_pairs(pairs, pad_token_id, "padded"), device))
+        candidate = compute_rewards(model, move_to(collate_pairs(pairs, pad_token_id, layout), device))
+    finally:
+        model.train(was_training)
+    tolerance = LAYOUT_CHECK_TOLERANCE.get(compute_dtype, 1e-3) * max(1.0, float(padded.abs().max()))
+    return LayoutCheck(layout, float((candidate - padded).abs().max()), tolerance)
+
+
 def move_to(batch: dict[str, torch.Tensor], device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The batch on `device` (tensors and the SegmentLayout alike)."""
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def consecutive_prefix_groups(sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Indices of runs of consecutive sequences that share a prefix (e.g. several responses to one prompt).
+
+    A sequence joins the current run when it shares at least as many leading tokens with the run's
+    first sequence as the run already shares, so joining never shrinks what the run computes once.
+    """
+    groups: list[list[int]] = []
+    shared = 0
+    for index, sequence in enumerate(sequences):
+        if groups:
+            common = common_prefix_length(sequences[groups[-1][0]], sequence)
+            if common > 0 and (len(groups[-1]) == 1 or common >= shared):
+                shared = common if len(groups[-1]) == 1 else shared
+                groups[-1].append(index)
+                continue
+        groups.append([index])
+    return groups
+
+
+def collate_sequences(sequences: Sequence[Sequence[int]], pad_token_id: int, layout: str = "padded") -> dict[str, torch.Tensor]:
+    """Independent sequences (not pairs) in `layout`; rewards in the sequences' order.
+
+    shared: runs of consecutive sequences with a common prefix compute it once (consecutive_prefix_groups).
+    """
+    if layout == "padded":
+        return collate_padded(sequences, pad_token_id)
+    if layout == "packed":
+        return collate_packed(sequences)
+    if layout == "shared":
+        return collate_shared([[sequences[i] for i in group] for group in consecutive_prefix_groups(sequences)])
+    raise ValueError(f"layout is {layout!r}; expected one of {LAYOUTS}")
 
 
 @torch.no_grad()
@@ -282,6 +513,7 @@ def score(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     chat_template_kwargs: dict | None = None,
+    layout: str = "padded",
 ) -> list[float]:
     """Rewards for conversations (messages lists, or their JSON strings), formatted as in training.
 
@@ -289,16 +521,24 @@ def score(
         tokenizer = AutoTokenizer.from_pretrained(ckpt)
         score(model, tokenizer, [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])
 
-    A *ForSequenceClassification model is accepted too (see compute_rewards).
+    A *ForSequenceClassification model is accepted too, padded only (see compute_rewards).
+    layout: padded (default), packed (no padding), or shared (consecutive conversations with a
+    common start, e.g. several responses to one prompt, compute it once); all give the same
+    rewards. packed and shared switch the model to segment attention (bt_attention), which leaves
+    its padded forwards as they were.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout is {layout!r}; expected one of {LAYOUTS}")
     device = device if device is not None else next(model.parameters()).device
     model.eval()
+    if layout != "padded":
+        bt_attention.enable_segment_attention(model)
     sequences = [
         encode_conversation(tokenizer, parse_messages(c, f"conversation {i}"), chat_template_kwargs)
         for i, c in enumerate(conversations, start=1)
     ]
     rewards: list[float] = []
     for start in range(0, len(sequences), batch_size):
-        batch = move_to(collate_padded(sequences[start : start + batch_size], tokenizer.pad_token_id), device)
+        batch = move_to(collate_sequences(sequences[start : start + batch_size], tokenizer.pad_token_id, layout), device)
         rewards.extend(compute_rewards(model, batch).tolist())
     return rewards

@@ -56,6 +56,7 @@ from verl.workers.config.optimizer import build_optimizer
 import bt_attention
 import bt_checkpoint
 import bt_data
+import bt_export
 import bt_io
 from bt_loss import (
     STRENGTH_SUM_FIELDS,
@@ -315,6 +316,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.loss_config = LossConfig.from_mapping(OmegaConf.to_container(config.loss, resolve=True))
         self.val_has_strengths = has_strengths(val_dataset)
         self.last_val_sums = None
+        self.last_val_step = None
+        self.current_step = 0
         if config.ulysses_sequence_parallel_size != 1:
             raise ValueError("ulysses_sequence_parallel_size > 1 is not supported by the BT trainer")
         self.startup_lines: list[str] = []  # printed by rank 0 once verl's __init__ is done
@@ -574,6 +577,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
                 self._compute_loss_and_backward([self.val_dataset[0]], do_backward=False)
         self._all_reduce(sums)
         self.last_val_sums = sums[: len(SUM_FIELDS)].cpu()
+        self.last_val_step = self.current_step
         metrics = {f"val/{k}": v for k, v in metrics_from_sums(sums[: len(SUM_FIELDS)]).items()}
         if self.val_has_strengths:
             metrics.update({f"val/{k}": v for k, v in strength_metrics_from_sums(sums[len(SUM_FIELDS):]).items()})
@@ -609,6 +613,15 @@ class BTRewardTrainer(FSDPSFTTrainer):
         with quiet_transformers():  # verl's export passes the deprecated torch_dtype= to transformers
             self.checkpoint_manager.save_checkpoint(local_path=str(directory), global_step=step, max_ckpt_to_keep=None)
         if rank == 0:
+            if "hf_model" in trainer_config.checkpoint.save_contents:
+                # the class every consumer reads the same (see bt_export), and the reward scale over the
+                # validation conversations when this step was validated
+                bt_export.export_reward_model(directory / "huggingface", trust_remote_code=self.config.model.trust_remote_code)
+                if self.last_val_step == step and self.last_val_sums is not None:
+                    stats = reward_stats_from_sums(self.last_val_sums)
+                    if math.isfinite(stats.std) and stats.std > 0:
+                        bt_export.write_reward_stats(directory / "huggingface", stats.mean, stats.std, count=stats.count, step=step,
+                                                     source="validation conversations (data.val_files)")
             with bt_io.atomic_outputs([directory / bt_checkpoint.DATA_STATE_FILE]) as (temp,):
                 torch.save(self.train_dataloader.state_dict(), temp)
             bt_checkpoint.mark_complete(
@@ -694,6 +707,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
                 self.train_sampler.set_epoch(epoch)
                 for pairs in self.train_dataloader:
                     global_step += 1
+                    self.current_step = global_step
                     metrics = self.training_step(pairs)
                     log(metrics, global_step)
                     progress.update(1)
@@ -762,6 +776,8 @@ def init_distributed(device: str) -> tuple[int, int]:
 
 def run(config: DictConfig):
     quiet_known_noise()
+    # data paths before anything heavy: directories, missing or empty files, train == val
+    bt_io.check_data_files(config.data.train_files, config.data.val_files)
     device = resolve_device(config.trainer.device)
     rank, world_size = init_distributed(device)
     seed_everything(config.trainer.seed)
@@ -771,6 +787,17 @@ def run(config: DictConfig):
     train_dataset = create_pair_dataset(config.data.train_files, config.data, tokenizer)
     val_dataset = create_pair_dataset(config.data.val_files, config.data, tokenizer)
     check_strengths(LossConfig.from_mapping(OmegaConf.to_container(config.loss, resolve=True)), config.data, train_dataset, val_dataset)
+    if len(train_dataset) == 0 or len(val_dataset) == 0:
+        empty = config.data.train_files if len(train_dataset) == 0 else config.data.val_files
+        raise bt_data.DataError(f"{empty}: no usable pairs after reading (see the dropped-pair counts above)")
+    shared = bt_io.count_shared_pairs(train_dataset.pairs, val_dataset.pairs) if hasattr(train_dataset, "pairs") else 0
+    if rank == 0:
+        for dataset, files in ((train_dataset, config.data.train_files), (val_dataset, config.data.val_files)):
+            report = getattr(dataset, "read_report", None)
+            if report:
+                print(f"{files}: {report}")
+        if shared:
+            print(f"WARNING: {shared} validation pairs also appear in the training data (identical chosen and rejected)")
     trainer = BTRewardTrainer(config, device_mesh, tokenizer, train_dataset, val_dataset)
     metrics = trainer.fit()
     dist.destroy_process_group()

@@ -6,7 +6,9 @@
 
 Writes DIR/train.parquet (split == "train") and DIR/test.parquet (split == "val" / "validation"),
 columns: `chosen`, `rejected` (JSON strings of chat-messages lists) and `preference_strength`
-(the original signed int: < 0 means response_1 is better, > 0 response_2).
+(the original signed int: < 0 means response_1 is better, > 0 response_2). Both files are
+written together and atomically (bt_io.atomic_outputs): a failure leaves the previous ones intact,
+and their mode follows the umask.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import re
 import socket
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+import bt_io
 
 HUB_DATASET = "nvidia/HelpSteer2"
 HUB_DATA_DIR = "preference"
@@ -211,27 +214,17 @@ def convert(rows: Iterable[tuple[str, Any]], min_strength: int) -> tuple[dict[st
 
 
 def write_parquet_files(columns: dict[str, dict[str, list]], output_dir: Path) -> list[Path]:
-    """Write every split to a temp file first, then rename all: a failure leaves old outputs intact."""
+    """Write every split through bt_io.atomic_outputs: all files are renamed into place only once all
+    are complete, so a failure leaves the previous outputs intact; modes follow the umask."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pa.schema([("chosen", pa.string()), ("rejected", pa.string()), ("preference_strength", pa.int64())])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    temp_paths: dict[str, str] = {}
-    try:
-        for split in OUTPUT_FILES:
-            table = pa.Table.from_pydict(columns[split], schema=schema)
-            handle, temp_paths[split] = tempfile.mkstemp(prefix=f".{split}.", suffix=".parquet.tmp", dir=output_dir)
-            os.close(handle)
-            pq.write_table(table, temp_paths[split])
-        final_paths = []
-        for split in OUTPUT_FILES:
-            final_paths.append(output_dir / f"{split}.parquet")
-            os.replace(temp_paths.pop(split), final_paths[-1])
-        return final_paths
-    finally:
-        for leftover in temp_paths.values():
-            Path(leftover).unlink(missing_ok=True)
+    final_paths = [output_dir / f"{split}.parquet" for split in OUTPUT_FILES]
+    with bt_io.atomic_outputs(final_paths) as temp_paths:
+        for split, temp in zip(OUTPUT_FILES, temp_paths):
+            pq.write_table(pa.Table.from_pydict(columns[split], schema=schema), temp)
+    return final_paths
 
 
 def _mean_std(values: list[int]) -> str:
@@ -272,9 +265,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.output_dir.exists() and not args.output_dir.is_dir():
+            raise InputError(f"--output-dir {args.output_dir} is a file; expected a directory for train.parquet and test.parquet")
         if args.input is not None:
+            if args.input.is_dir():
+                raise InputError(f"--input {args.input} is a directory; pass the data file itself (e.g. {args.input / 'preference.jsonl.gz'})")
             if not args.input.is_file():
-                raise InputError(f"{args.input}: no such file")
+                raise InputError(f"--input {args.input}: no such file")
             rows = read_local_rows(args.input)
         else:
             rows = read_hub_rows(args.hub_dataset, HUB_DATA_DIR)
@@ -282,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    paths = write_parquet_files(columns, args.output_dir)
+    try:
+        paths = write_parquet_files(columns, args.output_dir)
+    except OSError as error:  # e.g. a read-only or full disk: the previous outputs are still intact
+        print(f"error: could not write {args.output_dir}: {error}", file=sys.stderr)
+        return 1
     print(format_summary(stats, args.min_strength))
     for path, split in zip(paths, OUTPUT_FILES):
         print(f"wrote {path} ({stats[split].kept} pairs)")

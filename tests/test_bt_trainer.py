@@ -111,19 +111,40 @@ def test_two_rank_run_learns_and_writes_hf_checkpoint(tmp_path, tiny_model_dir, 
                                        "optim.warmup_steps_ratio=0.05", name="learn")
     metrics = read_metrics(metrics_file)
     val_accuracy = {step: m["val/accuracy"] for step, m in metrics.items() if "val/accuracy" in m}
-    # untrained: rewards near 0, loss ln 2 (chance); trained: well above chance (the data's ceiling is about 0.9)
+    # untrained: rewards near 0, loss ln 2 (chance); trained: far above chance (the data's ceiling is about 0.9,
+    # runs reach ~0.88): the floors leave a wide margin so the seed cannot decide the outcome
     assert metrics[1]["train/loss"] == pytest.approx(math.log(2), abs=0.02)
-    assert val_accuracy[40] >= 0.8 and metrics[40]["val/loss"] < 0.5, val_accuracy
+    assert val_accuracy[40] >= 0.75 and metrics[40]["val/loss"] < math.log(2) - 0.1, val_accuracy
     step_dir = tmp_path / "ckpt" / "learn" / "global_step_40"
     assert (tmp_path / "ckpt" / "learn" / "latest_checkpointed_iteration.txt").read_text() == "40"
     hf = step_dir / "huggingface"
     config = json.loads((hf / "config.json").read_text())
-    assert config["architectures"] == ["Qwen3ForTokenClassification"] and len(config["id2label"]) == 1
+    assert config["architectures"] == ["Qwen3ForSequenceClassification"] and len(config["id2label"]) == 1
     from safetensors.torch import load_file
 
     weights = load_file(hf / "model.safetensors")
     assert "score.weight" in weights and "lm_head.weight" not in weights
-    assert torch.count_nonzero(weights["score.bias"]) == 0  # frozen at zero through 40 steps of Adam
+    assert "score.bias" not in weights  # the export refuses to drop a bias that is not exactly zero
+
+    # reward normalisation stored with the model == mean/std of the export's own rewards over every
+    # validation conversation, recomputed one conversation at a time with transformers
+    import statistics
+
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(hf, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    rewards = []
+    with torch.no_grad():
+        for column in ("chosen", "rejected"):
+            for conversation in pq.read_table(demo_data_dir / "test.parquet").column(column).to_pylist():
+                ids = tokenizer(tokenizer.apply_chat_template(json.loads(conversation), tokenize=False), add_special_tokens=False)["input_ids"]
+                rewards.append(model(input_ids=torch.tensor([ids])).logits[0, 0].item())
+    stored = config["reward_normalization"]
+    assert stored["count"] == len(rewards) and stored["step"] == 40
+    assert stored["mean"] == pytest.approx(statistics.fmean(rewards), abs=1e-5)
+    assert stored["std"] == pytest.approx(statistics.pstdev(rewards), abs=1e-5)
 
 
 def test_micro_batching_and_packing_do_not_change_training(tmp_path, tiny_model_dir, demo_data_dir):

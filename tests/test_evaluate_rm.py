@@ -46,7 +46,7 @@ def test_checkpoint_scores_identically_through_both_auto_classes_score_and_verls
     # The declared class is a Qwen3 reward class (the trainer's TokenClassification value head, or the
     # SequenceClassification export bt_export makes of it) and loads exactly: nothing missing or unexpected.
     [declared] = config["architectures"]
-    assert declared in ("Qwen3ForTokenClassification", "Qwen3ForSequenceClassification")
+    assert declared == "Qwen3ForSequenceClassification"  # what vLLM serves as a reward classifier (see bt_export)
     tokenizer = AutoTokenizer.from_pretrained(hf)
     assert tokenizer.chat_template is not None and tokenizer.pad_token != tokenizer.eos_token
 

@@ -182,3 +182,55 @@ def test_prompt_to_messages_three_user_turns():
     prompt = "a\n<extra_id_1>Assistant\nb\n<extra_id_1>User\nc\n<extra_id_1>Assistant\nd\n<extra_id_1>User\ne"
     assert [m["role"] for m in prep.prompt_to_messages(prompt)] == ["user", "assistant", "user", "assistant", "user"]
     assert [m["content"] for m in prep.prompt_to_messages(prompt)] == list("abcde")
+
+
+def test_a_failed_second_write_keeps_both_old_outputs_byte_identical_and_no_temp_files(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert run_cli(write_jsonl(tmp_path / "good.jsonl", [hs2_row(), hs2_row(split="val")]), out).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["test.parquet", "train.parquet"]
+
+    real_write_table = pq.write_table
+    calls = []
+
+    def write_then_fail(table, where, *args, **kwargs):  # train.parquet is written in full, test.parquet fails midway
+        calls.append(where)
+        if len(calls) == 2:
+            Path(where).write_bytes(b"PAR1 half a file")
+            raise OSError("No space left on device")
+        return real_write_table(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", write_then_fail)
+    new_rows = write_jsonl(tmp_path / "new.jsonl", [hs2_row(prompt="new"), hs2_row(split="val", prompt="new")])
+    assert prep.main(["--input", str(new_rows), "--output-dir", str(out)]) == 1
+    assert len(calls) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # both old files intact, no temp files
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_outputs_follow_the_umask(tmp_path, mask, mode):
+    import os
+
+    previous = os.umask(mask)
+    try:
+        assert prep.main(["--input", str(write_jsonl(tmp_path / "in.jsonl", [hs2_row()])), "--output-dir", str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {"train.parquet": mode, "test.parquet": mode}
+
+
+def test_bad_paths_are_one_line(tmp_path, capsys):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("")
+    src = write_jsonl(tmp_path / "in.jsonl", [hs2_row()])
+    cases = [
+        (["--input", str(tmp_path / "dir")], f"error: --input {tmp_path / 'dir'} is a directory; pass the data file itself"),
+        (["--input", str(tmp_path / "nope.jsonl")], f"error: --input {tmp_path / 'nope.jsonl'}: no such file"),
+        (["--input", str(src), "--output-dir", str(tmp_path / "file")], f"error: --output-dir {tmp_path / 'file'} is a file"),
+    ]
+    for argv, message in cases:
+        if "--output-dir" not in argv:
+            argv = argv + ["--output-dir", str(tmp_path / "out")]
+        assert prep.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
