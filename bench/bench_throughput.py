@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
-"""Throughput of BT training steps: pad-to-max_length vs per-batch padding vs packing.
+"""Throughput of BT training steps: pad-to-max_length vs per-batch padding vs packing vs a shared prompt.
 
-    python bench/bench_throughput.py                         # CPU, small random Qwen3, ~2-3 minutes on 2 cores
+    python bench/bench_throughput.py                         # CPU, cpu-dense random Qwen3 (hidden 256, 4 layers)
     python bench/bench_throughput.py --device cuda --model qwen3-1.7b --pairs 64   # GPU: real sizes, random init, MFU
 
 Trains the same model on the same pairs under
   (a) pad_to_max:  every sequence padded to max_length (4096, as the seed trainer did), fixed micro-batches
   (b) batch_pad:   padded to the longest sequence of each fixed-size micro-batch
-  (c) packed:      sequences of whole pairs concatenated into one row per micro-batch, formed by a
-                   token budget (bt_data.token_budget_micro_batches), no padding at all
-each in a fresh subprocess (so peak memory is its own), all through bt_data / bt_loss, the
-functions the trainer calls. Prints a table and, last, one JSON line for scripts.
+  (c) packed:      the conversations of whole pairs concatenated into one row per micro-batch, formed
+                   by a token budget (bt_data.token_budget_micro_batches), no padding; attention per
+                   conversation (bt_attention: varlen_attn on CUDA, per-segment sdpa elsewhere)
+  (d) shared:      packed, each pair as [shared prompt | chosen response | rejected response], the
+                   prompt computed once (bt_data's `shared` layout; the budget counts computed tokens)
+each in a fresh subprocess (so peak memory is its own), all through bt_data / bt_attention / bt_loss,
+the functions the trainer calls. Prints a table and, last, one JSON line for scripts. "tok/pair" is
+the tokens the model computes per pair (padding included, a shared prompt once).
 
 Lengths are drawn to resemble HelpSteer2 (HelpSteer2 paper: prompt 712.6 +- 877.8 characters,
 response 1,492.6 +- 1,065.7 characters; at ~4 characters per token, prompt ~180 +- 220 tokens and
@@ -36,9 +40,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-MODES = ("pad_to_max", "batch_pad", "packed")
+MODES = ("pad_to_max", "batch_pad", "packed", "shared")
+PACKED_MODES = ("packed", "shared")  # one row per micro-batch, attended per segment
 MODEL_CONFIGS = {
-    # small enough for CPU, big enough that compute (not Python overhead) dominates
+    # the CPU default: dense compute (projections, MLP) dominates as in real models, not Python overhead
+    "cpu-dense": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=2048),
+    # smaller and quicker; attention and per-call overhead weigh more here than in real models
     "cpu-small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=2048),
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936),
     "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936),
@@ -53,27 +60,32 @@ def lognormal(rng: random.Random, mean: float, std: float) -> float:
 
 
 def helpsteer2_like_pairs(n_pairs: int, vocab_size: int, max_length: int, seed: int = 0):
-    """TokenizedPairs with a shared prompt and two responses, lengths as documented above."""
-    from bt_data import TokenizedPair
+    """TokenizedPairs with a shared prompt and two responses, lengths as documented above, truncated as the trainer does (left)."""
+    from bt_data import TokenizedPair, truncate_pair
 
     rng = random.Random(seed)
     pairs = []
-    for _ in range(n_pairs):
+    for number in range(n_pairs):
         prompt = [rng.randrange(3, vocab_size) for _ in range(max(8, int(lognormal(rng, *PROMPT_TOKENS))))]
         responses = [[rng.randrange(3, vocab_size) for _ in range(max(4, int(lognormal(rng, *RESPONSE_TOKENS))))] for _ in range(2)]
-        chosen, rejected = ((prompt + r)[-max_length:] for r in responses)  # left truncation keeps the reward token
-        pairs.append(TokenizedPair(chosen, rejected))
+        truncated = truncate_pair(prompt + responses[0], prompt + responses[1], max_length, "left", f"pair {number}")
+        pairs.append(TokenizedPair(truncated.chosen, truncated.rejected))
     return pairs
 
 
-def build_model(name: str, device: str, attn: str):
+def build_model(name: str, device: str, attn: str, segment_attention: bool = False):
+    """Random-init value-head Qwen3; with segment_attention, packed rows are attended per segment (bt_attention)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForTokenClassification
+
+    import bt_attention
 
     config = Qwen3Config(**MODEL_CONFIGS[name], num_labels=1, max_position_embeddings=40960, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen3ForTokenClassification._from_config(config, attn_implementation=attn, dtype=torch.float32)
+    if segment_attention:
+        bt_attention.enable_segment_attention(model)
     return model
 
 
@@ -86,21 +98,21 @@ def reward_model_flops(model, sequence_lengths) -> float:
 
 
 def plan(mode: str, pairs, args) -> list[list[int]]:
+    """Micro-batches as the trainer forms them: a token budget of computed tokens for the packed modes."""
     import bt_data
 
-    if mode == "packed":
-        return bt_data.token_budget_micro_batches([p.num_tokens for p in pairs], args.max_tokens)
+    if mode in PACKED_MODES:
+        return bt_data.plan_micro_batches(pairs, args.max_tokens, args.micro_batch_pairs, layout=mode)
     return bt_data.fixed_size_micro_batches(len(pairs), args.micro_batch_pairs)
 
 
 def collate(mode: str, micro, pad_token_id: int, max_length: int):
     import bt_data
 
-    sequences = bt_data.pair_sequences(micro)
     if mode == "pad_to_max":  # the seed's layout: every row is max_length long
-        sequences_padded = bt_data.collate_padded(sequences + [[pad_token_id] * max_length], pad_token_id)
+        sequences_padded = bt_data.collate_padded(bt_data.pair_sequences(micro) + [[pad_token_id] * max_length], pad_token_id)
         return {k: v[:-1] for k, v in sequences_padded.items()}
-    return bt_data.collate_pairs(micro, pad_token_id, packed=mode == "packed")
+    return bt_data.collate_pairs(micro, pad_token_id, "padded" if mode == "batch_pad" else mode)
 
 
 def run_worker(args) -> dict:
@@ -112,7 +124,7 @@ def run_worker(args) -> dict:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = args.device
-    model = build_model(args.model, device, args.attn)
+    model = build_model(args.model, device, args.attn, segment_attention=args.mode in PACKED_MODES)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     pairs = helpsteer2_like_pairs(args.pairs, model.config.vocab_size, args.max_length, seed=args.seed)
@@ -129,8 +141,8 @@ def run_worker(args) -> dict:
                 rewards = bt_data.compute_rewards(model, batch)
             loss, _ = bradley_terry_loss(rewards[: len(micro)], rewards[len(micro):], normalizer=len(step_pairs))
             loss.backward()
-            r, c = bt_data.batch_token_counts(batch)
-            real, computed = real + r, computed + c
+            counts = bt_data.token_counts(batch)
+            real, computed = real + counts.real, computed + counts.computed
         optimizer.step()
         return real, computed
 
@@ -153,7 +165,7 @@ def run_worker(args) -> dict:
     result = {
         "mode": args.mode, "pairs": len(pairs), "seconds": elapsed, "pairs_per_s": len(pairs) / elapsed,
         "real_tokens_per_s": real / elapsed, "real_token_share": real / computed, "computed_tokens": computed,
-        "real_tokens": real, "flops_per_s": reward_model_flops(model, lengths) / elapsed,
+        "real_tokens": real, "tokens_per_pair": computed / len(pairs), "flops_per_s": reward_model_flops(model, lengths) / elapsed,
     }
     if device == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -165,23 +177,22 @@ def run_worker(args) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--model", choices=sorted(MODEL_CONFIGS), default=None, help="default: cpu-small on CPU, qwen3-1.7b on GPU")
+    parser.add_argument("--model", choices=sorted(MODEL_CONFIGS), default=None, help="default: cpu-dense on CPU, qwen3-1.7b on GPU")
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa | eager | flash_attention_2 | flex_attention)")
     parser.add_argument("--pairs", type=int, default=16, help="timed pairs per mode")
     parser.add_argument("--step-pairs", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--micro-batch-pairs", type=int, default=1, help="pairs per micro-batch for pad_to_max and batch_pad (seed default: 1)")
     parser.add_argument("--max-length", type=int, default=4096, help="max_length of pad_to_max (seed: 4096)")
     parser.add_argument("--max-tokens", type=int, default=None,
-                        help="token budget per packed micro-batch (default: 2048 on CPU, 8192 on GPU; without flash-attn varlen, "
-                             "sdpa attends over the whole packed row with a block mask, so cost grows with the budget squared)")
+                        help="token budget (computed tokens) per packed / shared micro-batch (default: 4096 on CPU, 16384 on GPU)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-flops", type=float, default=PEAK_BF16_FLOPS["H200"], help="for MFU on GPU (H100/H200 dense bf16: 989e12)")
     parser.add_argument("--worker", choices=MODES, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.model = args.model or ("qwen3-1.7b" if args.device == "cuda" else "cpu-small")
-    args.max_tokens = args.max_tokens or (8192 if args.device == "cuda" else 2048)
+    args.model = args.model or ("qwen3-1.7b" if args.device == "cuda" else "cpu-dense")
+    args.max_tokens = args.max_tokens or (16384 if args.device == "cuda" else 4096)
     return args
 
 
@@ -201,30 +212,51 @@ def main(argv=None):
             raise SystemExit(f"{mode} failed:\n{out.stderr[-4000:]}")
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
 
-    base = results.get("pad_to_max")
-    print(f"model {args.model} on {args.device}, {args.pairs} pairs, {args.step_pairs} pairs/step; pad_to_max/batch_pad: "
-          f"{args.micro_batch_pairs} pair(s)/micro-batch; packed: {args.max_tokens} tokens/micro-batch; max_length {args.max_length}")
-    header = f"{'mode':<11} {'pairs/s':>9} {'real tok/s':>11} {'real share':>10} {'peak GiB':>9} {'vs (a)':>7}"
-    if args.device == "cuda":
-        header += f" {'MFU':>6}"
-    print(header)
+    print(summary_table(results, args))
+    summary = summarize(results, args)
+    print(json.dumps(summary))
+    return summary
+
+
+def speedup(results: dict, mode: str, baseline: str) -> float | None:
+    if mode in results and baseline in results:
+        return results[mode]["pairs_per_s"] / results[baseline]["pairs_per_s"]
+    return None
+
+
+def summary_table(results: dict, args) -> str:
+    lines = [f"model {args.model} on {args.device}, {args.pairs} pairs, {args.step_pairs} pairs/step; pad_to_max/batch_pad: "
+             f"{args.micro_batch_pairs} pair(s)/micro-batch; packed/shared: {args.max_tokens} computed tokens/micro-batch; max_length {args.max_length}"]
+    header = f"{'mode':<11} {'pairs/s':>9} {'tok/pair':>9} {'real share':>10} {'peak GiB':>9} {'vs (a)':>7} {'vs (b)':>7}"
+    lines.append(header + (f" {'MFU':>6}" if args.device == "cuda" else ""))
     for mode, r in results.items():
-        ratio = f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}x" if base else "n/a"
-        line = f"{mode:<11} {r['pairs_per_s']:>9.3f} {r['real_tokens_per_s']:>11.0f} {r['real_token_share']:>10.3f} {r['peak_memory_gib']:>9.2f} {ratio:>7}"
+        ratios = [speedup(results, mode, base) for base in ("pad_to_max", "batch_pad")]
+        line = (f"{mode:<11} {r['pairs_per_s']:>9.3f} {r['tokens_per_pair']:>9.0f} {r['real_token_share']:>10.3f} {r['peak_memory_gib']:>9.2f} "
+                + " ".join(f"{x:>6.2f}x" if x is not None else f"{'n/a':>7}" for x in ratios))
         if args.device == "cuda":
             line += f" {r['flops_per_s'] / args.peak_flops:>6.1%}"
-        print(line)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def summarize(results: dict, args) -> dict:
+    """The last JSON line: per-mode figures, then the ratios the project tracks."""
     summary = {
-        "device": args.device, "model": args.model, "pairs": args.pairs,
-        **{f"{mode}_{k}": r[k] for mode, r in results.items() for k in ("pairs_per_s", "real_token_share", "peak_memory_gib")},
+        "device": args.device, "model": args.model, "pairs": args.pairs, "max_tokens": args.max_tokens,
+        **{f"{mode}_{k}": r[k] for mode, r in results.items() for k in ("pairs_per_s", "tokens_per_pair", "real_token_share", "peak_memory_gib")},
     }
     if "packed" in results:
         summary["packed_real_token_share"] = results["packed"]["real_token_share"]
-        if base:
-            summary["packed_speedup_vs_pad_to_max"] = results["packed"]["pairs_per_s"] / base["pairs_per_s"]
+    ratios = {
+        "packed_speedup_vs_pad_to_max": speedup(results, "packed", "pad_to_max"),
+        "packed_speedup_vs_batch_pad": speedup(results, "packed", "batch_pad"),
+        "shared_speedup_vs_batch_pad": speedup(results, "shared", "batch_pad"),
+    }
+    summary.update({k: v for k, v in ratios.items() if v is not None})
+    if "shared" in results and "packed" in results:  # computed tokens per pair with the prompt once / without sharing
+        summary["shared_tokens_per_pair_ratio"] = results["shared"]["tokens_per_pair"] / results["packed"]["tokens_per_pair"]
     if args.device == "cuda":
         summary.update({f"{mode}_mfu": r["flops_per_s"] / args.peak_flops for mode, r in results.items()})
-    print(json.dumps(summary))
     return summary
 
 

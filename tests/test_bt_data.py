@@ -1,5 +1,8 @@
-"""bt_data.py: chat formatting, truncation, the reward token (verl's rule), batching and packing."""
+"""bt_data.py: chat formatting, truncation, the reward token (verl's rule), batching and the padded / packed / shared layouts.
 
+Model-level exactness of the layouts (rewards, loss, gradients vs the padded path) is in test_bt_attention.py."""
+
+import copy
 import json
 import random
 
@@ -9,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import bt_attention
 import bt_data
 from bt_data import DataError, TokenizedPair
 
@@ -69,26 +73,83 @@ def test_parse_messages_errors_name_the_place(bad, message):
     assert str(error.value).startswith("f.parquet row 3 field 'chosen'")
 
 
-# ---- truncation
+# ---- truncation (expected token lists written out by hand)
+
+PROMPT = list(range(1, 11))  # 10 prompt tokens both conversations share
 
 
-def test_truncation_left_cuts_same_count_from_both_and_keeps_last_token():
-    chosen, rejected = list(range(10)), list(range(100, 108))
-    c, r = bt_data.truncate_pair(chosen, rejected, 6, "left", "row 1")
-    assert c == chosen[4:] and r == rejected[4:]  # overflow of the longer one (4), from both
-    assert c[-1] == chosen[-1] and r[-1] == rejected[-1]
+def test_truncation_left_never_empties_the_shorter_conversation():
+    """The old bug: dropping the longer one's overflow from both emptied a short chosen."""
+    chosen, rejected = PROMPT + [50, 51], PROMPT + list(range(60, 90))  # 12 and 40 tokens
+    result = bt_data.truncate_pair(chosen, rejected, 20, "left", "row 1")
+    assert result.chosen == [50, 51]              # lost its prompt only (all 10 shared tokens), not its response
+    assert result.rejected == list(range(70, 90))  # its response alone (30) exceeds 20: cut from its start
+    assert result.dropped_tokens == 10 + 20
+
+
+def test_truncation_left_drops_only_what_the_longer_one_needs_from_the_shared_prompt():
+    chosen, rejected = PROMPT + [50, 51, 52], PROMPT + [60, 61, 62, 63, 64]  # 13 and 15 tokens
+    result = bt_data.truncate_pair(chosen, rejected, 12, "left", "row 1")
+    assert result.chosen == [4, 5, 6, 7, 8, 9, 10, 50, 51, 52]  # the same 3 oldest prompt tokens from both
+    assert result.rejected == [4, 5, 6, 7, 8, 9, 10, 60, 61, 62, 63, 64]
+    assert result.dropped_tokens == 6
+
+
+def test_truncation_left_when_one_conversation_is_a_prefix_of_the_other():
+    result = bt_data.truncate_pair([1, 2, 3], [1, 2, 3, 4, 5, 6, 7, 8], 4, "left", "row 1")
+    assert result.chosen == [3]  # at most len - 1 shared tokens are dropped: its last token stays
+    assert result.rejected == [5, 6, 7, 8]
+    identical = bt_data.truncate_pair(list(range(10)), list(range(10)), 4, "left", "row 1")
+    assert identical.chosen == identical.rejected == [6, 7, 8, 9]
+
+
+def test_truncation_left_with_nothing_shared_cuts_each_from_its_start():
+    result = bt_data.truncate_pair([1, 2, 3, 4, 5], [9, 8], 3, "left", "row 1")
+    assert (result.chosen, result.rejected, result.dropped_tokens) == ([3, 4, 5], [9, 8], 2)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_truncation_left_invariants(seed):
+    rng = random.Random(seed)
+    prompt = [rng.randrange(100) for _ in range(rng.randint(0, 30))]
+    chosen = prompt + [rng.randrange(100) for _ in range(rng.randint(1, 30))]
+    rejected = prompt + [rng.randrange(100) for _ in range(rng.randint(1, 30))]
+    max_length = rng.randint(1, 40)
+    result = bt_data.truncate_pair(chosen, rejected, max_length, "left", "row")
+    for before, after in ((chosen, result.chosen), (rejected, result.rejected)):
+        assert 1 <= len(after) <= max(max_length, 1) and after[-1] == before[-1]  # never empty, reward token kept
+        assert before[len(before) - len(after):] == after                         # a tail of the original
+        if len(before) <= max_length:                                             # fits: loses shared tokens only
+            assert len(before) - len(after) <= bt_data.shared_prefix_length([chosen, rejected])
+    dropped = len(chosen) - len(result.chosen)
+    if max(len(chosen), len(rejected)) > max_length and len(result.chosen) < max_length and len(result.rejected) < max_length:
+        assert len(rejected) - len(result.rejected) == dropped  # neither needed a response cut: the same count from both
+    assert result.dropped_tokens == len(chosen) + len(rejected) - len(result.chosen) - len(result.rejected)
 
 
 def test_truncation_right_keeps_head_and_reward_token():
-    c, r = bt_data.truncate_pair(list(range(10)), list(range(100, 105)), 6, "right", "row 1")
-    assert c == [0, 1, 2, 3, 4, 9]
-    assert r == list(range(100, 105))  # within the limit: untouched
+    result = bt_data.truncate_pair(list(range(10)), list(range(100, 105)), 6, "right", "row 1")
+    assert result.chosen == [0, 1, 2, 3, 4, 9]
+    assert result.rejected == list(range(100, 105))  # within the limit: untouched
+    assert result.dropped_tokens == 4
 
 
 def test_truncation_error_names_row_and_both_lengths():
     with pytest.raises(DataError, match=r"data.parquet row 7: chosen has 10 tokens and rejected 5; data.max_length is 6"):
         bt_data.truncate_pair(list(range(10)), list(range(5)), 6, "error", "data.parquet row 7")
-    assert bt_data.truncate_pair([1, 2], [3], 6, "error", "x") == ([1, 2], [3])
+    assert bt_data.truncate_pair([1, 2], [3], 6, "error", "x") == ([1, 2], [3], 0)
+
+
+def test_pair_dataset_counts_truncated_pairs_and_dropped_tokens(tokenizer, tmp_path):
+    short = {"chosen": json.dumps(conv("Q", "ok")), "rejected": json.dumps(conv("Q", "no"))}
+    long_rejected = {"chosen": json.dumps(conv("Q", "ok")), "rejected": json.dumps(conv("Q", "no " * 40))}
+    pq.write_table(pa.Table.from_pylist([short, long_rejected, long_rejected]), tmp_path / "t.parquet")
+    limit = len(bt_data.encode_conversation(tokenizer, conv("Q", "no " * 40))) - 5
+    dataset = bt_data.PairDataset(str(tmp_path / "t.parquet"), tokenizer, data_config(max_length=limit, truncation="left"))
+    assert dataset.truncated_pairs == 2
+    # each long pair: 5 shared prompt tokens from both conversations (the prompt is longer than 5 tokens)
+    assert dataset.dropped_tokens == 2 * 10
+    assert all(len(p.chosen) >= 1 and max(len(p.chosen), len(p.rejected)) <= limit for p in dataset.pairs)
 
 
 def test_pair_dataset_reads_tokenizes_and_reports_bad_rows(tokenizer, tmp_path):
@@ -174,32 +235,77 @@ def test_packed_layout():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
     assert batch["reward_index"].tolist() == [2, 3, 5]
     assert "attention_mask" not in batch
+    segments = batch["attention_segments"]
+    assert segments.key_ranges == (((0, 3),), ((3, 4),), ((4, 6),)) and segments.key_index is None
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_rewards_loss_and_grads_equal_padded(tiny_model_dir, tokenizer, attn):
-    from bt_loss import bradley_terry_loss
-    from bt_trainer import load_value_head_model
+def test_shared_layout_of_pairs():
+    pairs = [TokenizedPair([1, 2, 3, 4], [1, 2, 5]),  # shares [1, 2]
+             TokenizedPair([7, 8], [7, 8]),            # identical: shares 1 token (each keeps its last)
+             TokenizedPair([1], [2, 3])]               # shares nothing
+    batch = bt_data.collate_pairs(pairs, pad_token_id=0, layout="shared")
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8, 8, 1, 2, 3]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1, 1, 0, 0, 1]]
+    assert batch["reward_index"].tolist() == [3, 6, 8, 4, 7, 10]  # chosen rewards first, then rejected
+    segments = batch["attention_segments"]
+    assert segments.key_ranges == (((0, 4),), ((0, 2), (4, 5)), ((5, 7),), ((5, 6), (7, 8)), ((8, 9),), ((9, 11),))
+    assert bt_data.token_counts(batch) == (4 + 3 + 2 + 2 + 1 + 2, 11, 11)  # conversation tokens, real, computed
 
-    torch.manual_seed(3)
-    model = load_value_head_model(str(tiny_model_dir), attn_implementation=attn, torch_dtype=torch.float32, trust_remote_code=False)
-    torch.nn.init.normal_(model.score.weight, std=1.0)
-    answers = ["Water them daily and check the soil.", "No.", "First, gather what you need so that it goes smoothly.", "Whatever."]
-    pairs = [TokenizedPair(bt_data.encode_conversation(tokenizer, conv("Tomatoes?", answers[i])),
-                           bt_data.encode_conversation(tokenizer, conv("Tomatoes?", answers[i + 1]))) for i in (0, 2)]
-    results = {}
-    for packed in (False, True):
-        model.zero_grad()
-        rewards = bt_data.compute_rewards(model, bt_data.collate_pairs(pairs, tokenizer.pad_token_id, packed=packed))
-        loss, _ = bradley_terry_loss(rewards[:2], rewards[2:])
-        loss.backward()
-        results[packed] = (rewards.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    (r_pad, l_pad, g_pad), (r_pack, l_pack, g_pack) = results[False], results[True]
-    assert torch.allclose(r_pad, r_pack, atol=1e-5)
-    assert l_pack == pytest.approx(l_pad, abs=1e-5)
-    assert g_pad.keys() == g_pack.keys() and "score.bias" not in g_pad  # frozen bias gets no gradient
-    for name in g_pad:
-        assert torch.allclose(g_pack[name], g_pad[name], rtol=1e-4, atol=1e-4 * g_pad[name].abs().max().item()), name
+
+def test_shared_prefix_is_capped_so_each_keeps_its_reward_token():
+    assert TokenizedPair([1, 2, 3], [1, 2, 3, 4]).shared_prefix == 2
+    assert TokenizedPair([1, 2, 3, 9], [1, 2, 3, 4]).shared_prefix == 3
+    assert TokenizedPair([5], [5]).shared_prefix == 0
+    assert TokenizedPair([1, 2, 3, 9], [1, 2, 3, 4]).computed_tokens("shared") == 5
+    assert TokenizedPair([1, 2, 3, 9], [1, 2, 3, 4]).computed_tokens("packed") == 8
+
+
+def test_token_counts_per_layout():
+    pairs = [TokenizedPair([1, 2, 3], [1, 2, 4, 5])]
+    assert bt_data.token_counts(bt_data.collate_pairs(pairs, 0, "padded")) == (7, 7, 8)  # one pad token
+    assert bt_data.token_counts(bt_data.collate_pairs(pairs, 0, "packed")) == (7, 7, 7)
+    assert bt_data.token_counts(bt_data.collate_pairs(pairs, 0, "shared")) == (7, 5, 5)
+    assert bt_data.batch_token_counts(bt_data.collate_pairs(pairs, 0, "padded")) == (7, 8)
+
+
+def test_token_budget_counts_a_shared_prefix_once():
+    pairs = [TokenizedPair([1] * 50 + [2], [1] * 50 + [3]), TokenizedPair([4] * 50 + [2], [4] * 50 + [3])]  # 102 tokens, 52 computed when shared
+    assert bt_data.plan_micro_batches(pairs, 110, 1, layout="packed") == [[0], [1]]
+    assert bt_data.plan_micro_batches(pairs, 110, 1, layout="shared") == [[0, 1]]
+
+
+def test_layout_for_the_trainer_knobs():
+    assert bt_data.layout_for(use_remove_padding=False, share_prompt=True) == "padded"  # padded: one override away
+    assert bt_data.layout_for(use_remove_padding=True, share_prompt=False) == "packed"
+    assert bt_data.layout_for(use_remove_padding=True, share_prompt=True) == "shared"
+
+
+def test_consecutive_prefix_groups():
+    sequences = [[1, 2, 3], [1, 2, 4], [1, 2, 5, 6], [1, 9], [7, 8], [7, 8, 1]]
+    assert bt_data.consecutive_prefix_groups(sequences) == [[0, 1, 2], [3], [4, 5]]
+
+
+def test_check_layout_reports_difference_and_tolerance(value_model, tokenizer):
+    model = copy.deepcopy(value_model)
+    bt_attention.enable_segment_attention(model)
+    pairs = [TokenizedPair(bt_data.encode_conversation(tokenizer, conv("Tomatoes?", a)), bt_data.encode_conversation(tokenizer, conv("Tomatoes?", b)))
+             for a, b in (("Water daily.", "No."), ("Use compost.", "Buy some."))]
+    model.train()
+    check = bt_data.check_layout(model, pairs, tokenizer.pad_token_id, "shared", "cpu", torch.float32)
+    assert model.training  # left in the mode it was in
+    padded = bt_data.compute_rewards(value_model, bt_data.collate_pairs(pairs, tokenizer.pad_token_id, "padded"))
+    assert check.layout == "shared" and check.max_difference < 1e-5 and check.ratio < 0.1
+    assert check.tolerance == pytest.approx(1e-3 * max(1.0, padded.abs().max().item()))
+
+
+def test_check_layout_catches_a_causal_block_aligned_the_wrong_way(value_model, tokenizer, monkeypatch):
+    """What the start-up check guards against on hardware the tests never ran on (e.g. a kernel aligning top-left)."""
+    model = copy.deepcopy(value_model)
+    bt_attention.enable_segment_attention(model)
+    monkeypatch.setattr(bt_attention, "bottom_right_causal_mask", lambda n_q, n_k, device: torch.ones(n_q, n_k, dtype=torch.bool).tril())
+    pairs = [TokenizedPair(bt_data.encode_conversation(tokenizer, conv("Tomatoes?", "Water them daily.")),
+                           bt_data.encode_conversation(tokenizer, conv("Tomatoes?", "No, never.")))]
+    assert bt_data.check_layout(model, pairs, tokenizer.pad_token_id, "shared", "cpu", torch.float32).ratio > 1
 
 
 def test_score_formats_as_training_does(value_model, tokenizer):
@@ -208,3 +314,13 @@ def test_score_formats_as_training_does(value_model, tokenizer):
         [bt_data.encode_conversation(tokenizer, c) for c in conversations], tokenizer.pad_token_id)).tolist()
     assert bt_data.score(value_model, tokenizer, conversations, batch_size=1) == pytest.approx(expected, abs=1e-5)
     assert bt_data.score(value_model, tokenizer, [json.dumps(c) for c in conversations]) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared"])
+def test_score_gives_the_same_rewards_in_every_layout(value_model, tokenizer, layout):
+    conversations = [conv("Hi", "Hello! How can I help?"), conv("Hi", "Go away."), conv("Hi", "Hello."),
+                     conv("Tomatoes?", "Water them."), conv("Hi", "Hi.")]
+    expected = [bt_data.compute_rewards(value_model, bt_data.collate_padded([bt_data.encode_conversation(tokenizer, c)], tokenizer.pad_token_id)).item()
+                for c in conversations]  # one at a time, padded: no layout at all
+    model = copy.deepcopy(value_model)
+    assert bt_data.score(model, tokenizer, conversations, batch_size=4, layout=layout) == pytest.approx(expected, abs=1e-5)
