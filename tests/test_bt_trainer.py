@@ -79,28 +79,40 @@ def test_value_head_from_causal_lm_has_zero_frozen_bias(tiny_model_dir):
     assert model.score.out_features == 1 and not model.score.bias.requires_grad and model.score.bias.item() == 0.0
 
 
-def test_micro_batch_accumulation_gives_full_batch_gradient(tiny_model_dir, tokenizer):
-    """4 micro-batches of 1 pair (normalised by the step's 4 pairs) == 1 micro-batch of 4 pairs."""
-    from bt_trainer import load_value_head_model
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
+def test_trainer_micro_batches_accumulate_to_the_hand_written_step_gradient(tiny_model_dir, tokenizer, layout):
+    """BTRewardTrainer._compute_loss_and_backward over 4 micro-batches of 1 pair accumulates the gradient of
+    the step's mean loss written by hand: rewards from transformers on one conversation at a time."""
+    from types import SimpleNamespace
+
+    from bt_loss import LossConfig
+    from bt_trainer import BTRewardTrainer, load_value_head_model
 
     torch.manual_seed(0)
     model = load_value_head_model(str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
     torch.nn.init.normal_(model.score.weight, std=1.0)
+    if layout != "padded":
+        import bt_attention
+
+        bt_attention.enable_segment_attention(model)
     answers = ["Measure carefully.", "No.", "Start with the simplest version.", "Whatever you do.", "Ask a friend to check.", "Boring.", "First, gather what you need.", "Search it."]
-    pairs = [bt_data.TokenizedPair(*(bt_data.encode_conversation(tokenizer, [{"role": "user", "content": "Help?"}, {"role": "assistant", "content": a}])
-                                     for a in answers[i : i + 2])) for i in range(0, 8, 2)]
+    conversations = [[{"role": "user", "content": "Help?"}, {"role": "assistant", "content": a}] for a in answers]
+    pairs = [bt_data.TokenizedPair(*(bt_data.encode_conversation(tokenizer, c) for c in conversations[i : i + 2])) for i in range(0, 8, 2)]
 
-    def gradients(plan):
-        model.zero_grad()
-        for indices in plan:
-            micro = [pairs[i] for i in indices]
-            rewards = bt_data.compute_rewards(model, bt_data.collate_pairs(micro, tokenizer.pad_token_id, packed=False))
-            bradley_terry_loss(rewards[: len(micro)], rewards[len(micro):], normalizer=len(pairs))[0].backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    reward = lambda ids: model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1, 0]  # noqa: E731
+    hand_loss = torch.stack([-torch.nn.functional.logsigmoid(reward(p.chosen) - reward(p.rejected)) for p in pairs]).mean()
+    hand_loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    one, four = gradients([[0, 1, 2, 3]]), gradients([[0], [1], [2], [3]])
-    for name in one:
-        assert torch.allclose(one[name], four[name], rtol=1e-4, atol=1e-4 * one[name].abs().max().item()), name
+    trainer = SimpleNamespace(fsdp_model=model, tokenizer=tokenizer, layout=layout, device_name="cpu", loss_config=LossConfig())
+    trainer._collate = lambda micro: BTRewardTrainer._collate(trainer, micro)
+    model.zero_grad()
+    step_loss = sum(BTRewardTrainer._compute_loss_and_backward(trainer, [p], step_pairs=4).loss.item() for p in pairs)
+    assert step_loss == pytest.approx(hand_loss.item(), abs=1e-5)
+    for name, grad in expected.items():
+        got = dict(model.named_parameters())[name].grad
+        assert torch.allclose(got, grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item()), name
 
 
 # ---- real runs: torchrun, 2 CPU ranks, gloo, FSDP2
