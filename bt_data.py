@@ -102,7 +102,7 @@ def truncate_pair(chosen: list[int], rejected: list[int], max_length: int, mode:
     left (default): drop the oldest tokens of the prompt the two conversations share (their longest
            common token prefix, capped so each keeps its last token), the same tokens from both, and
            only as many as the longer conversation needs: both keep an identical prompt tail, and
-           a conversation that fits loses prompt tokens only, never its response. Only a response
+           a conversation that fits loses shared-prefix tokens only, never the rest of its response. Only a response
            (the part after the shared prefix) that alone exceeds max_length is cut, from its
            start, keeping its last token (the reward token).
     right: keep the first max_length - 1 tokens and the last token of each over-long conversation

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import resource
 import subprocess
@@ -178,7 +177,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", choices=sorted(MODEL_CONFIGS), default=None, help="default: cpu-dense on CPU, qwen3-1.7b on GPU")
-    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa | eager | flash_attention_2 | flex_attention)")
+    parser.add_argument("--attn", default="sdpa", help="attention of the padded modes (sdpa | eager | flash_attention_2 | flex_attention); packed / shared use bt_attention")
     parser.add_argument("--pairs", type=int, default=16, help="timed pairs per mode")
     parser.add_argument("--step-pairs", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--micro-batch-pairs", type=int, default=1, help="pairs per micro-batch for pad_to_max and batch_pad (seed default: 1)")
