@@ -324,3 +324,16 @@ def test_score_gives_the_same_rewards_in_every_layout(value_model, tokenizer, la
                 for c in conversations]  # one at a time, padded: no layout at all
     model = copy.deepcopy(value_model)
     assert bt_data.score(model, tokenizer, conversations, batch_size=4, layout=layout) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_chosen_rows_come_first(layout):
+    """rewards[:n] must be the chosen conversations: swapping the order would train the model backwards."""
+    pairs = [TokenizedPair([11, 12], [21, 22, 23]), TokenizedPair([13], [24, 25])]
+    batch = bt_data.collate_pairs(pairs, pad_token_id=0, layout=layout)
+    ids = batch["input_ids"]
+    if layout == "padded":
+        rows = [row[row != 0].tolist() for row in ids]
+        assert rows == [[11, 12], [13], [21, 22, 23], [24, 25]]
+    readout = ids[torch.arange(ids.shape[0]), batch["reward_index"]] if layout == "padded" else ids[0, batch["reward_index"]]
+    assert readout.tolist() == [12, 13, 23, 25]  # last token of chosen 1, chosen 2, rejected 1, rejected 2
