@@ -767,6 +767,13 @@ class BTRewardTrainer(FSDPSFTTrainer):
 
 def init_distributed(device: str) -> tuple[int, int]:
     """Replaces verl.utils.distributed.initialize_global_process_group, which always asks for nccl."""
+    if device == "cuda":  # said plainly here rather than as "invalid device ordinal" from deep in torch
+        visible, local_rank = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
+        if visible == 0:
+            raise ValueError("trainer.device=cuda, but no GPU is visible (torch.cuda.device_count() is 0); use trainer.device=auto or cpu")
+        if local_rank >= visible:
+            raise ValueError(f"{os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this node, but only {visible} GPUs are visible; "
+                             f"set N_GPUS_PER_NODE={visible} (or fewer)")
     if not dist.is_initialized():
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device == "cuda" else "gloo")
     if device == "cuda":
@@ -775,18 +782,27 @@ def init_distributed(device: str) -> tuple[int, int]:
 
 
 def run(config: DictConfig):
+    import bt_preflight
+
     quiet_known_noise()
-    # data paths before anything heavy: directories, missing or empty files, train == val
-    bt_io.check_data_files(config.data.train_files, config.data.val_files)
+    # Before anything heavy (run_bt_rm.sh's launcher has checked the same before starting the ranks;
+    # these catch launches that bypass it): the config against trainer.yaml on every rank (cheap and
+    # the same everywhere), then data files, model and resume checkpoint on rank 0 alone (one hub
+    # probe, not one per rank), its verdict shared with the others.
+    knobs = bt_preflight.check_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    loss_config = LossConfig.from_mapping(OmegaConf.to_container(config.loss, resolve=True))
     device = resolve_device(config.trainer.device)
     rank, world_size = init_distributed(device)
+    bt_preflight.checked_on_rank0(lambda: bt_preflight.check_inputs(knobs, world_size))
+    if rank == 0:  # the console gets the start-up summary; the run's log file the whole config
+        write_run_log("resolved config:\n" + OmegaConf.to_yaml(config, resolve=True))
     seed_everything(config.trainer.seed)
     device_mesh = init_device_mesh(device_type=device, mesh_shape=(world_size,), mesh_dim_names=("fsdp",))
     local_model_path = copy_to_local(src=config.model.partial_pretrain, verbose=False)
     tokenizer = load_tokenizer(local_model_path, config.data, config.model.trust_remote_code)
     train_dataset = create_pair_dataset(config.data.train_files, config.data, tokenizer)
     val_dataset = create_pair_dataset(config.data.val_files, config.data, tokenizer)
-    check_strengths(LossConfig.from_mapping(OmegaConf.to_container(config.loss, resolve=True)), config.data, train_dataset, val_dataset)
+    check_strengths(loss_config, config.data, train_dataset, val_dataset)
     if len(train_dataset) == 0 or len(val_dataset) == 0:
         empty = config.data.train_files if len(train_dataset) == 0 else config.data.val_files
         raise bt_data.DataError(f"{empty}: no usable pairs after reading (see the dropped-pair counts above)")
@@ -806,7 +822,14 @@ def run(config: DictConfig):
 
 @hydra.main(config_path=".", config_name="trainer", version_base=None)
 def main(config: DictConfig):
-    run(config)
+    import bt_preflight
+
+    # Errors the user can fix (config, data, checkpoint, divergence): one line from rank 0, also in
+    # <trainer.default_local_dir>/errors.log and the run's log file, exit status 2, no traceback
+    # unless BT_DEBUG=1. Anything else keeps its traceback.
+    with bt_preflight.errors_reported_once(bt_preflight.EXPECTED_ERRORS + (TrainingDiverged,),
+                                           log_dir=lambda: bt_preflight.log_dir_of(config), run_log=write_run_log):
+        run(config)
 
 
 if __name__ == "__main__":

@@ -1,42 +1,79 @@
 #!/usr/bin/env bash
-# Train a Bradley-Terry reward model: torchrun -> bt_trainer.py with trainer.yaml.
+# Train a Bradley-Terry reward model: bt_preflight.py checks, then torchrun -> bt_trainer.py with trainer.yaml.
 #
 #   bash run_bt_rm.sh [hydra overrides...]
 #
-# Knobs are environment variables (defaults below); any extra argument is passed through as a
-# Hydra override, last, so it wins:  bash run_bt_rm.sh trainer.logger=[console,file] optim.lr=1e-6
+# Knobs are environment variables (listed below with their defaults); any extra argument is passed
+# through as a Hydra override, last, so it wins:  bash run_bt_rm.sh trainer.logger=[console,file] optim.lr=1e-6
 # Multi-node: run the same command on every node with WORLD_SIZE (nodes), RANK (node rank),
 # MASTER_ADDR and MASTER_PORT set, as most cluster launchers do.
-# Without GPUs, N_GPUS_PER_NODE processes train on CPU (gloo).
+# Before any rank starts, the config (against trainer.yaml), the data files, the model and the
+# checkpoint to resume are checked; a problem stops the launch with one line (exit status 2), also
+# appended to <save path>/<experiment>/errors.log. BT_DEBUG=1 adds tracebacks.
 set -euo pipefail
 
+# Each knob: NAME=${NAME:-default}  # what it sets (--help prints these lines as a table)
+N_GPUS_PER_NODE=${N_GPUS_PER_NODE:-auto}           # processes per node; auto: one per visible GPU, or 2 CPU processes (gloo) when none is visible
+NNODES=${NNODES:-${WORLD_SIZE:-1}}                 # nodes (cluster launchers export WORLD_SIZE)
+NODE_RANK=${NODE_RANK:-${RANK:-0}}                 # this node's rank (cluster launchers export RANK)
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}              # address of node 0
+MASTER_PORT=${MASTER_PORT:-29500}                  # free port on node 0
+MODEL_PATH=${MODEL_PATH:-Qwen/Qwen3-32B}           # causal LM to start from: local directory (with config.json) or hub id
+TRAIN_FILE=${TRAIN_FILE:-data/helpsteer2/train.parquet}  # training pairs (files, not directories; relative to the repo root)
+VAL_FILE=${VAL_FILE:-data/helpsteer2/test.parquet}  # validation pairs
+TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-256}          # pairs per optimizer step, over all ranks
+MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}            # pairs per forward/backward per rank (data.micro_batch_size_per_gpu)
+MAX_LENGTH=${MAX_LENGTH:-4096}                     # max tokens of one conversation
+LR=${LR:-5e-7}                                     # peak learning rate
+TOTAL_EPOCHS=${TOTAL_EPOCHS:-3}                    # epochs
+SAVE_PATH=${SAVE_PATH:-checkpoints}                # checkpoints go to SAVE_PATH/EXPERIMENT_NAME/
+PROJECT_NAME=${PROJECT_NAME:-bt-rm}                # tracker project name
+EXPERIMENT_NAME=${EXPERIMENT_NAME:-qwen3-32b-helpsteer2}  # run name and checkpoint sub-directory
+PYTHON=${PYTHON:-auto}                             # interpreter; auto: the project's .venv/bin/python when it exists, else python3
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}              # CPU threads per process (torchrun's own default when it starts several)
+
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
-  echo "environment knobs: N_GPUS_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT MODEL_PATH TRAIN_FILE VAL_FILE"
-  echo "  TRAIN_BATCH_SIZE MICRO_BATCH_SIZE MAX_LENGTH LR TOTAL_EPOCHS SAVE_PATH PROJECT_NAME EXPERIMENT_NAME PYTHON"
+  sed -n '2,/^set -euo pipefail/{/^#/s/^# \{0,1\}//p}' "$0"
+  echo
+  echo "knobs (environment variables) and their defaults:"
+  sed -nE 's/^([A-Z_]+)=\$\{[A-Z_]+:-(.*)\}[[:space:]]+# (.*)$/\1|\2|\3/p' "$0" |
+    while IFS='|' read -r knob default meaning; do
+      default=$(sed -E 's/\$\{([A-Z_]+):-([^}]*)\}/$\1, else \2/' <<<"$default")
+      printf '  %-17s %-31s %s\n' "$knob" "$default" "$meaning"
+    done
   exit 0
 fi
 
-N_GPUS_PER_NODE=${N_GPUS_PER_NODE:-8}
-NNODES=${NNODES:-${WORLD_SIZE:-1}}
-NODE_RANK=${NODE_RANK:-${RANK:-0}}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-MODEL_PATH=${MODEL_PATH:-Qwen/Qwen3-32B}
-TRAIN_FILE=${TRAIN_FILE:-data/helpsteer2/train.parquet}
-VAL_FILE=${VAL_FILE:-data/helpsteer2/test.parquet}
-TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-256}
-MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
-MAX_LENGTH=${MAX_LENGTH:-4096}
-LR=${LR:-5e-7}
-TOTAL_EPOCHS=${TOTAL_EPOCHS:-3}
-SAVE_PATH=${SAVE_PATH:-checkpoints}
-PROJECT_NAME=${PROJECT_NAME:-bt-rm}
-EXPERIMENT_NAME=${EXPERIMENT_NAME:-qwen3-32b-helpsteer2}
-PYTHON=${PYTHON:-python3}
-
+export OMP_NUM_THREADS
 cd "$(dirname "$0")"
-exec "$PYTHON" -m torch.distributed.run \
+if [[ "$PYTHON" == auto ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+
+# GPUs this node's processes can use: CUDA_VISIBLE_DEVICES if set, else nvidia-smi's list, else
+# torch's count when GPU device files exist without nvidia-smi; no device files means no GPU.
+count_visible_gpus() {
+  if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+    if [[ -z "$CUDA_VISIBLE_DEVICES" || "$CUDA_VISIBLE_DEVICES" == -1 || "$CUDA_VISIBLE_DEVICES" == NoDevFiles ]]; then echo 0
+    else tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .; fi
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  elif compgen -G '/dev/nvidia[0-9]*' >/dev/null || [[ -e /dev/kfd ]]; then
+    "$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
+  else
+    echo 0
+  fi
+}
+if [[ "$N_GPUS_PER_NODE" == auto ]]; then
+  N_GPUS_PER_NODE=$(count_visible_gpus)
+  if (( N_GPUS_PER_NODE == 0 )); then
+    N_GPUS_PER_NODE=2
+    echo "run_bt_rm.sh: no GPU visible: training on 2 CPU processes (gloo); set N_GPUS_PER_NODE to change" >&2
+  fi
+fi
+
+# bt_preflight.py checks everything it can, then runs torchrun with these arguments in its own process.
+exec "$PYTHON" bt_preflight.py \
   --nnodes="$NNODES" --nproc_per_node="$N_GPUS_PER_NODE" --node_rank="$NODE_RANK" \
   --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
   bt_trainer.py \

@@ -55,12 +55,12 @@ def test_run_script_passes_knobs_and_overrides_last(tmp_path):
            "SAVE_PATH": str(tmp_path / "ck"), "EXPERIMENT_NAME": "x"}
     subprocess.run(["bash", str(REPO / "run_bt_rm.sh"), "optim.lr=9e-9", "trainer.logger=[console,file]"], env=env, check=True)
     argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv[:2] == ["-m", "torch.distributed.run"]
+    assert argv[0] == "bt_preflight.py"  # checks the config, data and model, then runs torchrun with the rest
     assert "--nproc_per_node=3" in argv and "--nnodes=2" in argv and "--node_rank=1" in argv
     assert "optim.lr=2e-6" in argv and argv[-2:] == ["optim.lr=9e-9", "trainer.logger=[console,file]"]
     assert argv.index("bt_trainer.py") < argv.index("optim.lr=2e-6")
     help_text = subprocess.run(["bash", str(REPO / "run_bt_rm.sh"), "--help"], capture_output=True, text=True, check=True).stdout
-    assert "usage" in help_text.lower() or "bash run_bt_rm.sh" in help_text
+    assert "bash run_bt_rm.sh" in help_text and "MODEL_PATH" in help_text and "set -euo" not in help_text
 
 
 def test_tokenizer_with_pad_equal_to_eos_is_refused(tiny_model_dir):
