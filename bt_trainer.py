@@ -331,7 +331,35 @@ class BTRewardTrainer(FSDPSFTTrainer):
         # verl's __init__ ends by copying config.trainer.device verbatim; "auto" must stay resolved.
         self.device_name = resolve_device(config.trainer.device)
         if device_mesh.get_rank() == 0:
-            print("\n".join(self.startup_lines))
+            summary = self.startup_summary()
+            print("\n".join([summary, *self.startup_lines]))
+            write_run_log("start-up summary:\n" + summary)
+
+    def startup_summary(self) -> str:
+        """The aligned start-up table (bt_preflight.format_startup_summary) from this trainer's state."""
+        import bt_preflight
+
+        config, data = self.config, self.config.data
+        mean_tokens, max_tokens = bt_preflight.conversation_token_stats(
+            pair for dataset in (self.train_dataset, self.val_dataset) for pair in (dataset[i] for i in range(len(dataset))))
+        last_step = self.total_steps if config.trainer.total_training_steps is None else min(self.total_steps, config.trainer.total_training_steps)
+        world_size = self.device_mesh.size()
+        micro_batch = (f"micro-batches of <= {data.max_tokens_per_micro_batch:,} tokens" if data.max_tokens_per_micro_batch is not None
+                       else f"{data.micro_batch_size_per_gpu} pair{'s' * (data.micro_batch_size_per_gpu != 1)} per micro-batch")
+        resume = f"from {self.resumed_from} (step {self.resume_global_step})" if self.resumed_from else f"fresh start (trainer.resume_mode={config.trainer.resume_mode})"
+        param_dtype = resolve_param_dtype(config.model.mixed_precision, self.device_name)
+        return bt_preflight.format_startup_summary(
+            device=self.device_name, backend=dist.get_backend(), world_size=world_size,
+            nodes=max(1, world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))),
+            model_path=str(config.model.partial_pretrain), model_class=self.model_class_name,
+            parameters=self.parameter_count, trainable_parameters=self.trainable_parameter_count,
+            compute_dtype={v: k for k, v in DTYPES.items()}[param_dtype], master_dtype=config.model.fsdp_config.model_dtype,
+            attention=self.model.config._attn_implementation, layout=self.layout,
+            train_pairs=len(self.train_dataset), val_pairs=len(self.val_dataset), mean_tokens=mean_tokens, max_tokens=max_tokens,
+            max_length=data.max_length, truncated_pairs=sum(getattr(d, "truncated_pairs", 0) for d in (self.train_dataset, self.val_dataset)),
+            dropped_tokens=sum(getattr(d, "dropped_tokens", 0) for d in (self.train_dataset, self.val_dataset)), truncation=data.truncation,
+            steps_per_epoch=self.steps_per_epoch, epochs=config.trainer.total_epochs, total_steps=self.total_steps, last_step=last_step,
+            train_batch_size=data.train_batch_size, micro_batch=micro_batch, resume=resume, output_dir=str(config.trainer.default_local_dir))
 
     # Replaces FSDPSFTTrainer._normalize_config_bsz: verl divides data.train_batch_size by the dp
     # size in place; we derive the per-rank count and leave the config as written.
@@ -391,15 +419,13 @@ class BTRewardTrainer(FSDPSFTTrainer):
         if self.layout != "padded":
             bt_attention.enable_segment_attention(self.model)
         self.layout_checked = self.layout == "padded" or not self.config.trainer.get("check_layout", True)
-        self.startup_lines.append(f"layout: {self.layout} (use_remove_padding={self.use_remove_padding}, data.share_prompt="
-                                  f"{self.config.data.get('share_prompt', False)}), attention: {self.model.config._attn_implementation}")
-        for split, dataset in (("train", self.train_dataset), ("val", self.val_dataset)):
-            if getattr(dataset, "truncated_pairs", 0):
-                self.startup_lines.append(f"{split}: {dataset.truncated_pairs} of {len(dataset)} pairs truncated to data.max_length "
-                                          f"({dataset.dropped_tokens} tokens dropped; data.truncation={self.config.data.truncation})")
         if model_config.enable_gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+        # Counted before sharding (every rank holds the whole model here); the frozen score bias is not trainable.
+        self.model_class_name = type(self.model).__name__  # FSDP2 renames the class (FSDPQwen3...)
+        self.parameter_count = sum(p.numel() for p in self.model.parameters())
+        self.trainable_parameter_count = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         param_dtype = resolve_param_dtype(model_config.mixed_precision, self.device_name)
         fsdp_config = model_config.fsdp_config
         if model_config.strategy == "fsdp2":
@@ -443,8 +469,6 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.config.optim, self.total_steps)
         if self.model.newly_initialized:
             self.startup_lines.append(f"score head initialised fresh ({', '.join(self.model.newly_initialized)}): expected when starting from a causal LM")
-        self.startup_lines.append(f"value-head model: {type(self.model).__name__}, "
-                                  f"{self.steps_per_epoch} steps/epoch x {self.config.trainer.total_epochs} epochs = {self.total_steps} steps")
 
     # ---- micro-batching
 
@@ -662,7 +686,6 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.consecutive_skipped_steps = int(state["trainer"]["consecutive_skipped_steps"])
         self.resume_global_step = step
         self.resumed_from = directory
-        self.startup_lines.append(f"resumed from {directory} (step {step})")
         return step
 
     # Replaces FSDPSFTTrainer.fit: the same loop (resume, early stop, validate, save), logging BT
@@ -808,10 +831,10 @@ def run(config: DictConfig):
         raise bt_data.DataError(f"{empty}: no usable pairs after reading (see the dropped-pair counts above)")
     shared = bt_io.count_shared_pairs(train_dataset.pairs, val_dataset.pairs) if hasattr(train_dataset, "pairs") else 0
     if rank == 0:
-        for dataset, files in ((train_dataset, config.data.train_files), (val_dataset, config.data.val_files)):
+        for dataset in (train_dataset, val_dataset):
             report = getattr(dataset, "read_report", None)
             if report:
-                print(f"{files}: {report}")
+                print("\n".join(f"read {line}" for line in report.splitlines()))
         if shared:
             print(f"WARNING: {shared} validation pairs also appear in the training data (identical chosen and rejected)")
     trainer = BTRewardTrainer(config, device_mesh, tokenizer, train_dataset, val_dataset)

@@ -139,8 +139,24 @@ def load_reward_model(model_dir: Path, device: str, dtype, trust_remote_code: bo
     """The checkpoint as verl's RewardModelWorker loads it: AutoModelForTokenClassification, num_labels=1."""
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
+    import torch
+    from transformers.utils import logging as hf_logging
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForTokenClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the export drops the all-zero score.bias; its "newly initialized" notice is expected
+    try:
+        model, info = AutoModelForTokenClassification.from_pretrained(
+            model_dir, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    unexpected = set(info["missing_keys"]) - {"score.bias"} | set(info["unexpected_keys"])
+    if unexpected or info["mismatched_keys"]:
+        raise ValueError(f"{model_dir}: not a value-head checkpoint (loading as {type(model).__name__}: missing {info['missing_keys']}, "
+                         f"unexpected {info['unexpected_keys']}, mismatched {info['mismatched_keys']})")
+    if "score.bias" in info["missing_keys"]:
+        with torch.no_grad():
+            model.score.bias.zero_()  # what the dropped bias was (bt_export drops it only when zero)
     return model.to(device).eval(), tokenizer
 
 

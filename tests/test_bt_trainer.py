@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -253,6 +254,38 @@ def test_logged_step_metrics_are_over_all_ranks_pairs(reference_run, tiny_model_
     # rank 0's pairs alone differ from the whole step: this test can tell the two apart
     rank0 = torch.log1p(torch.exp(-(chosen[:4] - rejected[:4]))).mean().item()
     assert abs(rank0 - hand_loss) > 1e-5
+
+
+def test_startup_summary_reports_the_runs_numbers(reference_run, tiny_model_dir, demo_data_dir):
+    """The start-up table's counts == the data and model counted here independently."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, result, _ = reference_run
+    rows = dict(re.match(r"(\S+(?: \S+)?)\s{2,}(.*)", line).groups() for line in result.stdout.splitlines()
+                if re.match(r"(device|model|parameters|train data|val data|tokens|truncated|schedule|batch|resume|output)\s{2,}", line))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lengths = []
+    for split in ("train", "test"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(demo_data_dir / f"{split}.parquet").slice(0, 48)
+        for column in ("chosen", "rejected"):
+            lengths += [len(tokenizer.apply_chat_template(json.loads(c), tokenize=True)) for c in table.column(column).to_pylist()]
+    causal_lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    backbone = sum(p.numel() for name, p in causal_lm.named_parameters() if not name.startswith("lm_head"))
+    hidden = causal_lm.config.hidden_size
+    total, trainable = backbone + hidden + 1, backbone + hidden  # + score weight and its frozen bias
+    human = lambda n: f"{n / 1e3:.3g} k" if n < 1e6 else f"{n / 1e6:.3g} M"  # noqa: E731
+    assert rows["device"] == "cpu (gloo), 2 ranks on 1 node"
+    assert rows["model"].endswith("-> Qwen3ForTokenClassification")
+    assert rows["parameters"] == f"{human(total)} ({human(trainable)} trainable)"
+    assert rows["train data"] == "48 pairs" and rows["val data"] == "48 pairs"
+    assert rows["tokens"].startswith(f"{sum(lengths) / len(lengths):,.0f} mean, {max(lengths):,} max per conversation")
+    assert rows["truncated"].startswith("0 pairs, 0 tokens dropped")
+    assert rows["schedule"] == "6 steps/epoch x 2 epochs = 12 steps"  # 48 pairs / 8 per step
+    assert rows["batch"].startswith("8 pairs/step over 2 ranks")
+    assert rows["resume"].startswith("fresh start")
 
 
 def test_resume_from_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path, reference_run, tiny_model_dir, demo_data_dir):
