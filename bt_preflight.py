@@ -154,6 +154,11 @@ def exactly(value, why: str) -> Rule:
     return Rule(f"{render(value)} ({why})", lambda v: v == value and type(v) is type(value))
 
 
+def lora_targets() -> Rule:
+    return Rule("all-linear, or a non-empty [list] of module names (not the score head)",
+                lambda v: v == "all-linear" or (isinstance(v, list) and v != [] and all(isinstance(x, str) and x and x != "score" for x in v)))
+
+
 def betas() -> Rule:
     return Rule("[beta1, beta2], two numbers >= 0 and < 1",
                 lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v))
@@ -192,7 +197,10 @@ KNOB_RULES: dict[str, Rule] = {
     "model.attn_implementation": one_of("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"),
     "model.mixed_precision": one_of(*PRECISIONS),
     "model.enable_gradient_checkpointing": flag(),
-    "model.lora_rank": exactly(0, "LoRA is not supported for the value head"),
+    "model.lora_rank": integer(0),
+    "model.lora_alpha": number(above=0),
+    "model.target_modules": lora_targets(),
+    "model.lora_base_dtype": one_of(*MASTER_DTYPES),
     "model.fsdp_config.model_dtype": one_of(*MASTER_DTYPES),
     "model.fsdp_config.cpu_offload": flag(),
     "model.fsdp_config.wrap_policy.min_num_params": integer(0),
@@ -316,6 +324,9 @@ def check_combinations(values: Mapping[str, Any], world_size: int | None) -> Non
     """Rules that involve two knobs (or the number of ranks)."""
     if values["trainer.resume_mode"] == "resume_path" and values["trainer.resume_from_path"] is None:
         raise PreflightError("trainer.resume_mode=resume_path needs trainer.resume_from_path=.../global_step_N (or use resume_mode=auto)")
+    if values["model.lora_rank"] > 0 and values["model.strategy"] != "fsdp2":
+        raise PreflightError(f"model.lora_rank={values['model.lora_rank']} with model.strategy={values['model.strategy']}: "
+                             "LoRA runs on FSDP2 only; use model.strategy=fsdp2")
     custom_path, custom_name = values["data.custom_cls.path"], values["data.custom_cls.name"]
     if (custom_path is None) != (custom_name is None):
         raise PreflightError(f"data.custom_cls.path={render(custom_path)} and data.custom_cls.name={render(custom_name)}: set both (file and class name) or neither")
@@ -634,14 +645,16 @@ def format_startup_summary(*, device: str, backend: str, world_size: int, nodes:
                            train_pairs: int, val_pairs: int, mean_tokens: float, max_tokens: int, max_length: int,
                            truncated_pairs: int, dropped_tokens: int, truncation: str,
                            steps_per_epoch: int, epochs: int, total_steps: int, last_step: int,
-                           train_batch_size: int, micro_batch: str, resume: str, output_dir: str) -> str:
+                           train_batch_size: int, micro_batch: str, resume: str, output_dir: str,
+                           frozen_dtype: str | None = None) -> str:
     """The start-up summary rank 0 prints: a dozen aligned `label  value` lines, from plain values."""
     stop = f", stopping at step {last_step} (trainer.total_training_steps)" if last_step < total_steps else ""
     rows = [
         ("device", f"{device} ({backend}), {world_size} rank{'s' * (world_size != 1)} on {nodes} node{'s' * (nodes != 1)}"),
         ("model", f"{model_path} -> {model_class}"),
         ("parameters", f"{human_count(parameters)} ({human_count(trainable_parameters)} trainable)"),
-        ("precision", f"{compute_dtype} compute, {master_dtype} master weights"),
+        ("precision", f"{compute_dtype} compute, {master_dtype} master weights"
+                      + (f", frozen backbone in {frozen_dtype}" if frozen_dtype else "")),
         ("attention", f"{attention}, {layout} layout"),
         ("train data", f"{train_pairs:,} pairs"),
         ("val data", f"{val_pairs:,} pairs"),

@@ -58,6 +58,7 @@ import bt_checkpoint
 import bt_data
 import bt_export
 import bt_io
+import bt_lora
 from bt_loss import (
     STRENGTH_SUM_FIELDS,
     SUM_FIELDS,
@@ -359,7 +360,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
             max_length=data.max_length, truncated_pairs=sum(getattr(d, "truncated_pairs", 0) for d in (self.train_dataset, self.val_dataset)),
             dropped_tokens=sum(getattr(d, "dropped_tokens", 0) for d in (self.train_dataset, self.val_dataset)), truncation=data.truncation,
             steps_per_epoch=self.steps_per_epoch, epochs=config.trainer.total_epochs, total_steps=self.total_steps, last_step=last_step,
-            train_batch_size=data.train_batch_size, micro_batch=micro_batch, resume=resume, output_dir=str(config.trainer.default_local_dir))
+            train_batch_size=data.train_batch_size, micro_batch=micro_batch, resume=resume, output_dir=str(config.trainer.default_local_dir),
+            frozen_dtype=config.model.lora_base_dtype if self.lora_settings is not None else None)
 
     # Replaces FSDPSFTTrainer._normalize_config_bsz: verl divides data.train_batch_size by the dp
     # size in place; we derive the per-rank count and leave the config as written.
@@ -419,11 +421,18 @@ class BTRewardTrainer(FSDPSFTTrainer):
         if self.layout != "padded":
             bt_attention.enable_segment_attention(self.model)
         self.layout_checked = self.layout == "padded" or not self.config.trainer.get("check_layout", True)
+        self.newly_initialized = self.model.newly_initialized
+        self.model_class_name = type(self.model).__name__
+        self.lora_settings = None
+        if model_config.lora_rank > 0:  # peft before FSDP, as verl does; the score head stays fully trained (bt_lora)
+            self.lora_settings = bt_lora.resolve_settings(self.model, model_config.lora_rank, model_config.lora_alpha, model_config.target_modules)
+            self.model = bt_lora.add_lora(self.model, self.lora_settings, base_dtype=DTYPES[model_config.lora_base_dtype])
+            self.model_class_name += (f" + LoRA (rank {self.lora_settings.rank}, alpha {self.lora_settings.alpha:g}, "
+                                      f"{', '.join(self.lora_settings.target_modules)})")
         if model_config.enable_gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         # Counted before sharding (every rank holds the whole model here); the frozen score bias is not trainable.
-        self.model_class_name = type(self.model).__name__  # FSDP2 renames the class (FSDPQwen3...)
         self.parameter_count = sum(p.numel() for p in self.model.parameters())
         self.trainable_parameter_count = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         param_dtype = resolve_param_dtype(model_config.mixed_precision, self.device_name)
@@ -467,8 +476,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.steps_per_epoch = len(self.train_dataloader)
         self.total_steps = self.steps_per_epoch * self.config.trainer.total_epochs
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.config.optim, self.total_steps)
-        if self.model.newly_initialized:
-            self.startup_lines.append(f"score head initialised fresh ({', '.join(self.model.newly_initialized)}): expected when starting from a causal LM")
+        if self.newly_initialized:
+            self.startup_lines.append(f"score head initialised fresh ({', '.join(self.newly_initialized)}): expected when starting from a causal LM")
 
     # ---- micro-batching
 
@@ -636,6 +645,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
         dist.barrier()
         with quiet_transformers():  # verl's export passes the deprecated torch_dtype= to transformers
             self.checkpoint_manager.save_checkpoint(local_path=str(directory), global_step=step, max_ckpt_to_keep=None)
+        if self.lora_settings is not None and "hf_model" in trainer_config.checkpoint.save_contents:
+            self._save_lora_exports(directory)
         if rank == 0:
             if "hf_model" in trainer_config.checkpoint.save_contents:
                 # the class every consumer reads the same (see bt_export), and the reward scale over the
@@ -661,6 +672,34 @@ class BTRewardTrainer(FSDPSFTTrainer):
                 hdfs_io.makedirs(trainer_config.default_hdfs_dir, exist_ok=True)
                 hdfs_io.copy(src=str(directory), dst=trainer_config.default_hdfs_dir, dirs_exist_ok=True)
         dist.barrier()
+
+    # Extends FSDPSFTTrainer._init_checkpoint_manager: under LoRA, verl 0.6.1's manager would write the
+    # peft model's state dict (base_layer / lora_A keys) into huggingface/ as if it were the plain
+    # model; that export is ours instead (_save_lora_exports). The sharded state is verl's as usual.
+    def _init_checkpoint_manager(self):
+        super()._init_checkpoint_manager()
+        if self.lora_settings is not None:
+            manager = self.checkpoint_manager
+            manager.checkpoint_save_contents = [item for item in manager.checkpoint_save_contents if item != "hf_model"]
+
+    def _save_lora_exports(self, directory: Path) -> None:
+        """huggingface/: the adapter merged into the base weights (a plain value-head checkpoint);
+        lora_adapter/: the adapter and score head alone, in peft's format. Collective; rank 0 writes."""
+        from transformers import AutoModelForTokenClassification
+        from verl.utils.fsdp_utils import get_fsdp_full_state_dict
+
+        full_state = get_fsdp_full_state_dict(self.fsdp_model, offload_to_cpu=True, rank0_only=True)
+        if self.device_mesh.get_rank() == 0:
+            hf_dir = directory / "huggingface"  # verl's manager has written the config and tokenizer there
+            merged = bt_lora.merge_lora_state_dict(full_state, self.lora_settings.scaling, dtype=torch.float32)
+            with torch.device("meta"):  # only the class and config are needed: the weights are `merged`
+                plain = AutoModelForTokenClassification.from_config(self.model_config)
+            with quiet_transformers():
+                plain.save_pretrained(hf_dir, state_dict=merged)
+            bt_lora.save_adapter(directory / bt_lora.ADAPTER_DIR, full_state, self.lora_settings,
+                                 base_model=str(self.config.model.partial_pretrain))
+            del merged
+        del full_state
 
     # Replaces FSDPSFTTrainer.load_checkpoint (and its _determine_resume_path / _find_latest_checkpoint /
     # _load_dataloader_state): verl restarts from step 0 when the tracker is missing, replays the

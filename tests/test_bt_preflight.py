@@ -68,7 +68,10 @@ def test_mirrored_enums_equal_their_sources():
     ("trainer.logger=[console,tensorbord]", "trainer.logger=[console,tensorbord]: expected a list of console"),
     ("data.max_samples=0", "data.max_samples=0: expected an integer >= 1, or -1"),
     ("trainer.test_freq=0", "trainer.test_freq=0: expected an integer >= 1, or -1"),
-    ("model.lora_rank=8", "model.lora_rank=8: expected 0 (LoRA is not supported for the value head)"),
+    ("model.lora_rank=-1", "model.lora_rank=-1: expected an integer >= 0"),
+    ("model.lora_alpha=0", "model.lora_alpha=0: expected a number > 0"),
+    ("model.target_modules=[q_proj,score]", "model.target_modules=[q_proj,score]: expected all-linear, or a non-empty [list] of module names (not the score head)"),
+    ("model.lora_base_dtype=fp16", "model.lora_base_dtype=fp16: expected one of fp32 | bf16"),
     ("data.drop_identical_pairs=maybe", "data.drop_identical_pairs=maybe: expected true or false"),
 ])
 def test_each_knob_is_checked_naming_key_value_and_allowed_values(override, message):
@@ -91,6 +94,12 @@ def test_batch_sizes_must_divide_over_the_ranks():
     with pytest.raises(PreflightError, match=r"data.micro_batch_size_per_gpu=3 does not divide the 128 pairs per rank"):
         check_config(compose_config(["data.micro_batch_size_per_gpu=3", "data.max_tokens_per_micro_batch=null"]), world_size=2)
     check_config(compose_config(["data.micro_batch_size_per_gpu=3"]), world_size=2)  # token budget: no fixed micro-batch
+
+
+def test_lora_runs_on_fsdp2_only():
+    with pytest.raises(PreflightError, match=r"^model.lora_rank=8 with model.strategy=fsdp: LoRA runs on FSDP2 only; use model.strategy=fsdp2"):
+        check_config(compose_config(["model.lora_rank=8", "model.strategy=fsdp"]))
+    assert check_config(compose_config(["model.lora_rank=8", "model.target_modules=[q_proj,v_proj]"]))["model.lora_rank"] == 8
 
 
 def test_resume_path_mode_needs_a_path():

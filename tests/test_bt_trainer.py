@@ -400,3 +400,92 @@ def test_tied_embeddings_model_trains_and_exports(tmp_path, tiny_model_dir, demo
     assert metrics[1]["train/loss"] == pytest.approx(math.log(2), abs=0.02) and math.isfinite(metrics[3]["val/loss"])
     exported = AutoModelForTokenClassification.from_pretrained(tmp_path / "ckpt" / "tied" / "global_step_3" / "huggingface")
     assert exported.score.weight.abs().sum() > 0
+
+
+# ---- LoRA: one 2-rank run (adapters on every block linear, bf16 frozen backbone) serves these tests
+
+LORA = ("model.lora_rank=8", "model.lora_alpha=16", "data.train_batch_size=16", "trainer.total_training_steps=24",
+        "trainer.test_freq=12", "trainer.save_freq=12", "optim.warmup_steps_ratio=0.05")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir, demo_data_dir):
+    tmp_path = tmp_path_factory.mktemp("lora")
+    result, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *LORA, name="lora")
+    return tmp_path, result, history(tmp_path, "lora")
+
+
+def test_lora_run_learns_and_trains_only_adapters_and_head(lora_run, tiny_model_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tmp_path, result, metrics = lora_run
+    assert metrics[1]["train/loss"] == pytest.approx(math.log(2), abs=0.02)
+    assert metrics[24]["val/accuracy"] >= 0.75 and metrics[24]["val/loss"] < math.log(2) - 0.1
+    step_dir = tmp_path / "ckpt" / "lora" / "global_step_24"
+    original = {k: v for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items() if not k.startswith("lm_head")}
+    merged = load_file(step_dir / "huggingface" / "model.safetensors")
+    adapter = load_file(step_dir / "lora_adapter" / "adapter_model.safetensors")
+    config = json.loads((step_dir / "lora_adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["modules_to_save"] == ["score"] and len(config["target_modules"]) == 7
+    scaling = config["lora_alpha"] / config["r"]
+    lora_a = {k.replace(".lora_A.weight", ".weight").replace("base_model.model.", ""): v for k, v in adapter.items() if ".lora_A." in k}
+    assert len(lora_a) == 7 * 2  # 7 linear layers in each of the tiny model's 2 blocks
+    # base weights untouched: every merged weight is the original (kept in bf16) plus, where adapted, scaling * B @ A
+    for key, weight in original.items():
+        expected = weight.to(torch.bfloat16).float()
+        if key in lora_a:
+            lora_b = adapter["base_model.model." + key.replace(".weight", ".lora_B.weight")]
+            expected = expected + scaling * (lora_b.float() @ lora_a[key].float())
+            assert lora_b.abs().max() > 0, key  # B starts at zero: the adapter trained
+        torch.testing.assert_close(merged[key], expected, rtol=0, atol=1e-6, msg=key)
+    assert torch.equal(merged["score.weight"], adapter["base_model.model.score.weight"])
+    assert set(merged) == set(original) | {"score.weight"}  # a plain value-head checkpoint: no peft keys, no bias
+    # per adapted layer r * (in + out), plus the score weight: what the optimizer holds state for (over both
+    # ranks' shards) and what the start-up line reports
+    trainable = sum(8 * (a.shape[1] + adapter["base_model.model." + k.replace(".weight", ".lora_B.weight")].shape[0]) for k, a in lora_a.items())
+    trainable += merged["score.weight"].numel()
+    from bt_checkpoint import weights_only_loading
+
+    optimizer_numel = 0
+    for rank in (0, 1):
+        with weights_only_loading():
+            state = torch.load(step_dir / f"optim_world_size_2_rank_{rank}.pt")["state"]
+        optimizer_numel += sum((s["exp_avg"].to_local() if hasattr(s["exp_avg"], "to_local") else s["exp_avg"]).numel() for s in state.values())
+    assert optimizer_numel == trainable
+    parameters_row = next(line for line in result.stdout.splitlines() if line.startswith("parameters"))
+    assert f"({trainable / 1e3:.3g} k trainable)" in parameters_row
+
+
+def test_lora_merged_export_scores_like_the_in_training_model(lora_run, demo_data_dir):
+    """Mean rewards of the merged export over the validation pairs (transformers, one conversation at a
+    time, no peft) == the trainer's own val/chosen_reward and val/rejected_reward at the last step."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tmp_path, _, metrics = lora_run
+    hf = tmp_path / "ckpt" / "lora" / "global_step_24" / "huggingface"
+    model = AutoModelForSequenceClassification.from_pretrained(hf, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    table = pq.read_table(demo_data_dir / "test.parquet")
+    with torch.no_grad():
+        for column in ("chosen", "rejected"):
+            rewards = [model(input_ids=torch.tensor([tokenizer.apply_chat_template(json.loads(c), tokenize=True)])).logits[0, 0].item()
+                       for c in table.column(column).to_pylist()]
+            assert sum(rewards) / len(rewards) == pytest.approx(metrics[24][f"val/{column}_reward"], abs=1e-5), column
+
+
+def test_lora_resume_equals_the_uninterrupted_run(tmp_path, lora_run, tiny_model_dir, demo_data_dir):
+    """Resume from the step-12 checkpoint of the LoRA run: steps 13-24 equal the uninterrupted run's."""
+    import shutil
+
+    reference_dir, _, full = lora_run
+    root = tmp_path / "ckpt" / "lora_resumed"
+    root.mkdir(parents=True)
+    shutil.copytree(reference_dir / "ckpt" / "lora" / "global_step_12", root / "global_step_12")
+    (root / "latest_checkpointed_iteration.txt").write_text("12")
+    kept = [line for line in (reference_dir / "ckpt" / "lora" / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 12]
+    (root / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    result, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *LORA, name="lora_resumed")
+    assert "from " in result.stdout and "global_step_12 (step 12)" in result.stdout
+    assert history(tmp_path, "lora_resumed") == full
