@@ -46,6 +46,8 @@ MODEL_CONFIGS = {
     "cpu-dense": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=2048),
     # smaller and quicker; attention and per-call overhead weigh more here than in real models
     "cpu-small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=2048),
+    # for memory comparisons (full vs LoRA) on CPU: ~43M parameters, a real-sized vocabulary share
+    "cpu-medium": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=32000),
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936),
     "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936),
 }
@@ -124,11 +126,18 @@ def run_worker(args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = args.device
     model = build_model(args.model, device, args.attn, segment_attention=args.mode in PACKED_MODES)
+    if args.lora_rank > 0:  # as the trainer does with model.lora_rank (bt_lora): adapters + score head train
+        import bt_lora
+
+        settings = bt_lora.resolve_settings(model, args.lora_rank, 2 * args.lora_rank, "all-linear")
+        model = bt_lora.add_lora(model, settings, base_dtype=torch.bfloat16 if args.lora_base_dtype == "bf16" else None)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     pairs = helpsteer2_like_pairs(args.pairs, model.config.vocab_size, args.max_length, seed=args.seed)
     steps = [pairs[i : i + args.step_pairs] for i in range(0, len(pairs), args.step_pairs)]
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
+    # bf16 compute on GPU; on CPU also under a bf16 LoRA backbone (the trainer's FSDP2 casts it to the compute dtype instead)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16,
+                              enabled=device == "cuda" or (args.lora_rank > 0 and args.lora_base_dtype == "bf16"))
 
     def train_step(step_pairs):
         real = computed = 0
@@ -166,6 +175,14 @@ def run_worker(args) -> dict:
         "real_tokens_per_s": real / elapsed, "real_token_share": real / computed, "computed_tokens": computed,
         "real_tokens": real, "tokens_per_pair": computed / len(pairs), "flops_per_s": reward_model_flops(model, lengths) / elapsed,
     }
+    parameters = list(model.parameters())
+    result.update({  # what training holds besides activations: weights, gradients, AdamW's two moments
+        "params": sum(p.numel() for p in parameters), "trainable_params": sum(p.numel() for p in parameters if p.requires_grad),
+        "weights_gib": sum(p.numel() * p.element_size() for p in parameters) / 2**30,
+        "grads_gib": sum(p.grad.numel() * p.grad.element_size() for p in parameters if p.grad is not None) / 2**30,
+        "optimizer_state_gib": sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                                   for t in state.values() if torch.is_tensor(t) and t.dim() > 0) / 2**30,
+    })
     if device == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:  # ru_maxrss is KiB on Linux: the whole process, model and Python included
@@ -188,6 +205,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-flops", type=float, default=PEAK_BF16_FLOPS["H200"], help="for MFU on GPU (H100/H200 dense bf16: 989e12)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA of this rank on every block linear layer (alpha 2x rank) + the score head, as model.lora_rank")
+    parser.add_argument("--lora-base-dtype", choices=("bf16", "fp32"), default="bf16", help="with --lora-rank: dtype of the frozen backbone (model.lora_base_dtype)")
     parser.add_argument("--worker", choices=MODES, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.model = args.model or ("qwen3-1.7b" if args.device == "cuda" else "cpu-dense")
@@ -226,12 +245,16 @@ def speedup(results: dict, mode: str, baseline: str) -> float | None:
 def summary_table(results: dict, args) -> str:
     lines = [f"model {args.model} on {args.device}, {args.pairs} pairs, {args.step_pairs} pairs/step; pad_to_max/batch_pad: "
              f"{args.micro_batch_pairs} pair(s)/micro-batch; packed/shared: {args.max_tokens} computed tokens/micro-batch; max_length {args.max_length}"]
-    header = f"{'mode':<11} {'pairs/s':>9} {'tok/pair':>9} {'real share':>10} {'peak GiB':>9} {'vs (a)':>7} {'vs (b)':>7}"
+    if getattr(args, "lora_rank", 0):
+        lines[0] += f"; LoRA rank {args.lora_rank}, frozen backbone in {args.lora_base_dtype}" + (" (bf16 autocast)" if args.device == "cpu" and args.lora_base_dtype == "bf16" else "")
+    header = (f"{'mode':<11} {'pairs/s':>9} {'tok/pair':>9} {'real share':>10} {'peak GiB':>9} {'vs (a)':>7} {'vs (b)':>7} "
+              f"{'trainable':>10} {'weights GiB':>11} {'grads GiB':>9} {'Adam GiB':>8}")
     lines.append(header + (f" {'MFU':>6}" if args.device == "cuda" else ""))
     for mode, r in results.items():
         ratios = [speedup(results, mode, base) for base in ("pad_to_max", "batch_pad")]
         line = (f"{mode:<11} {r['pairs_per_s']:>9.3f} {r['tokens_per_pair']:>9.0f} {r['real_token_share']:>10.3f} {r['peak_memory_gib']:>9.2f} "
-                + " ".join(f"{x:>6.2f}x" if x is not None else f"{'n/a':>7}" for x in ratios))
+                + " ".join(f"{x:>6.2f}x" if x is not None else f"{'n/a':>7}" for x in ratios)
+                + f" {r['trainable_params'] / r['params']:>10.2%} {r['weights_gib']:>11.3f} {r['grads_gib']:>9.3f} {r['optimizer_state_gib']:>8.3f}")
         if args.device == "cuda":
             line += f" {r['flops_per_s'] / args.peak_flops:>6.1%}"
         lines.append(line)
@@ -241,8 +264,9 @@ def summary_table(results: dict, args) -> str:
 def summarize(results: dict, args) -> dict:
     """The last JSON line: per-mode figures, then the ratios the project tracks."""
     summary = {
-        "device": args.device, "model": args.model, "pairs": args.pairs, "max_tokens": args.max_tokens,
-        **{f"{mode}_{k}": r[k] for mode, r in results.items() for k in ("pairs_per_s", "tokens_per_pair", "real_token_share", "peak_memory_gib")},
+        "device": args.device, "model": args.model, "pairs": args.pairs, "max_tokens": args.max_tokens, "lora_rank": args.lora_rank,
+        **{f"{mode}_{k}": r[k] for mode, r in results.items() for k in ("pairs_per_s", "tokens_per_pair", "real_token_share", "peak_memory_gib",
+                                                                        "params", "trainable_params", "weights_gib", "grads_gib", "optimizer_state_gib")},
     }
     if "packed" in results:
         summary["packed_real_token_share"] = results["packed"]["real_token_share"]

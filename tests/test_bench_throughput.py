@@ -73,10 +73,11 @@ def test_packed_plan_respects_the_budget_of_computed_tokens(mode):
 
 
 def test_summary_ratios_by_hand():
-    results = {mode: {"pairs_per_s": pps, "tokens_per_pair": tpp, "real_token_share": share, "peak_memory_gib": 1.0, "flops_per_s": 0.0}
+    results = {mode: {"pairs_per_s": pps, "tokens_per_pair": tpp, "real_token_share": share, "peak_memory_gib": 1.0, "flops_per_s": 0.0,
+                      "params": 100, "trainable_params": 10, "weights_gib": 1.0, "grads_gib": 0.1, "optimizer_state_gib": 0.2}
                for mode, pps, tpp, share in (("pad_to_max", 0.5, 8192, 0.125), ("batch_pad", 2.0, 1200, 0.8),
                                               ("packed", 2.5, 1000, 1.0), ("shared", 3.0, 800, 1.0))}
-    args = SimpleNamespace(device="cpu", model="cpu-dense", pairs=16, max_tokens=4096, step_pairs=8, micro_batch_pairs=1, max_length=4096)
+    args = SimpleNamespace(device="cpu", model="cpu-dense", pairs=16, max_tokens=4096, step_pairs=8, micro_batch_pairs=1, max_length=4096, lora_rank=0)
     summary = bench.summarize(results, args)
     assert summary["packed_real_token_share"] == 1.0
     assert summary["packed_speedup_vs_pad_to_max"] == 5.0
