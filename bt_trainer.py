@@ -347,7 +347,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         world_size = self.device_mesh.size()
         micro_batch = (f"micro-batches of <= {data.max_tokens_per_micro_batch:,} tokens" if data.max_tokens_per_micro_batch is not None
                        else f"{data.micro_batch_size_per_gpu} pair{'s' * (data.micro_batch_size_per_gpu != 1)} per micro-batch")
-        resume = f"from {self.resumed_from} (step {self.resume_global_step})" if self.resumed_from else f"fresh start (trainer.resume_mode={config.trainer.resume_mode})"
+        resume = f"resumed from {self.resumed_from} (step {self.resume_global_step})" if self.resumed_from else f"fresh start (trainer.resume_mode={config.trainer.resume_mode})"
         param_dtype = resolve_param_dtype(config.model.mixed_precision, self.device_name)
         return bt_preflight.format_startup_summary(
             device=self.device_name, backend=dist.get_backend(), world_size=world_size,

@@ -487,5 +487,5 @@ def test_lora_resume_equals_the_uninterrupted_run(tmp_path, lora_run, tiny_model
     kept = [line for line in (reference_dir / "ckpt" / "lora" / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 12]
     (root / "metrics.jsonl").write_text("\n".join(kept) + "\n")
     result, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *LORA, name="lora_resumed")
-    assert "from " in result.stdout and "global_step_12 (step 12)" in result.stdout
+    assert "resumed from" in result.stdout and "global_step_12 (step 12)" in result.stdout
     assert history(tmp_path, "lora_resumed") == full
