@@ -333,7 +333,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.device_name = resolve_device(config.trainer.device)
         if device_mesh.get_rank() == 0:
             summary = self.startup_summary()
-            print("\n".join([summary, *self.startup_lines]))
+            notes = [line for line in self.startup_lines if not (self.resumed_from and line.startswith("score head initialised fresh"))]
+            print("\n".join([summary, *notes]))
             write_run_log("start-up summary:\n" + summary)
 
     def startup_summary(self) -> str:
@@ -661,7 +662,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
                 torch.save(self.train_dataloader.state_dict(), temp)
             bt_checkpoint.mark_complete(
                 directory, step=step, world_size=self.device_mesh.size(), save_contents=list(trainer_config.checkpoint.save_contents),
-                trainer_state={"skipped_steps": self.skipped_steps, "consecutive_skipped_steps": self.consecutive_skipped_steps},
+                trainer_state={"skipped_steps": self.skipped_steps, "consecutive_skipped_steps": self.consecutive_skipped_steps,
+                               "lora": self.lora_description()},
             )
             bt_checkpoint.write_tracker(root, step)
             for removed in bt_checkpoint.remove_old_checkpoints(root, keep=trainer_config.max_ckpt_to_keep, newest_step=step):
@@ -681,6 +683,13 @@ class BTRewardTrainer(FSDPSFTTrainer):
         if self.lora_settings is not None:
             manager = self.checkpoint_manager
             manager.checkpoint_save_contents = [item for item in manager.checkpoint_save_contents if item != "hf_model"]
+
+    def lora_description(self) -> dict | None:
+        """What a checkpoint's shards depend on: resume needs the same (bt_state.json's trainer.lora)."""
+        if self.lora_settings is None:
+            return None
+        return {"rank": self.lora_settings.rank, "alpha": self.lora_settings.alpha, "target_modules": list(self.lora_settings.target_modules),
+                "base_dtype": self.config.model.lora_base_dtype}
 
     def _save_lora_exports(self, directory: Path) -> None:
         """huggingface/: the adapter merged into the base weights (a plain value-head checkpoint);
@@ -715,6 +724,12 @@ class BTRewardTrainer(FSDPSFTTrainer):
             return 0
         directory, state = found
         step = int(state["step"])
+        saved_lora = state["trainer"].get("lora")
+        if "lora" in state["trainer"] and saved_lora != self.lora_description():
+            # the shards' keys differ (peft's base_layer / lora_A) and verl would fail deep in a load; say why
+            raise bt_checkpoint.CheckpointError(
+                f"{directory}: saved with LoRA {saved_lora or 'off (full fine-tune)'}, this run has LoRA "
+                f"{self.lora_description() or 'off (full fine-tune)'}; set model.lora_* as the run was, or use another trainer.experiment_name")
         with bt_checkpoint.weights_only_loading():
             self.checkpoint_manager.load_checkpoint(str(directory))
             if step % self.steps_per_epoch:

@@ -489,3 +489,8 @@ def test_lora_resume_equals_the_uninterrupted_run(tmp_path, lora_run, tiny_model
     result, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *LORA, name="lora_resumed")
     assert "resumed from" in result.stdout and "global_step_12 (step 12)" in result.stdout
     assert history(tmp_path, "lora_resumed") == full
+    # the same directory without LoRA: one line naming the checkpoint, not a key mismatch deep in verl
+    full_fine_tune = [arg for arg in LORA if not arg.startswith("model.lora")]
+    refused, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *full_fine_tune, name="lora_resumed", expect_success=False)
+    assert refused.returncode == 2
+    assert f"{root}/global_step_24: saved with LoRA {{'rank': 8" in refused.stderr and "this run has LoRA off (full fine-tune)" in refused.stderr
