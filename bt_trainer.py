@@ -234,6 +234,19 @@ def format_console_line(step: int, metrics: dict[str, float]) -> str:
     return f"step {step}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
 
 
+FINISHED_BY_VERL_DEL = {"wandb": {"exit_code": 0}, "vemlp_wandb": {"exit_code": 0}, "swanlab": {}, "tensorboard": {}, "clearml": {}, "trackio": {}}
+
+
+def close_tracking(tracking: Tracking) -> None:
+    """Finish the trackers now, as Tracking.__del__ would. From __del__ (interpreter exit) wandb's
+    finish can wait forever on its service: a rank of a finished run was seen stuck there after
+    torchrun had given up on it. Finished here, they are gone from the dict and __del__ skips them."""
+    for name, kwargs in FINISHED_BY_VERL_DEL.items():
+        backend = tracking.logger.pop(name, None)
+        if backend is not None:
+            backend.finish(**kwargs)
+
+
 def start_tracking(trainer_config, config: DictConfig) -> Tracking:
     """verl's Tracking, with the wandb mode and tensorboard directory taken from the config.
 
@@ -825,6 +838,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
             self.final_step = global_step
             if history is not None:
                 history.close()
+            if tracking is not None:
+                close_tracking(tracking)
         if rank == 0:
             final = bt_checkpoint.step_dir(trainer_config.default_local_dir, global_step)
             print("final validation: " + "  ".join(f"{k.removeprefix('val/')} {v:.4g}" for k, v in self.last_val_metrics.items()))

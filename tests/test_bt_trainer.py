@@ -64,6 +64,29 @@ def test_run_script_passes_knobs_and_overrides_last(tmp_path):
     assert "bash run_bt_rm.sh" in help_text and "MODEL_PATH" in help_text and "set -euo" not in help_text
 
 
+def test_trackers_are_finished_before_interpreter_exit_and_once():
+    """verl's Tracking finishes wandb in __del__ (where wandb can hang at exit): close_tracking does it first, once."""
+    from verl.utils.tracking import Tracking
+
+    from bt_trainer import close_tracking
+
+    calls = []
+
+    class Backend:
+        def __init__(self, name):
+            self.name = name
+
+        def finish(self, **kwargs):
+            calls.append((self.name, kwargs))
+
+    tracking = Tracking(project_name="p", experiment_name="e", default_backend=["console"])
+    tracking.logger.update(wandb=Backend("wandb"), tensorboard=Backend("tensorboard"))
+    close_tracking(tracking)
+    assert calls == [("wandb", {"exit_code": 0}), ("tensorboard", {})]
+    tracking.__del__()  # what garbage collection runs later
+    assert len(calls) == 2 and "console" in tracking.logger
+
+
 def test_tokenizer_with_pad_equal_to_eos_is_refused(tiny_model_dir):
     from bt_trainer import load_tokenizer
 
