@@ -108,3 +108,66 @@ def test_saved_adapter_loads_in_peft_with_the_trained_head(value_head_model, tok
     base = load_value_head_model(str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
     loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     torch.testing.assert_close(last_token_rewards(loaded, tokenizer), expected, rtol=0, atol=1e-5)
+
+
+def test_merge_refuses_lora_weights_without_a_base_layer():
+    state = {"base_model.model.layers.0.q.weight": torch.zeros(4, 3), "base_model.model.layers.0.q.lora_A.default.weight": torch.ones(2, 3),
+             "base_model.model.layers.0.q.lora_B.default.weight": torch.ones(4, 2)}
+    with pytest.raises(ValueError, match="without a base layer"):
+        bt_lora.merge_lora_state_dict(state, scaling=1.0)
+
+
+# ---- the trainer's LoRA bookkeeping, on a trainer object built without running verl's __init__
+
+
+def bare_trainer(lora_settings, base_dtype="bf16"):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from bt_trainer import BTRewardTrainer
+
+    trainer = BTRewardTrainer.__new__(BTRewardTrainer)
+    trainer.lora_settings = lora_settings
+    trainer.config = OmegaConf.create({"model": {"lora_base_dtype": base_dtype}, "trainer": {
+        "default_local_dir": "unused", "resume_mode": "auto", "resume_from_path": None, "checkpoint": {"load_contents": ["model"]}}})
+    trainer.device_mesh = SimpleNamespace(size=lambda: 2)
+    return trainer
+
+
+def test_lora_description_names_everything_the_shards_depend_on():
+    settings = bt_lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))
+    assert bare_trainer(settings).lora_description() == {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"], "base_dtype": "bf16"}
+    assert bare_trainer(None).lora_description() is None
+
+
+def test_verls_manager_does_not_write_the_hf_model_under_lora(monkeypatch):
+    """verl's export would gather the full state and write peft keys as a plain model; ours replaces it."""
+    from types import SimpleNamespace
+
+    import bt_trainer
+
+    def fake_init(self):
+        self.checkpoint_manager = SimpleNamespace(checkpoint_save_contents=["model", "optimizer", "extra", "hf_model"])
+
+    monkeypatch.setattr(bt_trainer.FSDPSFTTrainer, "_init_checkpoint_manager", fake_init)
+    with_lora, without = bare_trainer(bt_lora.LoraSettings(8, 16.0, ("q_proj",))), bare_trainer(None)
+    with_lora._init_checkpoint_manager()
+    without._init_checkpoint_manager()
+    assert with_lora.checkpoint_manager.checkpoint_save_contents == ["model", "optimizer", "extra"]
+    assert without.checkpoint_manager.checkpoint_save_contents == ["model", "optimizer", "extra", "hf_model"]
+
+
+@pytest.mark.parametrize("saved, current", [
+    (None, bt_lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))),                    # full fine-tune checkpoint, LoRA run
+    ({"rank": 8, "alpha": 16.0, "target_modules": ["q_proj"], "base_dtype": "bf16"},  # other targets
+     bt_lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))),
+    ({"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"], "base_dtype": "fp32"},  # other backbone dtype
+     bt_lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))),
+])
+def test_resume_refuses_a_checkpoint_with_other_lora_settings(monkeypatch, tmp_path, saved, current):
+    import bt_checkpoint
+
+    monkeypatch.setattr(bt_checkpoint, "find_resume_checkpoint", lambda *a, **k: (tmp_path, {"step": 4, "trainer": {"lora": saved}}))
+    with pytest.raises(bt_checkpoint.CheckpointError, match=f"^{tmp_path}: saved with LoRA"):
+        bare_trainer(current).load_checkpoint()

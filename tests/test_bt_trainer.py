@@ -475,6 +475,9 @@ def test_lora_run_learns_and_trains_only_adapters_and_head(lora_run, tiny_model_
         with weights_only_loading():
             state = torch.load(step_dir / f"optim_world_size_2_rank_{rank}.pt")["state"]
         optimizer_numel += sum((s["exp_avg"].to_local() if hasattr(s["exp_avg"], "to_local") else s["exp_avg"]).numel() for s in state.values())
+        with weights_only_loading():
+            groups = torch.load(step_dir / f"optim_world_size_2_rank_{rank}.pt")["param_groups"]
+        assert sum(len(group["params"]) for group in groups) == 2 * len(lora_a) + 1  # A and B of each layer, the score weight
     assert optimizer_numel == trainable
     parameters_row = next(line for line in result.stdout.splitlines() if line.startswith("parameters"))
     assert f"({trainable / 1e3:.3g} k trainable)" in parameters_row
