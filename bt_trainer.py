@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import os
-import random
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import hydra
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -45,130 +42,42 @@ from verl.utils.fsdp_utils import (
     get_init_weight_context_manager,
     init_fn,
 )
-from verl.utils.torch_functional import (
-    get_constant_schedule_with_warmup,
-    get_cosine_schedule_with_warmup,
-    get_wsd_schedule_with_warmup,
-)
-from verl.utils.tracking import Tracking
 from verl.workers.config.optimizer import build_optimizer
 
-import bt_attention
-import bt_checkpoint
-import bt_data
-import bt_export
-import bt_io
-import bt_lora
 from bt_loss import (
     STRENGTH_SUM_FIELDS,
     SUM_FIELDS,
     LossConfig,
     metrics_from_sums,
     preference_loss,
-    require_strengths,
     reward_stats_from_sums,
     strength_metrics_from_sums,
     strength_sums,
 )
+from btrm import atomic, attention, batching, checkpoint, export, lora, pair_dataset, rows
+from btrm.modeling import (
+    DTYPES,
+    build_lr_scheduler,
+    init_distributed,
+    load_value_head_model,
+    quiet_transformers,
+    resolve_attn_implementation,
+    resolve_device,
+    resolve_param_dtype,
+    seed_everything,
+)
+from btrm.pair_dataset import check_strengths, create_pair_dataset, has_strengths, load_tokenizer
+from btrm.reporting import (
+    close_tracking,
+    format_console_line,
+    json_line,
+    keep_history_through,
+    quiet_known_noise,
+    start_tracking,
+    write_run_log,
+)
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ----------------------------------------------------------------------------- small pure helpers
-
-
-def resolve_device(setting: str) -> str:
-    """`auto` is cuda when a GPU is visible, else cpu."""
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting not in ("cuda", "cpu"):
-        raise ValueError(f"trainer.device is {setting!r}; expected auto, cuda or cpu")
-    return setting
-
-
-def resolve_attn_implementation(setting: str) -> str:
-    """`auto` is flash_attention_2 when flash_attn is installed, else sdpa."""
-    if setting != "auto":
-        return setting
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return "sdpa"
-    return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
-
-
-def resolve_param_dtype(setting: str, device: str) -> torch.dtype:
-    """Compute dtype of the sharded parameters. `auto`: bf16 on GPU, fp32 on CPU (master weights stay fp32)."""
-    if setting == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return DTYPES[setting]
-
-
-def seed_everything(seed: int) -> None:
-    """Same seed on every rank: the score head starts identical everywhere and runs repeat exactly."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def load_value_head_model(model_path: str, *, attn_implementation: str, torch_dtype: torch.dtype, trust_remote_code: bool):
-    """An `AutoModelForTokenClassification` (num_labels=1) from a causal-LM or value-head checkpoint.
-
-    From a causal LM (Qwen3-32B), the lm_head is dropped and the score head newly initialised
-    (seed first). The score bias is zeroed and frozen: a BT loss cannot see a shared offset, and
-    a bias would make TokenClassification and SequenceClassification loaders (the latter has no
-    bias) disagree. `config.architectures` is set to the value-head class so the exported
-    checkpoint declares what it is.
-    """
-    from transformers import AutoConfig, AutoModelForTokenClassification
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    config.num_labels = 1
-    config.classifier_dropout = 0.0
-    # transformers warns at length that the score head is "newly initialized ... TRAIN this model":
-    # expected here, so the warning is silenced and the caller reports it in one line.
-    with quiet_transformers():
-        model, loading_info = AutoModelForTokenClassification.from_pretrained(
-            model_path, config=config, dtype=torch_dtype, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, output_loading_info=True,
-        )
-    model.newly_initialized = sorted(loading_info["missing_keys"])
-    model.config.architectures = [type(model).__name__]
-    if model.score.bias is not None:
-        if model.score.bias.device.type != "meta":
-            with torch.no_grad():
-                model.score.bias.zero_()
-        model.score.bias.requires_grad_(False)
-    return model
-
-
-def build_lr_scheduler(optimizer, optim_config, total_steps: int):
-    warmup_steps = int(total_steps * optim_config.warmup_steps_ratio)
-    name = optim_config.lr_scheduler
-    if name == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps, min_lr_ratio=optim_config.min_lr_ratio)
-    if name == "wsd":
-        return get_wsd_schedule_with_warmup(optimizer, warmup_steps, total_steps, min_lr_ratio=optim_config.min_lr_ratio)
-    if name == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
-    raise ValueError(f"optim.lr_scheduler is {name!r}; expected cosine, wsd or constant")
-
-
-def keep_history_through(path: str, last_step: int) -> None:
-    """Drop history lines after `last_step` (a resumed run replays them), via temp file + rename."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as lines:
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
-    bt_io.atomic_write_text(path, "".join(kept))
-
-
-def json_line(step: int, metrics: dict[str, float]) -> str:
-    """One history line; non-finite values become null (bare NaN/Infinity are not JSON)."""
-    finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
-    return json.dumps({"step": step, "data": finite}, allow_nan=False) + "\n"
 
 
 class MicroBatchResult(NamedTuple):
@@ -183,139 +92,6 @@ class MicroBatchResult(NamedTuple):
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps, or non-finite weights about to be saved."""
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers warnings off for the block (for warnings about calls we do not control)."""
-    from transformers.utils import logging as transformers_logging
-
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-
-
-def quiet_known_noise() -> None:
-    """Console noise the project triggers but cannot fix at its source; the run's log file keeps INFO.
-
-    - torchdata 0.11 calls the deprecated torch.set_vital on every DataLoader;
-    - FSDP2 warns that the model output is a view: the rewards read from it are never modified in place;
-    - verl logs every shard it saves and loads at INFO from every rank.
-    """
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*")
-    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
-
-
-def write_run_log(text: str) -> None:
-    """Append to the run's log file (Hydra's <run dir>/bt_trainer.log) without echoing to the console."""
-    if not text:
-        return
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.acquire()
-            try:
-                handler.stream.write(text if text.endswith("\n") else text + "\n")
-                handler.flush()
-            finally:
-                handler.release()
-
-
-def format_console_line(step: int, metrics: dict[str, float]) -> str:
-    """One compact console line: 4 significant digits, wall-clock metrics left to the trackers."""
-    shown = {k: v for k, v in metrics.items() if k not in ("train/time(s)", "train/micro_batches")}
-    return f"step {step}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
-
-
-FINISHED_BY_VERL_DEL = {"wandb": {"exit_code": 0}, "vemlp_wandb": {"exit_code": 0}, "swanlab": {}, "tensorboard": {}, "clearml": {}, "trackio": {}}
-
-
-def close_tracking(tracking: Tracking) -> None:
-    """Finish the trackers now, as Tracking.__del__ would. From __del__ (interpreter exit) wandb's
-    finish can wait forever on its service: a rank of a finished run was seen stuck there after
-    torchrun had given up on it. Finished here, they are gone from the dict and __del__ skips them."""
-    for name, kwargs in FINISHED_BY_VERL_DEL.items():
-        backend = tracking.logger.pop(name, None)
-        if backend is not None:
-            backend.finish(**kwargs)
-
-
-def start_tracking(trainer_config, config: DictConfig) -> Tracking:
-    """verl's Tracking, with the wandb mode and tensorboard directory taken from the config.
-
-    verl's console backend prints every metric with 16 digits; the trainer prints its own compact
-    line instead (format_console_line), so `console` is not handed to verl.
-    """
-    if trainer_config.wandb_mode is not None:
-        os.environ["WANDB_MODE"] = trainer_config.wandb_mode
-    if trainer_config.wandb_dir is not None:
-        os.makedirs(trainer_config.wandb_dir, exist_ok=True)
-        os.environ["WANDB_DIR"] = trainer_config.wandb_dir
-    if trainer_config.tensorboard_dir is not None:
-        os.environ["TENSORBOARD_DIR"] = trainer_config.tensorboard_dir
-    return Tracking(
-        project_name=trainer_config.project_name, experiment_name=trainer_config.experiment_name,
-        default_backend=[b for b in trainer_config.logger if b != "console"], config=OmegaConf.to_container(config, resolve=True),
-    )
-
-
-def create_pair_dataset(files, data_config, tokenizer):
-    """PairDataset, or the class named by data.custom_cls (same constructor signature as verl's SFTDataset)."""
-    if data_config.custom_cls.get("path"):
-        from verl.utils.import_utils import load_extern_type
-
-        dataset_cls = load_extern_type(data_config.custom_cls.path, data_config.custom_cls.name)
-    else:
-        dataset_cls = bt_data.PairDataset
-    files = list(files) if not isinstance(files, str) else [files]
-    return dataset_cls(parquet_files=files, tokenizer=tokenizer, config=data_config, max_samples=data_config.max_samples)
-
-
-def dataset_strengths(dataset) -> list:
-    return [dataset[i].preference_strength for i in range(len(dataset))]
-
-
-def has_strengths(dataset) -> bool:
-    """Per-strength validation metrics need a strength on every pair."""
-    return len(dataset) > 0 and all(s is not None for s in dataset_strengths(dataset))
-
-
-def check_strengths(loss_config: LossConfig, data_config, train_dataset, val_dataset) -> None:
-    """Strength-based objectives need a valid strength on every pair; per-strength metrics on every val pair."""
-    if loss_config.needs_strengths:
-        require_strengths(dataset_strengths(train_dataset), f"data.train_files={data_config.train_files} (loss.type={loss_config.type})", loss_config.max_strength)
-        require_strengths(dataset_strengths(val_dataset), f"data.val_files={data_config.val_files} (loss.type={loss_config.type})", loss_config.max_strength)
-    elif has_strengths(val_dataset):
-        require_strengths(dataset_strengths(val_dataset), f"data.val_files={data_config.val_files}", loss_config.max_strength)
-
-
-def load_tokenizer(model_path: str, data_config, trust_remote_code: bool):
-    """The model's tokenizer, with data.pad_token applied; refuses a missing pad token or pad == eos.
-
-    pad == eos is a classic silent failure: transformers' SequenceClassification pooling then reads
-    the reward before the final eos, so the same checkpoint scores differently per loader.
-    """
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    if data_config.pad_token is not None:
-        tokenizer.pad_token = data_config.pad_token
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(
-            f"tokenizer of {model_path}: pad token is {tokenizer.pad_token!r} (eos is {tokenizer.eos_token!r}); "
-            "set data.pad_token to a token of the vocabulary that is not eos and never appears in conversations"
-        )
-    if tokenizer.chat_template is None:
-        raise ValueError(f"tokenizer of {model_path} has no chat template; use a chat model's tokenizer")
-    tokenizer.padding_side = "right"
-    return tokenizer
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -351,11 +127,11 @@ class BTRewardTrainer(FSDPSFTTrainer):
             write_run_log("start-up summary:\n" + summary)
 
     def startup_summary(self) -> str:
-        """The aligned start-up table (bt_preflight.format_startup_summary) from this trainer's state."""
-        import bt_preflight
+        """The aligned start-up table (reporting.format_startup_summary) from this trainer's state."""
+        from btrm import reporting
 
         config, data = self.config, self.config.data
-        mean_tokens, max_tokens = bt_preflight.conversation_token_stats(
+        mean_tokens, max_tokens = reporting.conversation_token_stats(
             pair for dataset in (self.train_dataset, self.val_dataset) for pair in (dataset[i] for i in range(len(dataset))))
         last_step = self.total_steps if config.trainer.total_training_steps is None else min(self.total_steps, config.trainer.total_training_steps)
         world_size = self.device_mesh.size()
@@ -363,7 +139,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
                        else f"{data.micro_batch_size_per_gpu} pair{'s' * (data.micro_batch_size_per_gpu != 1)} per micro-batch")
         resume = f"resumed from {self.resumed_from} (step {self.resume_global_step})" if self.resumed_from else f"fresh start (trainer.resume_mode={config.trainer.resume_mode})"
         param_dtype = resolve_param_dtype(config.model.mixed_precision, self.device_name)
-        return bt_preflight.format_startup_summary(
+        return reporting.format_startup_summary(
             device=self.device_name, backend=dist.get_backend(), world_size=world_size,
             nodes=max(1, world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))),
             model_path=str(config.model.partial_pretrain), model_class=self.model_class_name,
@@ -403,7 +179,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         )
         self.train_dataloader = StatefulDataLoader(
             dataset=train_dataset, batch_size=self.pairs_per_rank, sampler=self.train_sampler, drop_last=True,
-            collate_fn=bt_data.keep_as_list, num_workers=self.config.data.dataloader_num_workers,
+            collate_fn=pair_dataset.keep_as_list, num_workers=self.config.data.dataloader_num_workers,
         )
         if len(self.train_dataloader) == 0:
             raise ValueError(f"{len(train_dataset)} training pairs make no full step of data.train_batch_size={self.config.data.train_batch_size}")
@@ -429,18 +205,18 @@ class BTRewardTrainer(FSDPSFTTrainer):
             )
         self.model_config = self.model.config
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        # Layout (bt_data.LAYOUTS): packed and shared rows are attended per segment (bt_attention, no flash-attn
+        # Layout (batching.LAYOUTS): packed and shared rows are attended per segment (bt_attention, no flash-attn
         # needed); padded batches keep model.attn_implementation, also on a model switched to segments.
-        self.layout = bt_data.layout_for(self.use_remove_padding, self.config.data.get("share_prompt", False))
+        self.layout = batching.layout_for(self.use_remove_padding, self.config.data.get("share_prompt", False))
         if self.layout != "padded":
-            bt_attention.enable_segment_attention(self.model)
+            attention.enable_segment_attention(self.model)
         self.layout_checked = self.layout == "padded" or not self.config.trainer.get("check_layout", True)
         self.newly_initialized = self.model.newly_initialized
         self.model_class_name = type(self.model).__name__
         self.lora_settings = None
         if model_config.lora_rank > 0:  # peft before FSDP, as verl does; the score head stays fully trained (bt_lora)
-            self.lora_settings = bt_lora.resolve_settings(self.model, model_config.lora_rank, model_config.lora_alpha, model_config.target_modules)
-            self.model = bt_lora.add_lora(self.model, self.lora_settings, base_dtype=DTYPES[model_config.lora_base_dtype])
+            self.lora_settings = lora.resolve_settings(self.model, model_config.lora_rank, model_config.lora_alpha, model_config.target_modules)
+            self.model = lora.add_lora(self.model, self.lora_settings, base_dtype=DTYPES[model_config.lora_base_dtype])
             self.model_class_name += (f" + LoRA (rank {self.lora_settings.rank}, alpha {self.lora_settings.alpha:g}, "
                                       f"{', '.join(self.lora_settings.target_modules)})")
         if model_config.enable_gradient_checkpointing:
@@ -499,20 +275,20 @@ class BTRewardTrainer(FSDPSFTTrainer):
         dist.all_reduce(tensor, op=op)
         return tensor
 
-    def plan_step(self, pairs: list[bt_data.TokenizedPair], balance_ranks: bool) -> list[list[int]]:
+    def plan_step(self, pairs: list[pair_dataset.TokenizedPair], balance_ranks: bool) -> list[list[int]]:
         """Micro-batches of this rank's pairs; with a token budget, every rank gets the same count."""
         data = self.config.data
-        plan = bt_data.plan_micro_batches(pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu, layout=self.layout)
+        plan = batching.plan_micro_batches(pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu, layout=self.layout)
         if data.max_tokens_per_micro_batch is None or not balance_ranks:
             return plan
         count = int(self._all_reduce(torch.tensor(len(plan), device=self.device_name), dist.ReduceOp.MAX))
-        return bt_data.plan_micro_batches(pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu, min_count=count, layout=self.layout)
+        return batching.plan_micro_batches(pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu, min_count=count, layout=self.layout)
 
-    def _collate(self, pairs: list[bt_data.TokenizedPair]) -> dict[str, torch.Tensor]:
-        batch = bt_data.collate_pairs(pairs, self.tokenizer.pad_token_id, self.layout)
-        return bt_data.move_to(batch, self.device_name)
+    def _collate(self, pairs: list[pair_dataset.TokenizedPair]) -> dict[str, torch.Tensor]:
+        batch = batching.collate_pairs(pairs, self.tokenizer.pad_token_id, self.layout)
+        return batching.move_to(batch, self.device_name)
 
-    def _check_layout(self, pairs: list[bt_data.TokenizedPair]) -> None:
+    def _check_layout(self, pairs: list[pair_dataset.TokenizedPair]) -> None:
         """Start-up check (trainer.check_layout): the first micro-batch's rewards in the training layout vs padded, no grad.
 
         Every rank checks its own first micro-batch (two forwards each, so FSDP's collectives pair up);
@@ -520,9 +296,9 @@ class BTRewardTrainer(FSDPSFTTrainer):
         """
         self.layout_checked = True
         data = self.config.data
-        first = [pairs[i] for i in bt_data.plan_micro_batches(pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu, layout=self.layout)[0]]
+        first = [pairs[i] for i in batching.plan_micro_batches(pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu, layout=self.layout)[0]]
         dtype = resolve_param_dtype(self.config.model.mixed_precision, self.device_name)
-        check = bt_data.check_layout(self.fsdp_model, first, self.tokenizer.pad_token_id, self.layout, self.device_name, dtype)
+        check = batching.check_layout(self.fsdp_model, first, self.tokenizer.pad_token_id, self.layout, self.device_name, dtype)
         worst = float(self._all_reduce(torch.tensor(check.ratio, dtype=torch.float64, device=self.device_name), dist.ReduceOp.MAX))
         if not worst <= 1.0:  # NaN fails too
             raise RuntimeError(
@@ -540,18 +316,18 @@ class BTRewardTrainer(FSDPSFTTrainer):
     def _compute_loss_and_backward(self, pairs, do_backward=True, n_micro_batches=None, step_pairs=None) -> MicroBatchResult:
         """Loss of one micro-batch, normalised by the pairs of the whole step (exact accumulation)."""
         batch = self._collate(pairs)
-        rewards = bt_data.compute_rewards(self.fsdp_model, batch)
+        rewards = batching.compute_rewards(self.fsdp_model, batch)
         n = len(pairs)
         strengths = [p.preference_strength for p in pairs] if self.loss_config.needs_strengths else None
         loss, sums = preference_loss(rewards[:n], rewards[n:], strengths, self.loss_config, normalizer=step_pairs or n)
         if do_backward:
             loss.backward()
-        counts = bt_data.token_counts(batch)
+        counts = batching.token_counts(batch)
         return MicroBatchResult(loss, sums, rewards[:n].detach(), rewards[n:].detach(), counts.real, counts.computed, counts.conversation)
 
     # Replaces FSDPSFTTrainer.training_step: BT metrics summed over micro-batches and all ranks
     # (verl all-reduces its loss only under CUDA, so on CPU it logs rank 0's alone).
-    def training_step(self, pairs: list[bt_data.TokenizedPair]) -> dict[str, float]:
+    def training_step(self, pairs: list[pair_dataset.TokenizedPair]) -> dict[str, float]:
         start = time.perf_counter()
         if not self.layout_checked:
             self._check_layout(pairs)
@@ -648,14 +424,14 @@ class BTRewardTrainer(FSDPSFTTrainer):
     def save_checkpoint(self, step):
         trainer_config = self.config.trainer
         root = trainer_config.default_local_dir
-        directory = bt_checkpoint.step_dir(root, step)
+        directory = checkpoint.step_dir(root, step)
         rank = self.device_mesh.get_rank()
         if not self._all_weights_finite():
-            latest = bt_checkpoint.latest_complete(root)
+            latest = checkpoint.latest_complete(root)
             raise TrainingDiverged(f"weights are not finite at step {step}; not saving (the last good checkpoint is {latest})")
         if rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
-            (directory / bt_checkpoint.STATE_FILE).unlink(missing_ok=True)  # re-saving a step: incomplete until done
+            (directory / checkpoint.STATE_FILE).unlink(missing_ok=True)  # re-saving a step: incomplete until done
         dist.barrier()
         with quiet_transformers():  # verl's export passes the deprecated torch_dtype= to transformers
             self.checkpoint_manager.save_checkpoint(local_path=str(directory), global_step=step, max_ckpt_to_keep=None)
@@ -665,21 +441,21 @@ class BTRewardTrainer(FSDPSFTTrainer):
             if "hf_model" in trainer_config.checkpoint.save_contents:
                 # the class every consumer reads the same (see bt_export), and the reward scale over the
                 # validation conversations when this step was validated
-                bt_export.export_reward_model(directory / "huggingface", trust_remote_code=self.config.model.trust_remote_code)
+                export.export_reward_model(directory / "huggingface", trust_remote_code=self.config.model.trust_remote_code)
                 if self.last_val_step == step and self.last_val_sums is not None:
                     stats = reward_stats_from_sums(self.last_val_sums)
                     if math.isfinite(stats.std) and stats.std > 0:
-                        bt_export.write_reward_stats(directory / "huggingface", stats.mean, stats.std, count=stats.count, step=step,
+                        export.write_reward_stats(directory / "huggingface", stats.mean, stats.std, count=stats.count, step=step,
                                                      source="validation conversations (data.val_files)")
-            with bt_io.atomic_outputs([directory / bt_checkpoint.DATA_STATE_FILE]) as (temp,):
+            with atomic.atomic_outputs([directory / checkpoint.DATA_STATE_FILE]) as (temp,):
                 torch.save(self.train_dataloader.state_dict(), temp)
-            bt_checkpoint.mark_complete(
+            checkpoint.mark_complete(
                 directory, step=step, world_size=self.device_mesh.size(), save_contents=list(trainer_config.checkpoint.save_contents),
                 trainer_state={"skipped_steps": self.skipped_steps, "consecutive_skipped_steps": self.consecutive_skipped_steps,
                                "lora": self.lora_description()},
             )
-            bt_checkpoint.write_tracker(root, step)
-            for removed in bt_checkpoint.remove_old_checkpoints(root, keep=trainer_config.max_ckpt_to_keep, newest_step=step):
+            checkpoint.write_tracker(root, step)
+            for removed in checkpoint.remove_old_checkpoints(root, keep=trainer_config.max_ckpt_to_keep, newest_step=step):
                 print(f"removed old checkpoint {removed}")
             if trainer_config.default_hdfs_dir:
                 from verl.utils import hdfs_io
@@ -713,12 +489,12 @@ class BTRewardTrainer(FSDPSFTTrainer):
         full_state = get_fsdp_full_state_dict(self.fsdp_model, offload_to_cpu=True, rank0_only=True)
         if self.device_mesh.get_rank() == 0:
             hf_dir = directory / "huggingface"  # verl's manager has written the config and tokenizer there
-            merged = bt_lora.merge_lora_state_dict(full_state, self.lora_settings.scaling, dtype=torch.float32)
+            merged = lora.merge_lora_state_dict(full_state, self.lora_settings.scaling, dtype=torch.float32)
             with torch.device("meta"):  # only the class and config are needed: the weights are `merged`
                 plain = AutoModelForTokenClassification.from_config(self.model_config)
             with quiet_transformers():
                 plain.save_pretrained(hf_dir, state_dict=merged)
-            bt_lora.save_adapter(directory / bt_lora.ADAPTER_DIR, full_state, self.lora_settings,
+            lora.save_adapter(directory / lora.ADAPTER_DIR, full_state, self.lora_settings,
                                  base_model=str(self.config.model.partial_pretrain))
             del merged
         del full_state
@@ -729,7 +505,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
     # restores an exhausted dataloader that then skips the whole next epoch.
     def load_checkpoint(self):
         trainer_config = self.config.trainer
-        found = bt_checkpoint.find_resume_checkpoint(
+        found = checkpoint.find_resume_checkpoint(
             trainer_config.default_local_dir, mode=trainer_config.resume_mode, resume_from_path=trainer_config.resume_from_path,
             world_size=self.device_mesh.size(), load_contents=list(trainer_config.checkpoint.load_contents),
         )
@@ -740,13 +516,13 @@ class BTRewardTrainer(FSDPSFTTrainer):
         saved_lora = state["trainer"].get("lora")
         if "lora" in state["trainer"] and saved_lora != self.lora_description():
             # the shards' keys differ (peft's base_layer / lora_A) and verl would fail deep in a load; say why
-            raise bt_checkpoint.CheckpointError(
+            raise checkpoint.CheckpointError(
                 f"{directory}: saved with LoRA {saved_lora or 'off (full fine-tune)'}, this run has LoRA "
                 f"{self.lora_description() or 'off (full fine-tune)'}; set model.lora_* as the run was, or use another trainer.experiment_name")
-        with bt_checkpoint.weights_only_loading():
+        with checkpoint.weights_only_loading():
             self.checkpoint_manager.load_checkpoint(str(directory))
             if step % self.steps_per_epoch:
-                self.train_dataloader.load_state_dict(torch.load(directory / bt_checkpoint.DATA_STATE_FILE, map_location="cpu"))
+                self.train_dataloader.load_state_dict(torch.load(directory / checkpoint.DATA_STATE_FILE, map_location="cpu"))
         # At an epoch boundary the saved dataloader has yielded its whole epoch: the next epoch starts
         # from a fresh iterator, exactly as in an uninterrupted run.
         self.skipped_steps = int(state["trainer"]["skipped_steps"])
@@ -806,7 +582,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
                         raise TrainingDiverged(
                             f"{self.consecutive_skipped_steps} consecutive steps had non-finite gradients (last: step {global_step}, "
                             f"{self.skipped_steps} skipped in all); stopping without saving. Last good checkpoint: "
-                            f"{bt_checkpoint.latest_complete(trainer_config.default_local_dir)}. Lower optim.lr or optim.clip_grad."
+                            f"{checkpoint.latest_complete(trainer_config.default_local_dir)}. Lower optim.lr or optim.clip_grad."
                         )
                     is_last_step = global_step >= last_step
                     is_save_step = is_last_step or (trainer_config.save_freq > 0 and global_step % trainer_config.save_freq == 0)
@@ -821,7 +597,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
                         log(self.last_val_metrics, global_step)
                     if is_save_step and self.consecutive_skipped_steps:
                         # the state after skipped updates is suspect: keep the last good checkpoint as the latest
-                        latest = bt_checkpoint.latest_complete(trainer_config.default_local_dir)
+                        latest = checkpoint.latest_complete(trainer_config.default_local_dir)
                         if is_last_step:
                             raise TrainingDiverged(f"the last {self.consecutive_skipped_steps} steps had non-finite gradients; "
                                                    f"not saving the final state. Last good checkpoint: {latest}")
@@ -841,7 +617,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
             if tracking is not None:
                 close_tracking(tracking)
         if rank == 0:
-            final = bt_checkpoint.step_dir(trainer_config.default_local_dir, global_step)
+            final = checkpoint.step_dir(trainer_config.default_local_dir, global_step)
             print("final validation: " + "  ".join(f"{k.removeprefix('val/')} {v:.4g}" for k, v in self.last_val_metrics.items()))
             print(f"final model: {final / 'huggingface'}")
             val_files = [self.config.data.val_files] if isinstance(self.config.data.val_files, str) else list(self.config.data.val_files)
@@ -854,38 +630,19 @@ class BTRewardTrainer(FSDPSFTTrainer):
         return self.last_val_metrics
 
 
-# ----------------------------------------------------------------------------- entry point
-
-
-def init_distributed(device: str) -> tuple[int, int]:
-    """Replaces verl.utils.distributed.initialize_global_process_group, which always asks for nccl."""
-    if device == "cuda":  # said plainly here rather than as "invalid device ordinal" from deep in torch
-        visible, local_rank = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
-        if visible == 0:
-            raise ValueError("trainer.device=cuda, but no GPU is visible (torch.cuda.device_count() is 0); use trainer.device=auto or cpu")
-        if local_rank >= visible:
-            raise ValueError(f"{os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this node, but only {visible} GPUs are visible; "
-                             f"set N_GPUS_PER_NODE={visible} (or fewer)")
-    if not dist.is_initialized():
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device == "cuda" else "gloo")
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size()
-
-
 def run(config: DictConfig):
-    import bt_preflight
+    from btrm import launcher, preflight, schema
 
     quiet_known_noise()
     # Before anything heavy (run_bt_rm.sh's launcher has checked the same before starting the ranks;
     # these catch launches that bypass it): the config against trainer.yaml on every rank (cheap and
     # the same everywhere), then data files, model and resume checkpoint on rank 0 alone (one hub
     # probe, not one per rank), its verdict shared with the others.
-    knobs = bt_preflight.check_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    knobs = schema.check_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     loss_config = LossConfig.from_mapping(OmegaConf.to_container(config.loss, resolve=True))
     device = resolve_device(config.trainer.device)
     rank, world_size = init_distributed(device)
-    bt_preflight.checked_on_rank0(lambda: bt_preflight.check_inputs(knobs, world_size))
+    launcher.checked_on_rank0(lambda: preflight.check_inputs(knobs, world_size))
     if rank == 0:  # the console gets the start-up summary; the run's log file the whole config
         write_run_log("resolved config:\n" + OmegaConf.to_yaml(config, resolve=True))
     seed_everything(config.trainer.seed)
@@ -897,8 +654,8 @@ def run(config: DictConfig):
     check_strengths(loss_config, config.data, train_dataset, val_dataset)
     if len(train_dataset) == 0 or len(val_dataset) == 0:
         empty = config.data.train_files if len(train_dataset) == 0 else config.data.val_files
-        raise bt_data.DataError(f"{empty}: no usable pairs after reading (see the dropped-pair counts above)")
-    shared = bt_io.count_shared_pairs(train_dataset.pairs, val_dataset.pairs) if hasattr(train_dataset, "pairs") else 0
+        raise pair_dataset.DataError(f"{empty}: no usable pairs after reading (see the dropped-pair counts above)")
+    shared = rows.count_shared_pairs(train_dataset.pairs, val_dataset.pairs) if hasattr(train_dataset, "pairs") else 0
     if rank == 0:
         for dataset in (train_dataset, val_dataset):
             report = getattr(dataset, "read_report", None)
@@ -914,13 +671,13 @@ def run(config: DictConfig):
 
 @hydra.main(config_path=".", config_name="trainer", version_base=None)
 def main(config: DictConfig):
-    import bt_preflight
+    from btrm import launcher
 
     # Errors the user can fix (config, data, checkpoint, divergence): one line from rank 0, also in
     # <trainer.default_local_dir>/errors.log and the run's log file, exit status 2, no traceback
     # unless BT_DEBUG=1. Anything else keeps its traceback.
-    with bt_preflight.errors_reported_once(bt_preflight.EXPECTED_ERRORS + (TrainingDiverged,),
-                                           log_dir=lambda: bt_preflight.log_dir_of(config), run_log=write_run_log):
+    with launcher.errors_reported_once(launcher.EXPECTED_ERRORS + (TrainingDiverged,),
+                                           log_dir=lambda: launcher.log_dir_of(config), run_log=write_run_log):
         run(config)
 
 

@@ -6,7 +6,7 @@
     python evaluate_rm.py --model CKPT --rewardbench reward-bench.parquet  # a local copy of it (offline)
 
 --model is a Hugging Face directory (or a verl step directory holding `huggingface/`). --data reads
-every layout training reads (bt_io.detect_pair_format: conversations as messages, an explicit
+every layout training reads (rows.detect_pair_format: conversations as messages, an explicit
 prompt with responses, plain text; .parquet / .jsonl / .json), formatted exactly as in training
 (bt_data). Prints accuracy overall and per |preference_strength| (pairs without a strength form
 the group "none"), reward means and stds, and how many pairs were truncated or dropped; writes
@@ -28,8 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-import bt_data
-import bt_io
+from btrm import atomic, batching, pair_dataset, rows
 
 DTYPE_NAMES = ("bf16", "fp32")
 
@@ -137,9 +136,8 @@ def resolve_model_dir(path: Path) -> Path:
 
 def load_reward_model(model_dir: Path, device: str, dtype, trust_remote_code: bool = False):
     """The checkpoint as verl's RewardModelWorker loads it: AutoModelForTokenClassification, num_labels=1."""
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-
     import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -170,8 +168,8 @@ def score_pairs(model, tokenizer, dataset, batch_size: int, device: str, progres
     with torch.no_grad():
         for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress, file=sys.stderr):
             indices = order[start : start + batch_size]
-            batch = bt_data.move_to(bt_data.collate_pairs([dataset[i] for i in indices], tokenizer.pad_token_id, packed=False), device)
-            rewards = bt_data.compute_rewards(model, batch).tolist()
+            batch = batching.move_to(batching.collate_pairs([dataset[i] for i in indices], tokenizer.pad_token_id, packed=False), device)
+            rewards = batching.compute_rewards(model, batch).tolist()
             for k, index in enumerate(indices):
                 chosen[index], rejected[index] = rewards[k], rewards[len(indices) + k]
     return chosen, rejected
@@ -215,7 +213,7 @@ def score_lines(chosen, rejected, strengths, sources, subsets) -> Iterator[str]:
 def write_scores(path: Path, chosen, rejected, strengths, sources=None, subsets=None) -> None:
     """Per-pair scores to `path`, atomically (bt_io: temp file + rename, mode from the umask)."""
     n = len(chosen)
-    with bt_io.atomic_outputs([path]) as (temp,), open(temp, "w", encoding="utf-8") as out:
+    with atomic.atomic_outputs([path]) as (temp,), open(temp, "w", encoding="utf-8") as out:
         for line in score_lines(chosen, rejected, strengths, sources or [None] * n, subsets or [None] * n):
             out.write(line)
 
@@ -230,13 +228,13 @@ def hub_rewardbench_file(directory: Path) -> Path:
     hint = "If this machine is offline, copy the filtered split elsewhere and pass --rewardbench PATH (.parquet or .jsonl)."
     reason = hub_unreachable_reason()
     if reason is not None:
-        raise bt_io.DataError(f"could not load {REWARDBENCH_HUB_DATASET} from the Hugging Face hub: {reason}. {hint}")
+        raise rows.DataError(f"could not load {REWARDBENCH_HUB_DATASET} from the Hugging Face hub: {reason}. {hint}")
     try:
         from datasets import load_dataset
 
         dataset = load_dataset(REWARDBENCH_HUB_DATASET, split=REWARDBENCH_SPLIT)
     except Exception as error:  # network and hub errors come in many types
-        raise bt_io.DataError(f"could not load {REWARDBENCH_HUB_DATASET} (split {REWARDBENCH_SPLIT!r}): {type(error).__name__}: {error}. {hint}") from None
+        raise rows.DataError(f"could not load {REWARDBENCH_HUB_DATASET} (split {REWARDBENCH_SPLIT!r}): {type(error).__name__}: {error}. {hint}") from None
     path = directory / "reward-bench-filtered.parquet"
     dataset.to_parquet(str(path))
     return path
@@ -254,7 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--max-length", type=int, default=None, help="truncate conversations as in training (left); default: no limit")
-    parser.add_argument("--format", choices=bt_io.PAIR_FORMATS, default="auto", help="data layout, as data.format in trainer.yaml (default: %(default)s)")
+    parser.add_argument("--format", choices=rows.PAIR_FORMATS, default="auto", help="data layout, as data.format in trainer.yaml (default: %(default)s)")
     parser.add_argument("--prompt-key", default="prompt")
     parser.add_argument("--chosen-key", default="chosen")
     parser.add_argument("--rejected-key", default="rejected")
@@ -264,17 +262,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse bad arguments before the model is loaded; raises bt_io.DataError with one line."""
+    """Refuse bad arguments before the model is loaded; raises rows.DataError with one line."""
     if args.batch_size < 1:
-        raise bt_io.DataError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise rows.DataError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_length is not None and args.max_length < 1:
-        raise bt_io.DataError(f"--max-length must be at least 1, got {args.max_length}")
+        raise rows.DataError(f"--max-length must be at least 1, got {args.max_length}")
     if args.output is not None and args.output.is_dir():
-        raise bt_io.DataError(f"--output {args.output} is a directory; expected a file path (e.g. {args.output / 'scores.jsonl'})")
+        raise rows.DataError(f"--output {args.output} is a directory; expected a file path (e.g. {args.output / 'scores.jsonl'})")
     if args.data is not None:
-        bt_io.check_data_files(args.data, train_label="--data")
+        rows.check_data_files(args.data, train_label="--data")
     elif args.rewardbench != FROM_HUB:
-        bt_io.check_data_files(args.rewardbench, train_label="--rewardbench")
+        rows.check_data_files(args.rewardbench, train_label="--rewardbench")
     resolve_model_dir(args.model)
 
 
@@ -289,12 +287,12 @@ def evaluate(args: argparse.Namespace, data_files: list[str]) -> dict:
         "format": args.format, "prompt_key": args.prompt_key, "chosen_key": args.chosen_key, "rejected_key": args.rejected_key}
     data_config = OmegaConf.create({**layout, "apply_chat_template_kwargs": {},
                                     "max_length": args.max_length or sys.maxsize, "truncation": "left"})
-    dataset = bt_data.PairDataset(data_files, tokenizer, data_config)
+    dataset = pair_dataset.PairDataset(data_files, tokenizer, data_config)
     if len(dataset) == 0:
-        raise bt_io.DataError(f"{' '.join(data_files)}: no pairs left to score ({dataset.identical_pairs_dropped} dropped: chosen equals rejected)")
+        raise rows.DataError(f"{' '.join(data_files)}: no pairs left to score ({dataset.identical_pairs_dropped} dropped: chosen equals rejected)")
     subsets = getattr(dataset, "subsets", [None] * len(dataset))
     if args.rewardbench and any(s is None for s in subsets):
-        raise bt_io.DataError(f"{' '.join(data_files)}: no 'subset' value in {dataset.sources[subsets.index(None)]}; "
+        raise rows.DataError(f"{' '.join(data_files)}: no 'subset' value in {dataset.sources[subsets.index(None)]}; "
                               "RewardBench data has prompt, chosen, rejected and subset columns")
 
     chosen, rejected = score_pairs(model, tokenizer, dataset, args.batch_size, device, progress=not args.no_progress)
@@ -349,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
                 summary = evaluate(args, [str(hub_rewardbench_file(Path(directory)))])
         else:
             summary = evaluate(args, list(args.data) if args.data is not None else [args.rewardbench])
-    except (bt_io.DataError, bt_data.DataError, FileNotFoundError) as error:
+    except (rows.DataError, pair_dataset.DataError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     print_report(summary)
     print(json.dumps(summary))

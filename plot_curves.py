@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from bt_io import atomic_outputs
+from btrm.atomic import atomic_outputs
 
 PANELS = (("loss", "BT loss  -log sigmoid(r_chosen - r_rejected)"), ("accuracy", "accuracy (r_chosen > r_rejected)"))
 DEFAULT_SMOOTHING = 0.9  # per-step BT metrics of one batch are noisy; 0.9 averages roughly the last 10 steps
@@ -125,7 +125,7 @@ def build_figure(history: History, title: str = "", smoothing: float = DEFAULT_S
 
 
 def plot_curves(history: History, output: Path, title: str = "", smoothing: float = DEFAULT_SMOOTHING) -> Path:
-    """build_figure written as a PNG atomically (bt_io.atomic_outputs), replacing `output`."""
+    """build_figure written as a PNG atomically (atomic.atomic_outputs), replacing `output`."""
     figure = build_figure(history, title, smoothing)
     output = Path(output)
     with atomic_outputs([output]) as (temp,):

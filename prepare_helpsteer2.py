@@ -7,7 +7,7 @@
 Writes DIR/train.parquet (split == "train") and DIR/test.parquet (split == "val" / "validation"),
 columns: `chosen`, `rejected` (JSON strings of chat-messages lists) and `preference_strength`
 (the original signed int: < 0 means response_1 is better, > 0 response_2). Both files are
-written together and atomically (bt_io.atomic_outputs): a failure leaves the previous ones intact,
+written together and atomically (atomic.atomic_outputs): a failure leaves the previous ones intact,
 and their mode follows the umask.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import bt_io
+from btrm import atomic
 
 HUB_DATASET = "nvidia/HelpSteer2"
 HUB_DATA_DIR = "preference"
@@ -214,14 +214,14 @@ def convert(rows: Iterable[tuple[str, Any]], min_strength: int) -> tuple[dict[st
 
 
 def write_parquet_files(columns: dict[str, dict[str, list]], output_dir: Path) -> list[Path]:
-    """Write every split through bt_io.atomic_outputs: all files are renamed into place only once all
+    """Write every split through atomic.atomic_outputs: all files are renamed into place only once all
     are complete, so a failure leaves the previous outputs intact; modes follow the umask."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pa.schema([("chosen", pa.string()), ("rejected", pa.string()), ("preference_strength", pa.int64())])
     final_paths = [output_dir / f"{split}.parquet" for split in OUTPUT_FILES]
-    with bt_io.atomic_outputs(final_paths) as temp_paths:
+    with atomic.atomic_outputs(final_paths) as temp_paths:
         for split, temp in zip(OUTPUT_FILES, temp_paths):
             pq.write_table(pa.Table.from_pydict(columns[split], schema=schema), temp)
     return final_paths

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train a Bradley-Terry reward model: bt_preflight.py checks, then torchrun -> bt_trainer.py with trainer.yaml.
+# Train a Bradley-Terry reward model: btrm.launcher checks, then torchrun -> bt_trainer.py with trainer.yaml.
 #
 #   bash run_bt_rm.sh [hydra overrides...]
 #
@@ -72,8 +72,8 @@ if [[ "$N_GPUS_PER_NODE" == auto ]]; then
   fi
 fi
 
-# bt_preflight.py checks everything it can, then runs torchrun with these arguments in its own process.
-exec "$PYTHON" bt_preflight.py \
+# btrm.launcher checks everything it can, then runs torchrun with these arguments in its own process.
+exec "$PYTHON" -m btrm.launcher \
   --nnodes="$NNODES" --nproc_per_node="$N_GPUS_PER_NODE" --node_rank="$NODE_RANK" \
   --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
   bt_trainer.py \

@@ -8,7 +8,7 @@ Trains the same model on the same pairs under
   (a) pad_to_max:  every sequence padded to max_length (4096, as the seed trainer did), fixed micro-batches
   (b) batch_pad:   padded to the longest sequence of each fixed-size micro-batch
   (c) packed:      the conversations of whole pairs concatenated into one row per micro-batch, formed
-                   by a token budget (bt_data.token_budget_micro_batches), no padding; attention per
+                   by a token budget (batching.token_budget_micro_batches), no padding; attention per
                    conversation (bt_attention: varlen_attn on CUDA, per-segment sdpa elsewhere)
   (d) shared:      packed, each pair as [shared prompt | chosen response | rejected response], the
                    prompt computed once (bt_data's `shared` layout; the budget counts computed tokens)
@@ -36,8 +36,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 MODES = ("pad_to_max", "batch_pad", "packed", "shared")
 PACKED_MODES = ("packed", "shared")  # one row per micro-batch, attended per segment
@@ -62,7 +60,7 @@ def lognormal(rng: random.Random, mean: float, std: float) -> float:
 
 def helpsteer2_like_pairs(n_pairs: int, vocab_size: int, max_length: int, seed: int = 0):
     """TokenizedPairs with a shared prompt and two responses, lengths as documented above, truncated as the trainer does (left)."""
-    from bt_data import TokenizedPair, truncate_pair
+    from btrm.pair_dataset import TokenizedPair, truncate_pair
 
     rng = random.Random(seed)
     pairs = []
@@ -79,14 +77,14 @@ def build_model(name: str, device: str, attn: str, segment_attention: bool = Fal
     import torch
     from transformers import Qwen3Config, Qwen3ForTokenClassification
 
-    import bt_attention
+    from btrm import attention
 
     config = Qwen3Config(**MODEL_CONFIGS[name], num_labels=1, max_position_embeddings=40960, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen3ForTokenClassification._from_config(config, attn_implementation=attn, dtype=torch.float32)
     if segment_attention:
-        bt_attention.enable_segment_attention(model)
+        attention.enable_segment_attention(model)
     return model
 
 
@@ -100,37 +98,37 @@ def reward_model_flops(model, sequence_lengths) -> float:
 
 def plan(mode: str, pairs, args) -> list[list[int]]:
     """Micro-batches as the trainer forms them: a token budget of computed tokens for the packed modes."""
-    import bt_data
+    from btrm import batching
 
     if mode in PACKED_MODES:
-        return bt_data.plan_micro_batches(pairs, args.max_tokens, args.micro_batch_pairs, layout=mode)
-    return bt_data.fixed_size_micro_batches(len(pairs), args.micro_batch_pairs)
+        return batching.plan_micro_batches(pairs, args.max_tokens, args.micro_batch_pairs, layout=mode)
+    return batching.fixed_size_micro_batches(len(pairs), args.micro_batch_pairs)
 
 
 def collate(mode: str, micro, pad_token_id: int, max_length: int):
-    import bt_data
+    from btrm import batching
 
     if mode == "pad_to_max":  # the seed's layout: every row is max_length long
-        sequences_padded = bt_data.collate_padded(bt_data.pair_sequences(micro) + [[pad_token_id] * max_length], pad_token_id)
+        sequences_padded = batching.collate_padded(batching.pair_sequences(micro) + [[pad_token_id] * max_length], pad_token_id)
         return {k: v[:-1] for k, v in sequences_padded.items()}
-    return bt_data.collate_pairs(micro, pad_token_id, "padded" if mode == "batch_pad" else mode)
+    return batching.collate_pairs(micro, pad_token_id, "padded" if mode == "batch_pad" else mode)
 
 
 def run_worker(args) -> dict:
     """One mode, in its own process: warm-up step, then timed optimizer steps over all pairs."""
     import torch
 
-    import bt_data
     from bt_loss import bradley_terry_loss
+    from btrm import batching
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = args.device
     model = build_model(args.model, device, args.attn, segment_attention=args.mode in PACKED_MODES)
     if args.lora_rank > 0:  # as the trainer does with model.lora_rank (bt_lora): adapters + score head train
-        import bt_lora
+        from btrm import lora
 
-        settings = bt_lora.resolve_settings(model, args.lora_rank, 2 * args.lora_rank, "all-linear")
-        model = bt_lora.add_lora(model, settings, base_dtype=torch.bfloat16 if args.lora_base_dtype == "bf16" else None)
+        settings = lora.resolve_settings(model, args.lora_rank, 2 * args.lora_rank, "all-linear")
+        model = lora.add_lora(model, settings, base_dtype=torch.bfloat16 if args.lora_base_dtype == "bf16" else None)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     pairs = helpsteer2_like_pairs(args.pairs, model.config.vocab_size, args.max_length, seed=args.seed)
@@ -144,12 +142,12 @@ def run_worker(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         for indices in plan(args.mode, step_pairs, args):
             micro = [step_pairs[i] for i in indices]
-            batch = bt_data.move_to(collate(args.mode, micro, 0, args.max_length), device)
+            batch = batching.move_to(collate(args.mode, micro, 0, args.max_length), device)
             with autocast:
-                rewards = bt_data.compute_rewards(model, batch)
+                rewards = batching.compute_rewards(model, batch)
             loss, _ = bradley_terry_loss(rewards[: len(micro)], rewards[len(micro):], normalizer=len(step_pairs))
             loss.backward()
-            counts = bt_data.token_counts(batch)
+            counts = batching.token_counts(batch)
             real, computed = real + counts.real, computed + counts.computed
         optimizer.step()
         return real, computed
@@ -225,7 +223,7 @@ def main(argv=None):
     results = {}
     for mode in args.modes:
         print(f"running {mode} ...", file=sys.stderr, flush=True)
-        out = subprocess.run([sys.executable, __file__, *passthrough, "--worker", mode], capture_output=True, text=True, cwd=REPO)
+        out = subprocess.run([sys.executable, "-m", "bench.bench_throughput", *passthrough, "--worker", mode], capture_output=True, text=True, cwd=REPO)
         if out.returncode != 0:
             raise SystemExit(f"{mode} failed:\n{out.stderr[-4000:]}")
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # the project is a flat cookbook, not an installed package
-    sys.path.insert(0, str(REPO))
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,13 @@
 """bench/bench_throughput.py's building blocks (the speed itself is measured by running the script, not here)."""
 
 import statistics
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "bench"))
-import bench_throughput as bench  # noqa: E402
-from bt_data import TokenizedPair  # noqa: E402
+from bench import bench_throughput as bench
+from btrm.pair_dataset import TokenizedPair
 
 
 def test_lengths_resemble_helpsteer2():

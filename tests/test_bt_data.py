@@ -1,4 +1,4 @@
-"""bt_data.py: chat formatting, truncation, the reward token (verl's rule), batching and the padded / packed / shared layouts.
+"""batching.py: chat formatting, truncation, the reward token (verl's rule), batching and the padded / packed / shared layouts.
 
 Model-level exactness of the layouts (rewards, loss, gradients vs the padded path) is in test_bt_attention.py."""
 
@@ -12,9 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import bt_attention
-import bt_data
-from bt_data import DataError, TokenizedPair
+from btrm import attention, batching, pair_dataset
+from btrm.pair_dataset import DataError, TokenizedPair
 
 
 def conv(prompt, answer):
@@ -28,7 +27,7 @@ def data_config(**overrides):
 
 @pytest.fixture(scope="module")
 def value_model(tiny_model_dir):
-    from bt_trainer import load_value_head_model
+    from btrm.modeling import load_value_head_model
 
     torch.manual_seed(1)
     model = load_value_head_model(str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
@@ -40,7 +39,7 @@ def value_model(tiny_model_dir):
 
 
 def test_encode_applies_template_once_without_extra_special_tokens(tokenizer):
-    ids = bt_data.encode_conversation(tokenizer, conv("Hi", "Hello"))
+    ids = pair_dataset.encode_conversation(tokenizer, conv("Hi", "Hello"))
     text = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
     assert tokenizer.decode(ids) == text
     assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -57,7 +56,7 @@ def test_bos_is_not_doubled_when_template_writes_it(tokenizer):
     with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
     with_bos.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
     assert with_bos("x")["input_ids"][0] == bos  # the tokenizer on its own would add BOS
-    ids = bt_data.encode_conversation(with_bos, conv("Hi", "Hello"))
+    ids = pair_dataset.encode_conversation(with_bos, conv("Hi", "Hello"))
     assert ids[0] == bos and ids[1] != bos and ids.count(bos) == 1
 
 
@@ -69,7 +68,7 @@ def test_bos_is_not_doubled_when_template_writes_it(tokenizer):
 ])
 def test_parse_messages_errors_name_the_place(bad, message):
     with pytest.raises(DataError, match=message) as error:
-        bt_data.parse_messages(bad, "f.parquet row 3 field 'chosen'")
+        pair_dataset.parse_messages(bad, "f.parquet row 3 field 'chosen'")
     assert str(error.value).startswith("f.parquet row 3 field 'chosen'")
 
 
@@ -81,7 +80,7 @@ PROMPT = list(range(1, 11))  # 10 prompt tokens both conversations share
 def test_truncation_left_never_empties_the_shorter_conversation():
     """The old bug: dropping the longer one's overflow from both emptied a short chosen."""
     chosen, rejected = PROMPT + [50, 51], PROMPT + list(range(60, 90))  # 12 and 40 tokens
-    result = bt_data.truncate_pair(chosen, rejected, 20, "left", "row 1")
+    result = pair_dataset.truncate_pair(chosen, rejected, 20, "left", "row 1")
     assert result.chosen == [50, 51]              # lost its prompt only (all 10 shared tokens), not its response
     assert result.rejected == list(range(70, 90))  # its response alone (30) exceeds 20: cut from its start
     assert result.dropped_tokens == 10 + 20
@@ -89,22 +88,22 @@ def test_truncation_left_never_empties_the_shorter_conversation():
 
 def test_truncation_left_drops_only_what_the_longer_one_needs_from_the_shared_prompt():
     chosen, rejected = PROMPT + [50, 51, 52], PROMPT + [60, 61, 62, 63, 64]  # 13 and 15 tokens
-    result = bt_data.truncate_pair(chosen, rejected, 12, "left", "row 1")
+    result = pair_dataset.truncate_pair(chosen, rejected, 12, "left", "row 1")
     assert result.chosen == [4, 5, 6, 7, 8, 9, 10, 50, 51, 52]  # the same 3 oldest prompt tokens from both
     assert result.rejected == [4, 5, 6, 7, 8, 9, 10, 60, 61, 62, 63, 64]
     assert result.dropped_tokens == 6
 
 
 def test_truncation_left_when_one_conversation_is_a_prefix_of_the_other():
-    result = bt_data.truncate_pair([1, 2, 3], [1, 2, 3, 4, 5, 6, 7, 8], 4, "left", "row 1")
+    result = pair_dataset.truncate_pair([1, 2, 3], [1, 2, 3, 4, 5, 6, 7, 8], 4, "left", "row 1")
     assert result.chosen == [3]  # at most len - 1 shared tokens are dropped: its last token stays
     assert result.rejected == [5, 6, 7, 8]
-    identical = bt_data.truncate_pair(list(range(10)), list(range(10)), 4, "left", "row 1")
+    identical = pair_dataset.truncate_pair(list(range(10)), list(range(10)), 4, "left", "row 1")
     assert identical.chosen == identical.rejected == [6, 7, 8, 9]
 
 
 def test_truncation_left_with_nothing_shared_cuts_each_from_its_start():
-    result = bt_data.truncate_pair([1, 2, 3, 4, 5], [9, 8], 3, "left", "row 1")
+    result = pair_dataset.truncate_pair([1, 2, 3, 4, 5], [9, 8], 3, "left", "row 1")
     assert (result.chosen, result.rejected, result.dropped_tokens) == ([3, 4, 5], [9, 8], 2)
 
 
@@ -115,12 +114,12 @@ def test_truncation_left_invariants(seed):
     chosen = prompt + [rng.randrange(100) for _ in range(rng.randint(1, 30))]
     rejected = prompt + [rng.randrange(100) for _ in range(rng.randint(1, 30))]
     max_length = rng.randint(1, 40)
-    result = bt_data.truncate_pair(chosen, rejected, max_length, "left", "row")
+    result = pair_dataset.truncate_pair(chosen, rejected, max_length, "left", "row")
     for before, after in ((chosen, result.chosen), (rejected, result.rejected)):
         assert 1 <= len(after) <= max(max_length, 1) and after[-1] == before[-1]  # never empty, reward token kept
         assert before[len(before) - len(after):] == after                         # a tail of the original
         if len(before) <= max_length:                                             # fits: loses shared tokens only
-            assert len(before) - len(after) <= bt_data.shared_prefix_length([chosen, rejected])
+            assert len(before) - len(after) <= pair_dataset.shared_prefix_length([chosen, rejected])
     dropped = len(chosen) - len(result.chosen)
     if max(len(chosen), len(rejected)) > max_length and len(result.chosen) < max_length and len(result.rejected) < max_length:
         assert len(rejected) - len(result.rejected) == dropped  # neither needed a response cut: the same count from both
@@ -128,7 +127,7 @@ def test_truncation_left_invariants(seed):
 
 
 def test_truncation_right_keeps_head_and_reward_token():
-    result = bt_data.truncate_pair(list(range(10)), list(range(100, 105)), 6, "right", "row 1")
+    result = pair_dataset.truncate_pair(list(range(10)), list(range(100, 105)), 6, "right", "row 1")
     assert result.chosen == [0, 1, 2, 3, 4, 9]
     assert result.rejected == list(range(100, 105))  # within the limit: untouched
     assert result.dropped_tokens == 4
@@ -136,16 +135,16 @@ def test_truncation_right_keeps_head_and_reward_token():
 
 def test_truncation_error_names_row_and_both_lengths():
     with pytest.raises(DataError, match=r"data.parquet row 7: chosen has 10 tokens and rejected 5; data.max_length is 6"):
-        bt_data.truncate_pair(list(range(10)), list(range(5)), 6, "error", "data.parquet row 7")
-    assert bt_data.truncate_pair([1, 2], [3], 6, "error", "x") == ([1, 2], [3], 0)
+        pair_dataset.truncate_pair(list(range(10)), list(range(5)), 6, "error", "data.parquet row 7")
+    assert pair_dataset.truncate_pair([1, 2], [3], 6, "error", "x") == ([1, 2], [3], 0)
 
 
 def test_pair_dataset_counts_truncated_pairs_and_dropped_tokens(tokenizer, tmp_path):
     short = {"chosen": json.dumps(conv("Q", "ok")), "rejected": json.dumps(conv("Q", "no"))}
     long_rejected = {"chosen": json.dumps(conv("Q", "ok")), "rejected": json.dumps(conv("Q", "no " * 40))}
     pq.write_table(pa.Table.from_pylist([short, long_rejected, long_rejected]), tmp_path / "t.parquet")
-    limit = len(bt_data.encode_conversation(tokenizer, conv("Q", "no " * 40))) - 5
-    dataset = bt_data.PairDataset(str(tmp_path / "t.parquet"), tokenizer, data_config(max_length=limit, truncation="left"))
+    limit = len(pair_dataset.encode_conversation(tokenizer, conv("Q", "no " * 40))) - 5
+    dataset = pair_dataset.PairDataset(str(tmp_path / "t.parquet"), tokenizer, data_config(max_length=limit, truncation="left"))
     assert dataset.truncated_pairs == 2
     # each long pair: 5 shared prompt tokens from both conversations (the prompt is longer than 5 tokens)
     assert dataset.dropped_tokens == 2 * 10
@@ -155,18 +154,18 @@ def test_pair_dataset_counts_truncated_pairs_and_dropped_tokens(tokenizer, tmp_p
 def test_pair_dataset_reads_tokenizes_and_reports_bad_rows(tokenizer, tmp_path):
     good = {"chosen": json.dumps(conv("Q", "good answer")), "rejected": json.dumps(conv("Q", "bad")), "preference_strength": 2}
     pq.write_table(pa.Table.from_pylist([good, good]), tmp_path / "ok.parquet")
-    dataset = bt_data.PairDataset(str(tmp_path / "ok.parquet"), tokenizer, data_config())
+    dataset = pair_dataset.PairDataset(str(tmp_path / "ok.parquet"), tokenizer, data_config())
     assert len(dataset) == 2 and dataset[0].preference_strength == 2
-    assert dataset[0].chosen == bt_data.encode_conversation(tokenizer, conv("Q", "good answer"))
+    assert dataset[0].chosen == pair_dataset.encode_conversation(tokenizer, conv("Q", "good answer"))
 
     bad = dict(good, rejected="{oops")
     pq.write_table(pa.Table.from_pylist([good, bad]), tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=r"bad.parquet row 2 field 'rejected': not valid JSON"):
-        bt_data.PairDataset(str(tmp_path / "bad.parquet"), tokenizer, data_config())
+        pair_dataset.PairDataset(str(tmp_path / "bad.parquet"), tokenizer, data_config())
     with pytest.raises(DataError, match=r"ok.parquet: no column 'prompt_chosen'"):
-        bt_data.PairDataset(str(tmp_path / "ok.parquet"), tokenizer, data_config(chosen_key="prompt_chosen"))
+        pair_dataset.PairDataset(str(tmp_path / "ok.parquet"), tokenizer, data_config(chosen_key="prompt_chosen"))
     with pytest.raises(DataError, match=r"ok.parquet row 1: chosen has \d+ tokens and rejected \d+; data.max_length is 5"):
-        bt_data.PairDataset(str(tmp_path / "ok.parquet"), tokenizer, data_config(max_length=5))
+        pair_dataset.PairDataset(str(tmp_path / "ok.parquet"), tokenizer, data_config(max_length=5))
 
 
 # ---- the reward token
@@ -182,18 +181,18 @@ def verl_reading(attention_mask):
 
 def test_reward_index_is_verls_reading_and_the_last_real_token():
     sequences = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
-    batch = bt_data.collate_padded(sequences, pad_token_id=0)
+    batch = batching.collate_padded(sequences, pad_token_id=0)
     assert batch["reward_index"].tolist() == [2, 0, 4]
     assert torch.equal(batch["reward_index"], verl_reading(batch["attention_mask"]))
     assert batch["input_ids"].shape == (3, 5)  # padded to the longest here, not to max_length
 
 
 def test_rewards_do_not_depend_on_padding(value_model, tokenizer):
-    sequences = [bt_data.encode_conversation(tokenizer, conv("How do I plant tomatoes?", a)) for a in ("Water them daily.", "No.")]
-    alone = [bt_data.compute_rewards(value_model, bt_data.collate_padded([s], tokenizer.pad_token_id)).item() for s in sequences]
-    together = bt_data.compute_rewards(value_model, bt_data.collate_padded(sequences, tokenizer.pad_token_id))
-    extra_padding = bt_data.collate_padded(sequences + [sequences[0] + [0] * 30], tokenizer.pad_token_id)
-    with_long_neighbour = bt_data.compute_rewards(value_model, extra_padding)[:2]
+    sequences = [pair_dataset.encode_conversation(tokenizer, conv("How do I plant tomatoes?", a)) for a in ("Water them daily.", "No.")]
+    alone = [batching.compute_rewards(value_model, batching.collate_padded([s], tokenizer.pad_token_id)).item() for s in sequences]
+    together = batching.compute_rewards(value_model, batching.collate_padded(sequences, tokenizer.pad_token_id))
+    extra_padding = batching.collate_padded(sequences + [sequences[0] + [0] * 30], tokenizer.pad_token_id)
+    with_long_neighbour = batching.compute_rewards(value_model, extra_padding)[:2]
     assert together.tolist() == pytest.approx(alone, abs=1e-5)
     assert with_long_neighbour.tolist() == pytest.approx(alone, abs=1e-5)
 
@@ -206,7 +205,7 @@ def pairs_of_lengths(lengths):
 
 
 def test_fixed_size_micro_batches():
-    assert bt_data.fixed_size_micro_batches(5, 2) == [[0, 1], [2, 3], [4]]
+    assert batching.fixed_size_micro_batches(5, 2) == [[0, 1], [2, 3], [4]]
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -215,7 +214,7 @@ def test_token_budget_never_splits_a_pair_nor_exceeds_the_budget(seed):
     tokens = [rng.randint(10, 400) for _ in range(rng.randint(1, 40))]
     budget = rng.randint(200, 800)
     min_count = rng.randint(1, len(tokens))
-    plan = bt_data.token_budget_micro_batches(tokens, budget, min_count)
+    plan = batching.token_budget_micro_batches(tokens, budget, min_count)
     assert sorted(i for mb in plan for i in mb) == list(range(len(tokens)))  # every pair exactly once
     assert len(plan) >= min_count
     for mb in plan:
@@ -225,12 +224,12 @@ def test_token_budget_never_splits_a_pair_nor_exceeds_the_budget(seed):
 
 
 def test_token_budget_packs_tightly():
-    plan = bt_data.token_budget_micro_batches([60, 40, 50, 50, 100], 100)
+    plan = batching.token_budget_micro_batches([60, 40, 50, 50, 100], 100)
     assert sorted(map(sorted, plan)) == [[0, 1], [2, 3], [4]]
 
 
 def test_packed_layout():
-    batch = bt_data.collate_packed([[5, 6, 7], [8], [9, 10]])
+    batch = batching.collate_packed([[5, 6, 7], [8], [9, 10]])
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
     assert batch["reward_index"].tolist() == [2, 3, 5]
@@ -243,13 +242,13 @@ def test_shared_layout_of_pairs():
     pairs = [TokenizedPair([1, 2, 3, 4], [1, 2, 5]),  # shares [1, 2]
              TokenizedPair([7, 8], [7, 8]),            # identical: shares 1 token (each keeps its last)
              TokenizedPair([1], [2, 3])]               # shares nothing
-    batch = bt_data.collate_pairs(pairs, pad_token_id=0, layout="shared")
+    batch = batching.collate_pairs(pairs, pad_token_id=0, layout="shared")
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8, 8, 1, 2, 3]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1, 1, 0, 0, 1]]
     assert batch["reward_index"].tolist() == [3, 6, 8, 4, 7, 10]  # chosen rewards first, then rejected
     segments = batch["attention_segments"]
     assert segments.key_ranges == (((0, 4),), ((0, 2), (4, 5)), ((5, 7),), ((5, 6), (7, 8)), ((8, 9),), ((9, 11),))
-    assert bt_data.token_counts(batch) == (4 + 3 + 2 + 2 + 1 + 2, 11, 11)  # conversation tokens, real, computed
+    assert batching.token_counts(batch) == (4 + 3 + 2 + 2 + 1 + 2, 11, 11)  # conversation tokens, real, computed
 
 
 def test_shared_prefix_is_capped_so_each_keeps_its_reward_token():
@@ -262,38 +261,38 @@ def test_shared_prefix_is_capped_so_each_keeps_its_reward_token():
 
 def test_token_counts_per_layout():
     pairs = [TokenizedPair([1, 2, 3], [1, 2, 4, 5])]
-    assert bt_data.token_counts(bt_data.collate_pairs(pairs, 0, "padded")) == (7, 7, 8)  # one pad token
-    assert bt_data.token_counts(bt_data.collate_pairs(pairs, 0, "packed")) == (7, 7, 7)
-    assert bt_data.token_counts(bt_data.collate_pairs(pairs, 0, "shared")) == (7, 5, 5)
-    assert bt_data.batch_token_counts(bt_data.collate_pairs(pairs, 0, "padded")) == (7, 8)
+    assert batching.token_counts(batching.collate_pairs(pairs, 0, "padded")) == (7, 7, 8)  # one pad token
+    assert batching.token_counts(batching.collate_pairs(pairs, 0, "packed")) == (7, 7, 7)
+    assert batching.token_counts(batching.collate_pairs(pairs, 0, "shared")) == (7, 5, 5)
+    assert batching.batch_token_counts(batching.collate_pairs(pairs, 0, "padded")) == (7, 8)
 
 
 def test_token_budget_counts_a_shared_prefix_once():
     pairs = [TokenizedPair([1] * 50 + [2], [1] * 50 + [3]), TokenizedPair([4] * 50 + [2], [4] * 50 + [3])]  # 102 tokens, 52 computed when shared
-    assert bt_data.plan_micro_batches(pairs, 110, 1, layout="packed") == [[0], [1]]
-    assert bt_data.plan_micro_batches(pairs, 110, 1, layout="shared") == [[0, 1]]
+    assert batching.plan_micro_batches(pairs, 110, 1, layout="packed") == [[0], [1]]
+    assert batching.plan_micro_batches(pairs, 110, 1, layout="shared") == [[0, 1]]
 
 
 def test_layout_for_the_trainer_knobs():
-    assert bt_data.layout_for(use_remove_padding=False, share_prompt=True) == "padded"  # padded: one override away
-    assert bt_data.layout_for(use_remove_padding=True, share_prompt=False) == "packed"
-    assert bt_data.layout_for(use_remove_padding=True, share_prompt=True) == "shared"
+    assert batching.layout_for(use_remove_padding=False, share_prompt=True) == "padded"  # padded: one override away
+    assert batching.layout_for(use_remove_padding=True, share_prompt=False) == "packed"
+    assert batching.layout_for(use_remove_padding=True, share_prompt=True) == "shared"
 
 
 def test_consecutive_prefix_groups():
     sequences = [[1, 2, 3], [1, 2, 4], [1, 2, 5, 6], [1, 9], [7, 8], [7, 8, 1]]
-    assert bt_data.consecutive_prefix_groups(sequences) == [[0, 1, 2], [3], [4, 5]]
+    assert batching.consecutive_prefix_groups(sequences) == [[0, 1, 2], [3], [4, 5]]
 
 
 def test_check_layout_reports_difference_and_tolerance(value_model, tokenizer):
     model = copy.deepcopy(value_model)
-    bt_attention.enable_segment_attention(model)
-    pairs = [TokenizedPair(bt_data.encode_conversation(tokenizer, conv("Tomatoes?", a)), bt_data.encode_conversation(tokenizer, conv("Tomatoes?", b)))
+    attention.enable_segment_attention(model)
+    pairs = [TokenizedPair(pair_dataset.encode_conversation(tokenizer, conv("Tomatoes?", a)), pair_dataset.encode_conversation(tokenizer, conv("Tomatoes?", b)))
              for a, b in (("Water daily.", "No."), ("Use compost.", "Buy some."))]
     model.train()
-    check = bt_data.check_layout(model, pairs, tokenizer.pad_token_id, "shared", "cpu", torch.float32)
+    check = batching.check_layout(model, pairs, tokenizer.pad_token_id, "shared", "cpu", torch.float32)
     assert model.training  # left in the mode it was in
-    padded = bt_data.compute_rewards(value_model, bt_data.collate_pairs(pairs, tokenizer.pad_token_id, "padded"))
+    padded = batching.compute_rewards(value_model, batching.collate_pairs(pairs, tokenizer.pad_token_id, "padded"))
     assert check.layout == "shared" and check.max_difference < 1e-5 and check.ratio < 0.1
     assert check.tolerance == pytest.approx(1e-3 * max(1.0, padded.abs().max().item()))
 
@@ -301,36 +300,36 @@ def test_check_layout_reports_difference_and_tolerance(value_model, tokenizer):
 def test_check_layout_catches_a_causal_block_aligned_the_wrong_way(value_model, tokenizer, monkeypatch):
     """What the start-up check guards against on hardware the tests never ran on (e.g. a kernel aligning top-left)."""
     model = copy.deepcopy(value_model)
-    bt_attention.enable_segment_attention(model)
-    monkeypatch.setattr(bt_attention, "bottom_right_causal_mask", lambda n_q, n_k, device: torch.ones(n_q, n_k, dtype=torch.bool).tril())
-    pairs = [TokenizedPair(bt_data.encode_conversation(tokenizer, conv("Tomatoes?", "Water them daily.")),
-                           bt_data.encode_conversation(tokenizer, conv("Tomatoes?", "No, never.")))]
-    assert bt_data.check_layout(model, pairs, tokenizer.pad_token_id, "shared", "cpu", torch.float32).ratio > 1
+    attention.enable_segment_attention(model)
+    monkeypatch.setattr(attention, "bottom_right_causal_mask", lambda n_q, n_k, device: torch.ones(n_q, n_k, dtype=torch.bool).tril())
+    pairs = [TokenizedPair(pair_dataset.encode_conversation(tokenizer, conv("Tomatoes?", "Water them daily.")),
+                           pair_dataset.encode_conversation(tokenizer, conv("Tomatoes?", "No, never.")))]
+    assert batching.check_layout(model, pairs, tokenizer.pad_token_id, "shared", "cpu", torch.float32).ratio > 1
 
 
 def test_score_formats_as_training_does(value_model, tokenizer):
     conversations = [conv("Hi", "Hello! How can I help?"), conv("Hi", "Go away.")]
-    expected = bt_data.compute_rewards(value_model, bt_data.collate_padded(
-        [bt_data.encode_conversation(tokenizer, c) for c in conversations], tokenizer.pad_token_id)).tolist()
-    assert bt_data.score(value_model, tokenizer, conversations, batch_size=1) == pytest.approx(expected, abs=1e-5)
-    assert bt_data.score(value_model, tokenizer, [json.dumps(c) for c in conversations]) == pytest.approx(expected, abs=1e-5)
+    expected = batching.compute_rewards(value_model, batching.collate_padded(
+        [pair_dataset.encode_conversation(tokenizer, c) for c in conversations], tokenizer.pad_token_id)).tolist()
+    assert batching.score(value_model, tokenizer, conversations, batch_size=1) == pytest.approx(expected, abs=1e-5)
+    assert batching.score(value_model, tokenizer, [json.dumps(c) for c in conversations]) == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["packed", "shared"])
 def test_score_gives_the_same_rewards_in_every_layout(value_model, tokenizer, layout):
     conversations = [conv("Hi", "Hello! How can I help?"), conv("Hi", "Go away."), conv("Hi", "Hello."),
                      conv("Tomatoes?", "Water them."), conv("Hi", "Hi.")]
-    expected = [bt_data.compute_rewards(value_model, bt_data.collate_padded([bt_data.encode_conversation(tokenizer, c)], tokenizer.pad_token_id)).item()
+    expected = [batching.compute_rewards(value_model, batching.collate_padded([pair_dataset.encode_conversation(tokenizer, c)], tokenizer.pad_token_id)).item()
                 for c in conversations]  # one at a time, padded: no layout at all
     model = copy.deepcopy(value_model)
-    assert bt_data.score(model, tokenizer, conversations, batch_size=4, layout=layout) == pytest.approx(expected, abs=1e-5)
+    assert batching.score(model, tokenizer, conversations, batch_size=4, layout=layout) == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_chosen_rows_come_first(layout):
     """rewards[:n] must be the chosen conversations: swapping the order would train the model backwards."""
     pairs = [TokenizedPair([11, 12], [21, 22, 23]), TokenizedPair([13], [24, 25])]
-    batch = bt_data.collate_pairs(pairs, pad_token_id=0, layout=layout)
+    batch = batching.collate_pairs(pairs, pad_token_id=0, layout=layout)
     ids = batch["input_ids"]
     if layout == "padded":
         rows = [row[row != 0].tolist() for row in ids]

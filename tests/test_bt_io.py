@@ -1,4 +1,4 @@
-"""bt_io.py: atomic outputs and their mode, data paths, and the pair formats every reader shares."""
+"""rows.py: atomic outputs and their mode, data paths, and the pair formats every reader shares."""
 
 import gzip
 import json
@@ -10,9 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-import bt_data
-import bt_io
-from bt_io import DataError
+from btrm import atomic, pair_dataset, rows
+from btrm.rows import DataError
 
 
 def conv(prompt, answer):
@@ -56,7 +55,7 @@ def test_a_failed_second_write_keeps_every_old_output_byte_identical_and_leaves_
     first.write_bytes(b"old train")
     second.write_bytes(b"old test")
     with pytest.raises(OSError, match="disk full"):
-        with bt_io.atomic_outputs([first, second]) as (first_temp, second_temp):
+        with atomic.atomic_outputs([first, second]) as (first_temp, second_temp):
             first_temp.write_bytes(b"new train, complete")
             second_temp.write_bytes(b"new te")  # half written, then the failure
             raise OSError("disk full")
@@ -67,7 +66,7 @@ def test_a_failed_second_write_keeps_every_old_output_byte_identical_and_leaves_
 def test_a_complete_write_replaces_every_output(tmp_path):
     first, second = tmp_path / "a.txt", tmp_path / "sub" / "b.txt"
     first.write_text("old")
-    with bt_io.atomic_outputs([first, second]) as (first_temp, second_temp):
+    with atomic.atomic_outputs([first, second]) as (first_temp, second_temp):
         first_temp.write_text("new a")
         second_temp.write_text("new b")
         assert first.read_text() == "old"  # nothing is visible before the block completes
@@ -78,11 +77,11 @@ def test_a_complete_write_replaces_every_output(tmp_path):
 @pytest.mark.parametrize("mask, expected_mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_outputs_get_the_mode_a_plain_open_would_give(tmp_path, umask, mask, expected_mode):
     umask(mask)
-    written = bt_io.atomic_write_text(tmp_path / "scores.jsonl", "x\n")
+    written = atomic.atomic_write_text(tmp_path / "scores.jsonl", "x\n")
     with open(tmp_path / "plain.txt", "w") as plain:  # the reference: what open() itself does under this umask
         plain.write("x\n")
     assert written.stat().st_mode & 0o777 == expected_mode == (tmp_path / "plain.txt").stat().st_mode & 0o777
-    assert bt_io.current_umask() == mask  # reading the umask leaves it unchanged
+    assert atomic.current_umask() == mask  # reading the umask leaves it unchanged
 
 
 # ----------------------------------------------------------------------------- data paths
@@ -95,7 +94,7 @@ def pair_record(prompt="Q", good="good", bad="bad", strength=2):
 def test_check_data_files_refuses_paths_that_would_train_on_the_wrong_data(tmp_path):
     train = write_parquet(tmp_path / "train.parquet", [pair_record()])
     val = write_parquet(tmp_path / "test.parquet", [pair_record(prompt="other")])
-    assert bt_io.check_data_files(str(train), [str(val)]) == ([str(train)], [str(val)])
+    assert rows.check_data_files(str(train), [str(val)]) == ([str(train)], [str(val)])
 
     cases = {
         "directory": ((str(tmp_path), [str(val)]), f"data.train_files: {tmp_path} is a directory; pass the data files themselves"),
@@ -109,7 +108,7 @@ def test_check_data_files_refuses_paths_that_would_train_on_the_wrong_data(tmp_p
     (tmp_path / "train.csv").write_text("chosen,rejected\n")
     for name, ((train_arg, val_arg), message) in cases.items():
         with pytest.raises(DataError) as error:
-            bt_io.check_data_files(train_arg, val_arg)
+            rows.check_data_files(train_arg, val_arg)
         assert message in str(error.value), name
         assert "\n" not in str(error.value), name
 
@@ -124,9 +123,9 @@ def test_an_empty_data_file_is_refused_naming_it(tmp_path, kind):
         empty = tmp_path / "val.jsonl"
         empty.write_text("" if kind == "jsonl" else "\n  \n")
     with pytest.raises(DataError, match=rf"data.val_files: {empty}: the file is empty \(no rows\)"):
-        bt_io.check_data_files([str(train)], [str(empty)])
+        rows.check_data_files([str(train)], [str(empty)])
     with pytest.raises(DataError, match=rf"{empty}"):
-        bt_io.read_pair_rows([str(empty)], data_config())
+        rows.read_pair_rows([str(empty)], data_config())
 
 
 def test_count_shared_pairs_counts_validation_pairs_also_in_training():
@@ -140,17 +139,17 @@ def test_count_shared_pairs_counts_validation_pairs_also_in_training():
            Pair([4], [5, 6]),   # shared
            Pair([4], [5, 6]),   # shared again (each validation pair counts)
            Pair([9], [8])]
-    assert bt_io.count_shared_pairs(train, val) == 3
-    assert bt_io.count_shared_pairs(train, []) == 0
+    assert rows.count_shared_pairs(train, val) == 3
+    assert rows.count_shared_pairs(train, []) == 0
     # rows (messages lists, texts) compare by content too
-    assert bt_io.count_shared_pairs([Pair(conv("q", "a"), conv("q", "b"))], [Pair(conv("q", "a"), conv("q", "b")), Pair("a", "b")]) == 1
+    assert rows.count_shared_pairs([Pair(conv("q", "a"), conv("q", "b"))], [Pair(conv("q", "a"), conv("q", "b")), Pair("a", "b")]) == 1
 
 
 # ----------------------------------------------------------------------------- formats
 
 
 def read(path, **config):
-    return bt_io.read_pair_rows([str(path)], data_config(**config))
+    return rows.read_pair_rows([str(path)], data_config(**config))
 
 
 def test_messages_format_from_parquet_json_strings_and_jsonl_lists_is_the_same(tmp_path):
@@ -256,7 +255,7 @@ def test_pairs_whose_chosen_equals_rejected_are_dropped_and_counted(tmp_path):
     assert [r.chosen[0]["content"] for r in result.rows] == ["A", "B"]
     assert result.identical_dropped == 2
     assert "dropped 2 pairs whose chosen equals rejected" in result.describe() and f"{path} row 2" in result.describe()
-    kept = bt_io.read_pair_rows([str(path)], data_config(), drop_identical=False)  # RewardBench keeps them (a tie is wrong)
+    kept = rows.read_pair_rows([str(path)], data_config(), drop_identical=False)  # RewardBench keeps them (a tie is wrong)
     assert len(kept.rows) == 4 and kept.identical_dropped == 0
 
 
@@ -275,31 +274,31 @@ def test_pair_dataset_tokenizes_every_format_like_its_reference(tokenizer, tmp_p
     pair_conversations = (conv("Say hi", "Hi there!"), conv("Say hi", "Go away."))
     messages = write_parquet(tmp_path / "m.parquet", [{"chosen": json.dumps(pair_conversations[0]), "rejected": json.dumps(pair_conversations[1])}])
     explicit = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Say hi", "chosen": "Hi there!", "rejected": "Go away.", "subset": "s1"}])
-    datasets = [bt_data.PairDataset([str(p)], tokenizer, data_config()) for p in (messages, explicit)]
-    expected = [bt_data.encode_conversation(tokenizer, c) for c in pair_conversations]
+    datasets = [pair_dataset.PairDataset([str(p)], tokenizer, data_config()) for p in (messages, explicit)]
+    expected = [pair_dataset.encode_conversation(tokenizer, c) for c in pair_conversations]
     for dataset in datasets:
         assert (dataset[0].chosen, dataset[0].rejected) == tuple(expected)
     assert datasets[1].subsets == ["s1"] and datasets[1].sources == [f"{explicit} line 1"]
 
     # plain text: TRL's rule, written out independently: append the eos string, then tokenize as the tokenizer does
     text = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}])
-    dataset = bt_data.PairDataset([str(text)], tokenizer, data_config(format="text"))
+    dataset = pair_dataset.PairDataset([str(text)], tokenizer, data_config(format="text"))
     assert dataset[0].chosen == tokenizer("The sky is blue." + tokenizer.eos_token)["input_ids"]
     assert dataset[0].rejected == tokenizer("The sky is green." + tokenizer.eos_token)["input_ids"]
     assert dataset[0].chosen[-1] == tokenizer.eos_token_id != tokenizer.pad_token_id
     already = write_jsonl(tmp_path / "t2.jsonl", [{"chosen": "blue." + tokenizer.eos_token, "rejected": "green."}])
-    assert bt_data.PairDataset([str(already)], tokenizer, data_config())[0].chosen == tokenizer("blue." + tokenizer.eos_token)["input_ids"]
+    assert pair_dataset.PairDataset([str(already)], tokenizer, data_config())[0].chosen == tokenizer("blue." + tokenizer.eos_token)["input_ids"]
 
 
 def test_pair_dataset_reports_reading_errors_as_its_data_error(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q"}])
-    with pytest.raises(bt_data.DataError, match=r"odd.jsonl: no column 'chosen', 'rejected'"):
-        bt_data.PairDataset([str(path)], tokenizer, data_config())
+    with pytest.raises(pair_dataset.DataError, match=r"odd.jsonl: no column 'chosen', 'rejected'"):
+        pair_dataset.PairDataset([str(path)], tokenizer, data_config())
 
 
 def test_pair_dataset_counts_dropped_identical_pairs_and_honours_max_samples(tokenizer, tmp_path):
     path = write_parquet(tmp_path / "d.parquet", [pair_record("A"), pair_record("Q", "x", "x"), pair_record("B"), pair_record("C")])
-    dataset = bt_data.PairDataset([str(path)], tokenizer, data_config(), max_samples=2)
+    dataset = pair_dataset.PairDataset([str(path)], tokenizer, data_config(), max_samples=2)
     assert len(dataset) == 2 and dataset.identical_pairs_dropped == 1
     assert dataset.sources == [f"{path} row 1", f"{path} row 3"]
-    assert dataset[1].chosen == bt_data.encode_conversation(tokenizer, conv("B", "good"))
+    assert dataset[1].chosen == pair_dataset.encode_conversation(tokenizer, conv("B", "good"))

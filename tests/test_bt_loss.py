@@ -75,8 +75,8 @@ def test_matches_trl_reward_trainer_on_same_model_and_batch(tiny_model_dir, toke
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    import bt_data
-    from bt_trainer import load_value_head_model
+    from btrm import batching, pair_dataset
+    from btrm.modeling import load_value_head_model
 
     torch.manual_seed(0)
     value_model = load_value_head_model(str(tiny_model_dir), attn_implementation="eager", torch_dtype=torch.float32, trust_remote_code=False)
@@ -93,10 +93,10 @@ def test_matches_trl_reward_trainer_on_same_model_and_batch(tiny_model_dir, toke
         (conv("Hi", "Hello! How can I help today?"), conv("Hi", "Whatever.")),
         (conv("Plant tomatoes?", "Start with the simplest version."), conv("Plant tomatoes?", "Just search for it yourself, really.")),
     ]
-    sequences = [bt_data.encode_conversation(tokenizer, c) for c, _ in pairs] + [bt_data.encode_conversation(tokenizer, r) for _, r in pairs]
-    batch = bt_data.collate_padded(sequences, tokenizer.pad_token_id)
+    sequences = [pair_dataset.encode_conversation(tokenizer, c) for c, _ in pairs] + [pair_dataset.encode_conversation(tokenizer, r) for _, r in pairs]
+    batch = batching.collate_padded(sequences, tokenizer.pad_token_id)
 
-    rewards = bt_data.compute_rewards(value_model.eval(), batch)
+    rewards = batching.compute_rewards(value_model.eval(), batch)
     ours, _ = bradley_terry_loss(rewards[:3], rewards[3:])
 
     dummy = Dataset.from_dict({"chosen": [p[0] for p in pairs], "rejected": [p[1] for p in pairs]})

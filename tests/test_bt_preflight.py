@@ -1,4 +1,4 @@
-"""bt_preflight.py: the strict config, the data and model checks, one line per error, the launcher.
+"""schema.py: the strict config, the data and model checks, one line per error, the launcher.
 
 Each mistake of issue 13 goes through the launcher's entry point in this process (no rank
 starts: `launch` is replaced by a failure). Three real launches check what the console shows: a
@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-import bt_io
-import bt_preflight
-from bt_preflight import PreflightError, check_config, compose_config
+from btrm import launcher, preflight, reporting, rows, schema
+from btrm.schema import PreflightError, check_config, compose_config
 from conftest import REPO, free_port, trainer_env
 
 LAUNCHER = ["--nnodes=1", "--nproc_per_node=2", "bt_trainer.py"]
@@ -31,7 +30,7 @@ def error_lines(text: str) -> list[str]:
 
 
 def test_every_knob_in_trainer_yaml_has_a_rule_and_every_rule_a_knob():
-    assert sorted(bt_preflight.trainer_yaml_knobs()) == sorted(bt_preflight.KNOB_RULES)
+    assert sorted(schema.trainer_yaml_knobs()) == sorted(schema.KNOB_RULES)
 
 
 def test_trainer_yaml_defaults_pass_their_rules():
@@ -42,8 +41,8 @@ def test_trainer_yaml_defaults_pass_their_rules():
 def test_mirrored_enums_equal_their_sources():
     import bt_loss
 
-    assert bt_preflight.LOSS_TYPES == bt_loss.LOSS_TYPES
-    assert bt_preflight.KNOB_RULES["data.format"].expected == "one of " + " | ".join(bt_io.PAIR_FORMATS)
+    assert schema.LOSS_TYPES == bt_loss.LOSS_TYPES
+    assert schema.KNOB_RULES["data.format"].expected == "one of " + " | ".join(rows.PAIR_FORMATS)
 
 
 # ---- strict config: values
@@ -162,17 +161,17 @@ def closed_loopback_port() -> int:
 def test_model_path_checks(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     with pytest.raises(PreflightError, match=r"^model.partial_pretrain=/no/such/dir: this path does not exist;"):
-        bt_preflight.check_model("/no/such/dir")
+        preflight.check_model("/no/such/dir")
     # a mistyped relative path whose first part is a local directory is a path, not a hub id
     with pytest.raises(PreflightError, match=rf"^model.partial_pretrain=demo/tiny-qwen4: this path does not exist \(relative paths are read from {REPO}\)"):
-        bt_preflight.check_model("demo/tiny-qwen4")
+        preflight.check_model("demo/tiny-qwen4")
     with pytest.raises(PreflightError, match="this path does not exist"):
-        bt_preflight.check_model("./models/qwen")
+        preflight.check_model("./models/qwen")
     (tmp_path / "empty").mkdir()
     with pytest.raises(PreflightError, match="the directory has no config.json"):
-        bt_preflight.check_model(str(tmp_path / "empty"))
+        preflight.check_model(str(tmp_path / "empty"))
     (tmp_path / "empty" / "config.json").write_text("{}")
-    assert bt_preflight.check_model(str(tmp_path / "empty")).startswith("local directory")
+    assert preflight.check_model(str(tmp_path / "empty")).startswith("local directory")
 
 
 def test_unreachable_hub_is_one_line_within_seconds(monkeypatch):
@@ -182,14 +181,14 @@ def test_unreachable_hub_is_one_line_within_seconds(monkeypatch):
     environ = {"HF_ENDPOINT": f"http://127.0.0.1:{port}"}
     started = time.monotonic()
     with pytest.raises(PreflightError) as refused:
-        bt_preflight.check_model("bt-rm-tests/no-such-model", environ)
-    assert time.monotonic() - started < bt_preflight.HUB_PROBE_TIMEOUT_S + 1
+        preflight.check_model("bt-rm-tests/no-such-model", environ)
+    assert time.monotonic() - started < preflight.HUB_PROBE_TIMEOUT_S + 1
     assert str(refused.value).startswith(f"model.partial_pretrain=bt-rm-tests/no-such-model is a Hugging Face hub id, but the hub "
                                          f"cannot be reached (127.0.0.1:{port}: Connection refused); download it where the hub is "
                                          "reachable and pass its local directory (MODEL_PATH=/path/to/model)")
     # behind a proxy the client connects to the proxy: that is what is probed
     with pytest.raises(PreflightError, match=r"the proxy in HTTPS_PROXY: Connection refused"):
-        bt_preflight.check_model("bt-rm-tests/no-such-model", {"HTTPS_PROXY": f"http://127.0.0.1:{port}"})
+        preflight.check_model("bt-rm-tests/no-such-model", {"HTTPS_PROXY": f"http://127.0.0.1:{port}"})
 
 
 def test_hub_probe_gives_up_after_its_timeout_even_when_name_lookup_hangs(monkeypatch):
@@ -202,11 +201,11 @@ def test_hub_probe_gives_up_after_its_timeout_even_when_name_lookup_hangs(monkey
         raise OSError("released")
 
     monkeypatch.setattr(socket, "create_connection", never_answers)
-    monkeypatch.setattr(bt_preflight, "HUB_PROBE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(preflight, "HUB_PROBE_TIMEOUT_S", 0.5)
     started = time.monotonic()
     try:
         with pytest.raises(PreflightError, match=r"the hub cannot be reached \(huggingface.co:443: no answer within 0.5 s\)"):
-            bt_preflight.check_model("bt-rm-tests/no-such-model", {})
+            preflight.check_model("bt-rm-tests/no-such-model", {})
     finally:
         release.set()
     assert time.monotonic() - started < 2
@@ -217,20 +216,20 @@ def test_reachable_hub_and_offline_cache(monkeypatch):
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        assert bt_preflight.check_model("bt-rm-tests/no-such-model", {"HF_ENDPOINT": endpoint}) == "hub id bt-rm-tests/no-such-model"
+        assert preflight.check_model("bt-rm-tests/no-such-model", {"HF_ENDPOINT": endpoint}) == "hub id bt-rm-tests/no-such-model"
     with pytest.raises(PreflightError, match=r"not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it"):
-        bt_preflight.check_model("bt-rm-tests/no-such-model", {"HF_HUB_OFFLINE": "1"})
-    monkeypatch.setattr(bt_preflight, "cached_model_config", lambda repo_id: "/cache/config.json")
-    assert "from the local cache" in bt_preflight.check_model("bt-rm-tests/cached-model", {"HF_HUB_OFFLINE": "1"})
+        preflight.check_model("bt-rm-tests/no-such-model", {"HF_HUB_OFFLINE": "1"})
+    monkeypatch.setattr(preflight, "cached_model_config", lambda repo_id: "/cache/config.json")
+    assert "from the local cache" in preflight.check_model("bt-rm-tests/cached-model", {"HF_HUB_OFFLINE": "1"})
     with pytest.raises(PreflightError, match="it is in the local cache: rerun with HF_HUB_OFFLINE=1 to use that copy"):
-        bt_preflight.check_model("bt-rm-tests/cached-model", {"HF_ENDPOINT": f"http://127.0.0.1:{closed_loopback_port()}"})
+        preflight.check_model("bt-rm-tests/cached-model", {"HF_ENDPOINT": f"http://127.0.0.1:{closed_loopback_port()}"})
 
 
 # ---- each mistake of the issue through the launcher's entry point: one line, exit status 2, no rank started
 
 
 @pytest.fixture()
-def launcher(tmp_path, data_files, monkeypatch, capsys):
+def launch_error(tmp_path, data_files, monkeypatch, capsys):
     """main() of bt_preflight with valid data, a valid stand-in model directory, and ranks that must not start."""
     model = tmp_path / "model"
     model.mkdir()
@@ -239,14 +238,14 @@ def launcher(tmp_path, data_files, monkeypatch, capsys):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_loopback_port()}")
-    monkeypatch.setattr(bt_preflight, "launch", lambda argv: pytest.fail("the ranks were started"))
+    monkeypatch.setattr(launcher, "launch", lambda argv: pytest.fail("the ranks were started"))
     knobs = [f"model.partial_pretrain={model}", f"data.train_files={data_files[0]}", f"data.val_files={data_files[1]}",
              f"trainer.save_path={tmp_path / 'ckpt'}", "trainer.experiment_name=run", "data.train_batch_size=8"]
 
     def run(*overrides: str) -> str:
         capsys.readouterr()
         started = time.monotonic()
-        assert bt_preflight.main(LAUNCHER + knobs + list(overrides)) == bt_preflight.EXIT_REPORTED
+        assert launcher.main(LAUNCHER + knobs + list(overrides)) == launcher.EXIT_REPORTED
         assert time.monotonic() - started < 5
         output = capsys.readouterr()
         assert output.out == "" and len(output.err.splitlines()) == 1, output
@@ -255,41 +254,41 @@ def launcher(tmp_path, data_files, monkeypatch, capsys):
     return run
 
 
-def test_each_mistake_of_the_issue_gives_one_line(launcher, tmp_path, data_files):
-    assert launcher("model.partial_pretrain=/no/such/dir") == (
+def test_each_mistake_of_the_issue_gives_one_line(launch_error, tmp_path, data_files):
+    assert launch_error("model.partial_pretrain=/no/such/dir") == (
         "error: model.partial_pretrain=/no/such/dir: this path does not exist; "
         "pass an existing model directory (with config.json) or a hub id such as Qwen/Qwen3-32B")
-    assert "model.partial_pretrain=demo/tiny-qwen4: this path does not exist" in launcher("model.partial_pretrain=demo/tiny-qwen4")
+    assert "model.partial_pretrain=demo/tiny-qwen4: this path does not exist" in launch_error("model.partial_pretrain=demo/tiny-qwen4")
     missing = tmp_path / "no-such.parquet"
-    assert launcher(f"data.train_files={missing}").startswith(f"error: data.train_files: {missing}: no such file; pass existing files")
-    assert launcher(f"data.train_files={tmp_path}").startswith(f"error: data.train_files: {tmp_path} is a directory; pass the data files themselves")
-    assert launcher("optim.lrr=1e-6").startswith("error: optim.lrr=1e-6: unknown key optim.lrr")
-    assert launcher("+optim.lrr=1e-6").startswith("error: +optim.lrr=1e-6: unknown key optim.lrr")
-    assert launcher("data.micro_batch_size_per_gpu=0") == "error: data.micro_batch_size_per_gpu=0: expected an integer >= 1"
-    assert launcher("data.max_length=0") == "error: data.max_length=0: expected an integer >= 2"
-    assert launcher("data.max_tokens_per_micro_batch=0") == "error: data.max_tokens_per_micro_batch=0: expected an integer >= 2, or null"
-    assert launcher("trainer.total_epochs=0") == "error: trainer.total_epochs=0: expected an integer >= 1"
-    assert "is a Hugging Face hub id, but the hub cannot be reached" in launcher("model.partial_pretrain=bt-rm-tests/no-such-model")
+    assert launch_error(f"data.train_files={missing}").startswith(f"error: data.train_files: {missing}: no such file; pass existing files")
+    assert launch_error(f"data.train_files={tmp_path}").startswith(f"error: data.train_files: {tmp_path} is a directory; pass the data files themselves")
+    assert launch_error("optim.lrr=1e-6").startswith("error: optim.lrr=1e-6: unknown key optim.lrr")
+    assert launch_error("+optim.lrr=1e-6").startswith("error: +optim.lrr=1e-6: unknown key optim.lrr")
+    assert launch_error("data.micro_batch_size_per_gpu=0") == "error: data.micro_batch_size_per_gpu=0: expected an integer >= 1"
+    assert launch_error("data.max_length=0") == "error: data.max_length=0: expected an integer >= 2"
+    assert launch_error("data.max_tokens_per_micro_batch=0") == "error: data.max_tokens_per_micro_batch=0: expected an integer >= 2, or null"
+    assert launch_error("trainer.total_epochs=0") == "error: trainer.total_epochs=0: expected an integer >= 1"
+    assert "is a Hugging Face hub id, but the hub cannot be reached" in launch_error("model.partial_pretrain=bt-rm-tests/no-such-model")
     logged = (tmp_path / "ckpt" / "run" / "errors.log").read_text().splitlines()
     assert len(logged) == 11 and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d error: ", line) for line in logged)
 
 
-def test_debug_switch_shows_the_traceback(launcher, tmp_path, monkeypatch, capsys):
+def test_debug_switch_shows_the_traceback(launch_error, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BT_DEBUG", "1")
     capsys.readouterr()
-    assert bt_preflight.main(LAUNCHER + [f"trainer.save_path={tmp_path}", "data.max_length=0"]) == bt_preflight.EXIT_REPORTED
+    assert launcher.main(LAUNCHER + [f"trainer.save_path={tmp_path}", "data.max_length=0"]) == launcher.EXIT_REPORTED
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.rstrip().endswith("error: data.max_length=0: expected an integer >= 2")
 
 
 def test_error_line_says_where_a_foreign_error_came_from():
-    assert bt_preflight.error_line(PreflightError("x=1: expected\n  more")) == "error: x=1: expected more"
+    assert launcher.error_line(PreflightError("x=1: expected\n  more")) == "error: x=1: expected more"
     try:
         import json
 
         json.loads("{")
     except ValueError as error:
-        line = bt_preflight.error_line(error)
+        line = launcher.error_line(error)
     assert line.startswith("error: Expecting property name") and "(JSONDecodeError in decoder.py:" in line and "BT_DEBUG=1" in line
 
 
@@ -297,13 +296,13 @@ def test_error_line_says_where_a_foreign_error_came_from():
 
 
 def test_startup_summary_is_aligned_and_complete():
-    text = bt_preflight.format_startup_summary(
+    text = reporting.format_startup_summary(
         device="cpu", backend="gloo", world_size=2, nodes=1, model_path="demo/tiny-qwen3", model_class="Qwen3ForTokenClassification",
         parameters=32_762_000_000, trainable_parameters=32_761_999_000, compute_dtype="bf16", master_dtype="fp32", attention="sdpa",
         layout="shared", train_pairs=6766, val_pairs=352, mean_tokens=1130.4, max_tokens=4096, max_length=4096, truncated_pairs=12,
         dropped_tokens=3456, truncation="left", steps_per_epoch=26, epochs=3, total_steps=78, last_step=2, train_batch_size=256,
         micro_batch="micro-batches of <= 8,192 tokens", resume="fresh start", output_dir="checkpoints/run")
-    import bt_data
+    from btrm import pair_dataset
 
     lines = text.splitlines()
     value_columns = {re.match(r"\S+(?: \S+)*\s+", line).end() for line in lines}
@@ -312,8 +311,8 @@ def test_startup_summary_is_aligned_and_complete():
                      "12 pairs, 3,456 tokens dropped", "26 steps/epoch x 3 epochs = 78 steps, stopping at step 2", "256 pairs/step",
                      "fresh start", "checkpoints/run"):
         assert expected in text, expected
-    pairs = [bt_data.TokenizedPair(chosen=[1] * 10, rejected=[1] * 4), bt_data.TokenizedPair(chosen=[1] * 6, rejected=[1] * 20)]
-    assert bt_preflight.conversation_token_stats(pairs) == (10.0, 20) and bt_preflight.conversation_token_stats([]) == (0.0, 0)
+    pairs = [pair_dataset.TokenizedPair(chosen=[1] * 10, rejected=[1] * 4), pair_dataset.TokenizedPair(chosen=[1] * 6, rejected=[1] * 20)]
+    assert reporting.conversation_token_stats(pairs) == (10.0, 20) and reporting.conversation_token_stats([]) == (0.0, 0)
 
 
 # ---- run_bt_rm.sh
@@ -335,7 +334,7 @@ def test_script_uses_the_venv_and_defaults_to_the_visible_gpus(script_copy):
     result = subprocess.run(["bash", str(script_copy / "run_bt_rm.sh")], env={**env, "CUDA_VISIBLE_DEVICES": ""},
                             capture_output=True, text=True, check=True)
     argv = (script_copy / "argv").read_text().splitlines()
-    assert argv[0] == "bt_preflight.py" and "--nproc_per_node=2" in argv
+    assert argv[0] == "schema.py" and "--nproc_per_node=2" in argv
     assert result.stderr.splitlines() == ["run_bt_rm.sh: no GPU visible: training on 2 CPU processes (gloo); set N_GPUS_PER_NODE to change"]
     result = subprocess.run(["bash", str(script_copy / "run_bt_rm.sh")], env={**env, "CUDA_VISIBLE_DEVICES": "0,1,3"},
                             capture_output=True, text=True, check=True)
@@ -366,7 +365,7 @@ def launch(tmp_path, model_dir, data_dir, *overrides, env_extra=None, command=No
 
 def test_launch_with_a_missing_model_stops_before_any_rank(tmp_path, demo_data_dir):
     result, seconds = launch(tmp_path, Path("/no/such/dir"), demo_data_dir)
-    assert result.returncode == bt_preflight.EXIT_REPORTED and seconds < 10
+    assert result.returncode == launcher.EXIT_REPORTED and seconds < 10
     assert result.stdout == "" and error_lines(result.stderr) == [
         "error: model.partial_pretrain=/no/such/dir: this path does not exist; "
         "pass an existing model directory (with config.json) or a hub id such as Qwen/Qwen3-32B"]
@@ -377,7 +376,7 @@ def test_error_found_by_the_ranks_is_one_line_in_console_and_logs(tmp_path, tiny
     """Over-long pairs with data.truncation=error: found while tokenizing, on every rank, before any model is built."""
     result, seconds = launch(tmp_path, tiny_model_dir, demo_data_dir, "data.max_length=16", "data.truncation=error")
     output = result.stdout + result.stderr
-    assert result.returncode == bt_preflight.EXIT_REPORTED, output[-3000:]
+    assert result.returncode == launcher.EXIT_REPORTED, output[-3000:]
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and "data.max_length is 16" in lines[0], output[-3000:]
     assert "Traceback" not in output and "ChildFailedError" not in output and "elastic" not in output
@@ -388,7 +387,7 @@ def test_error_found_by_the_ranks_is_one_line_in_console_and_logs(tmp_path, tiny
 
 
 def test_plain_torchrun_launch_refuses_a_plus_key_once(tmp_path, tiny_model_dir, demo_data_dir):
-    """Without the launcher, each rank checks the composed config; rank 0 alone says so."""
+    """Without the launch_error, each rank checks the composed config; rank 0 alone says so."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(REPO / "bt_trainer.py"),
                f"model.partial_pretrain={tiny_model_dir}", f"data.train_files={demo_data_dir / 'train.parquet'}",
                f"data.val_files={demo_data_dir / 'test.parquet'}", f"trainer.save_path={tmp_path / 'ckpt'}", "trainer.device=cpu",
@@ -404,8 +403,8 @@ def test_a_python_without_the_requirements_is_one_line(monkeypatch, capsys):
     def compose_without_hydra(overrides):
         raise ModuleNotFoundError("No module named 'hydra'", name="hydra")
 
-    monkeypatch.setattr(bt_preflight, "compose_config", compose_without_hydra)
-    assert bt_preflight.main(LAUNCHER) == bt_preflight.EXIT_REPORTED
+    monkeypatch.setattr(schema, "compose_config", compose_without_hydra)
+    assert launcher.main(LAUNCHER) == launcher.EXIT_REPORTED
     assert capsys.readouterr().err == (f"error: {sys.executable} cannot import hydra (a requirement of this project); run `bash setup.sh` "
                                        "to create .venv (run_bt_rm.sh then uses it), or set PYTHON to an interpreter with requirements.txt installed\n")
 
@@ -430,9 +429,9 @@ def test_launcher_reports_a_rank_failure_once(tmp_path, monkeypatch, capsys):
 
     line = "error: data.max_length is 16"
     monkeypatch.setattr(torchrun, "run", failing_with({0: failure(0, 2, line), 1: failure(1, -15, line)}))
-    assert bt_preflight.launch(LAUNCHER) == bt_preflight.EXIT_REPORTED and capsys.readouterr().err == ""
+    assert launcher.launch(LAUNCHER) == launcher.EXIT_REPORTED and capsys.readouterr().err == ""
     monkeypatch.setattr(torchrun, "run", failing_with({1: failure(1, 2, line), 0: failure(0, -15)}))
-    assert bt_preflight.launch(LAUNCHER) == bt_preflight.EXIT_REPORTED and capsys.readouterr().err == line + "\n"
+    assert launcher.launch(LAUNCHER) == launcher.EXIT_REPORTED and capsys.readouterr().err == line + "\n"
     monkeypatch.setattr(torchrun, "run", failing_with({0: failure(0, 1), 1: failure(1, 2, line)}))
     with pytest.raises(ChildFailedError):
-        bt_preflight.launch(LAUNCHER)
+        launcher.launch(LAUNCHER)

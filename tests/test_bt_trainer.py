@@ -5,20 +5,18 @@ import math
 import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-import bt_data
-from bt_loss import bradley_terry_loss
+from btrm import pair_dataset
 from conftest import REPO, read_metrics, run_trainer
 
 
 def compose(*overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO), version_base=None):
         return hydra_compose(config_name="trainer", overrides=list(overrides))
@@ -56,7 +54,7 @@ def test_run_script_passes_knobs_and_overrides_last(tmp_path):
            "SAVE_PATH": str(tmp_path / "ck"), "EXPERIMENT_NAME": "x"}
     subprocess.run(["bash", str(REPO / "run_bt_rm.sh"), "optim.lr=9e-9", "trainer.logger=[console,file]"], env=env, check=True)
     argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv[0] == "bt_preflight.py"  # checks the config, data and model, then runs torchrun with the rest
+    assert argv[0] == "schema.py"  # checks the config, data and model, then runs torchrun with the rest
     assert "--nproc_per_node=3" in argv and "--nnodes=2" in argv and "--node_rank=1" in argv
     assert "optim.lr=2e-6" in argv and argv[-2:] == ["optim.lr=9e-9", "trainer.logger=[console,file]"]
     assert argv.index("bt_trainer.py") < argv.index("optim.lr=2e-6")
@@ -68,7 +66,7 @@ def test_trackers_are_finished_before_interpreter_exit_and_once():
     """verl's Tracking finishes wandb in __del__ (where wandb can hang at exit): close_tracking does it first, once."""
     from verl.utils.tracking import Tracking
 
-    from bt_trainer import close_tracking
+    from btrm.reporting import close_tracking
 
     calls = []
 
@@ -88,7 +86,7 @@ def test_trackers_are_finished_before_interpreter_exit_and_once():
 
 
 def test_tokenizer_with_pad_equal_to_eos_is_refused(tiny_model_dir):
-    from bt_trainer import load_tokenizer
+    from btrm.pair_dataset import load_tokenizer
 
     with pytest.raises(ValueError, match="set data.pad_token"):
         load_tokenizer(str(tiny_model_dir), OmegaConf.create({"pad_token": "<|im_end|>"}), trust_remote_code=False)
@@ -96,7 +94,7 @@ def test_tokenizer_with_pad_equal_to_eos_is_refused(tiny_model_dir):
 
 
 def test_value_head_from_causal_lm_has_zero_frozen_bias(tiny_model_dir):
-    from bt_trainer import load_value_head_model
+    from btrm.modeling import load_value_head_model
 
     model = load_value_head_model(str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
     assert type(model).__name__ == "Qwen3ForTokenClassification" and model.config.architectures == ["Qwen3ForTokenClassification"]
@@ -110,18 +108,19 @@ def test_trainer_micro_batches_accumulate_to_the_hand_written_step_gradient(tiny
     from types import SimpleNamespace
 
     from bt_loss import LossConfig
-    from bt_trainer import BTRewardTrainer, load_value_head_model
+    from bt_trainer import BTRewardTrainer
+    from btrm.modeling import load_value_head_model
 
     torch.manual_seed(0)
     model = load_value_head_model(str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
     torch.nn.init.normal_(model.score.weight, std=1.0)
     if layout != "padded":
-        import bt_attention
+        from btrm import attention
 
-        bt_attention.enable_segment_attention(model)
+        attention.enable_segment_attention(model)
     answers = ["Measure carefully.", "No.", "Start with the simplest version.", "Whatever you do.", "Ask a friend to check.", "Boring.", "First, gather what you need.", "Search it."]
     conversations = [[{"role": "user", "content": "Help?"}, {"role": "assistant", "content": a}] for a in answers]
-    pairs = [bt_data.TokenizedPair(*(bt_data.encode_conversation(tokenizer, c) for c in conversations[i : i + 2])) for i in range(0, 8, 2)]
+    pairs = [pair_dataset.TokenizedPair(*(pair_dataset.encode_conversation(tokenizer, c) for c in conversations[i : i + 2])) for i in range(0, 8, 2)]
 
     model.zero_grad()
     reward = lambda ids: model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1, 0]  # noqa: E731
@@ -250,13 +249,13 @@ def test_logged_step_metrics_are_over_all_ranks_pairs(reference_run, tiny_model_
     from torch.utils.data import DistributedSampler
     from transformers import AutoTokenizer
 
-    from bt_trainer import load_value_head_model, seed_everything
+    from btrm.modeling import load_value_head_model, seed_everything
 
     _, _, metrics = reference_run
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     config = OmegaConf.create({"chosen_key": "chosen", "rejected_key": "rejected", "max_length": 1024, "truncation": "left",
                                "apply_chat_template_kwargs": {}})
-    dataset = bt_data.PairDataset([str(demo_data_dir / "train.parquet")], tokenizer, config, max_samples=48)
+    dataset = pair_dataset.PairDataset([str(demo_data_dir / "train.parquet")], tokenizer, config, max_samples=48)
     step_pairs = []
     for rank in range(2):
         sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=42, drop_last=True)
@@ -281,7 +280,6 @@ def test_logged_step_metrics_are_over_all_ranks_pairs(reference_run, tiny_model_
 
 def test_startup_summary_reports_the_runs_numbers(reference_run, tiny_model_dir, demo_data_dir):
     """The start-up table's counts == the data and model counted here independently."""
-    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, result, _ = reference_run
@@ -376,7 +374,7 @@ def test_diverged_run_stops_without_saving_non_finite_state(tmp_path, tiny_model
     assert tracked < len(records) - 1  # the steps whose updates were skipped were not saved
     assert not (root / f"global_step_{len(records)}").exists()
     for shard in (root / f"global_step_{tracked}").glob("model_world_size_*"):
-        from bt_checkpoint import weights_only_loading
+        from btrm.checkpoint import weights_only_loading
 
         with weights_only_loading():
             state = torch.load(shard)
@@ -412,8 +410,9 @@ def test_memory_knobs_do_not_change_training(tmp_path, reference_run, tiny_model
 
 def test_tied_embeddings_model_trains_and_exports(tmp_path, tiny_model_dir, demo_data_dir):
     """Tied-embedding models skip verl's meta-device init (every rank builds the full model)."""
-    from demo.make_tiny_model import build_tiny_model
     from transformers import AutoModelForTokenClassification
+
+    from demo.make_tiny_model import build_tiny_model
 
     tied_dir = build_tiny_model(tmp_path / "tied-qwen3", seed=0, tie_word_embeddings=True)
     assert json.loads((tied_dir / "config.json").read_text())["tie_word_embeddings"] is True
@@ -468,7 +467,7 @@ def test_lora_run_learns_and_trains_only_adapters_and_head(lora_run, tiny_model_
     # ranks' shards) and what the start-up line reports
     trainable = sum(8 * (a.shape[1] + adapter["base_model.model." + k.replace(".weight", ".lora_B.weight")].shape[0]) for k, a in lora_a.items())
     trainable += merged["score.weight"].numel()
-    from bt_checkpoint import weights_only_loading
+    from btrm.checkpoint import weights_only_loading
 
     optimizer_numel = 0
     for rank in (0, 1):

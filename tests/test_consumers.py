@@ -22,11 +22,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_export import CONVERSATIONS, make_value_head_export
 
-import bt_data
-from test_bt_export import CONVERSATIONS, make_value_head_export
-
-import bt_export
+from btrm import batching, export, pair_dataset
 
 TOL = 1e-5
 RESPONSE_LENGTH = 80  # rollout.response_length
@@ -38,7 +36,7 @@ def checkpoint(tiny_model_dir, tmp_path_factory):
     from transformers import AutoTokenizer
 
     _, hf_dir = make_value_head_export(tiny_model_dir, tmp_path_factory.mktemp("ppo") / "huggingface", seed=1)
-    bt_export.export_reward_model(hf_dir)
+    export.export_reward_model(hf_dir)
     return hf_dir, AutoTokenizer.from_pretrained(hf_dir)
 
 
@@ -152,7 +150,7 @@ def test_ppo_with_input_tokenizer_scores_exactly_as_training(checkpoint, ppo_bat
     model = verl_reward_module(hf_dir)
     worker = stand_in_worker(model, tokenizer, switch_template=True, use_remove_padding=use_remove_padding)
     rewards, token_scores = run_compute_rm_score(worker, ppo_batch)
-    expected = torch.tensor(bt_data.score(bt_export.load_reward_model(hf_dir)[0], tokenizer, CONVERSATIONS))
+    expected = torch.tensor(batching.score(export.load_reward_model(hf_dir)[0], tokenizer, CONVERSATIONS))
     difference = (rewards - expected).abs().max().item()
     print(f"verl compute_rm_score (input_tokenizer set, use_remove_padding={use_remove_padding}) vs score(): max |diff| {difference:.3g}")
     assert difference < TOL
@@ -167,10 +165,10 @@ def test_ppo_with_null_input_tokenizer_reads_im_end(checkpoint, ppo_batch):
     model = verl_reward_module(hf_dir)
     rewards, _ = run_compute_rm_score(stand_in_worker(model, tokenizer, switch_template=False, use_remove_padding=False), ppo_batch)
 
-    trained = torch.tensor(bt_data.score(model, tokenizer, CONVERSATIONS))
+    trained = torch.tensor(batching.score(model, tokenizer, CONVERSATIONS))
     at_im_end = []
     for conversation in CONVERSATIONS:
-        ids = bt_data.encode_conversation(tokenizer, conversation)
+        ids = pair_dataset.encode_conversation(tokenizer, conversation)
         assert tokenizer.convert_ids_to_tokens(ids[-2:])[0] == "<|im_end|>" and tokenizer.decode(ids[-1:]) == "\n"
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits.squeeze(-1)[0]
@@ -186,7 +184,7 @@ def test_ppo_in_bf16_as_verl_computes(checkpoint, ppo_batch):
     hf_dir, tokenizer = checkpoint
     model = verl_reward_module(hf_dir, dtype=torch.bfloat16)
     rewards, _ = run_compute_rm_score(stand_in_worker(model, tokenizer, switch_template=True, use_remove_padding=True), ppo_batch, fp32=False)
-    trained = torch.tensor(bt_data.score(bt_export.load_reward_model(hf_dir)[0], tokenizer, CONVERSATIONS))
+    trained = torch.tensor(batching.score(export.load_reward_model(hf_dir)[0], tokenizer, CONVERSATIONS))
     difference = (rewards - trained).abs().max().item()
     print(f"verl compute_rm_score in bf16 (input_tokenizer set) vs fp32 score(): max |diff| {difference:.3g} (rewards up to {trained.abs().max():.3g})")
     assert difference < 0.02 * (1 + trained.abs().max().item())

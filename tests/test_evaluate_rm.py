@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import bt_data
 import evaluate_rm
+from btrm import batching, pair_dataset
 from conftest import REPO, read_metrics, run_trainer
 
 
@@ -37,7 +37,12 @@ def demo_conversations(demo_data_dir, n=12):
 
 
 def test_checkpoint_scores_identically_through_both_auto_classes_score_and_verls_rule(trained_run, demo_data_dir):
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
 
     hf = step_dir(trained_run) / "huggingface"
     config = json.loads((hf / "config.json").read_text())
@@ -65,8 +70,8 @@ def test_checkpoint_scores_identically_through_both_auto_classes_score_and_verls
     assert token_model.score.weight.abs().sum() > 0
 
     conversations = demo_conversations(demo_data_dir)
-    via_score = torch.tensor(bt_data.score(token_model, tokenizer, conversations, batch_size=5))
-    via_seq_cls = torch.tensor(bt_data.score(seq_model, tokenizer, conversations, batch_size=5))
+    via_score = torch.tensor(batching.score(token_model, tokenizer, conversations, batch_size=5))
+    via_seq_cls = torch.tensor(batching.score(seq_model, tokenizer, conversations, batch_size=5))
     # verl's RewardModelWorker rule, written out: right-padded batch, position ids from the mask, argmax
     from verl.utils.model import compute_position_id_with_mask
 
@@ -98,8 +103,8 @@ def test_evaluate_cli_matches_hand_computation(trained_run, demo_data_dir, tmp_p
     model = AutoModelForTokenClassification.from_pretrained(hf, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(hf)
     rows = pq.read_table(demo_data_dir / "test.parquet").to_pylist()
-    chosen = bt_data.score(model, tokenizer, [r["chosen"] for r in rows], batch_size=1)  # one at a time: no padding at all
-    rejected = bt_data.score(model, tokenizer, [r["rejected"] for r in rows], batch_size=1)
+    chosen = batching.score(model, tokenizer, [r["chosen"] for r in rows], batch_size=1)  # one at a time: no padding at all
+    rejected = batching.score(model, tokenizer, [r["rejected"] for r in rows], batch_size=1)
     correct = [c > r for c, r in zip(chosen, rejected)]
     assert summary["n_pairs"] == len(rows)
     assert summary["accuracy"] == pytest.approx(sum(correct) / len(rows))
@@ -208,12 +213,12 @@ def test_a_file_matching_no_layout_is_one_line_naming_its_columns(trained_run, t
 
 
 def test_the_truncation_the_dataset_reports_is_reported(trained_run, demo_data_dir, monkeypatch):
-    class ReportingDataset(bt_data.PairDataset):  # what bt_data's truncation reports, once it counts
+    class ReportingDataset(pair_dataset.PairDataset):  # what bt_data's truncation reports, once it counts
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.truncated_pairs, self.dropped_tokens = 3, 17
 
-    monkeypatch.setattr(bt_data, "PairDataset", ReportingDataset)
+    monkeypatch.setattr(pair_dataset, "PairDataset", ReportingDataset)
     summary = evaluate_rm.main(["--model", str(step_dir(trained_run)), "--data", str(demo_data_dir / "test.parquet"), "--no-progress"])
     assert (summary["truncated_pairs"], summary["dropped_tokens"]) == (3, 17)
 
@@ -317,8 +322,8 @@ def test_rewardbench_cli_on_a_local_fixture(trained_run, tmp_path):
     hf = step_dir(trained_run) / "huggingface"
     model, tokenizer = AutoModelForTokenClassification.from_pretrained(hf, dtype=torch.float32), AutoTokenizer.from_pretrained(hf)
     turn = lambda row, key: [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[key]}]  # noqa: E731
-    chosen = bt_data.score(model, tokenizer, [turn(r, "chosen") for r in rows], batch_size=1)
-    rejected = bt_data.score(model, tokenizer, [turn(r, "rejected") for r in rows], batch_size=1)
+    chosen = batching.score(model, tokenizer, [turn(r, "chosen") for r in rows], batch_size=1)
+    rejected = batching.score(model, tokenizer, [turn(r, "rejected") for r in rows], batch_size=1)
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     assert [line["chosen_reward"] for line in lines] == pytest.approx(chosen, abs=1e-5)
     assert [line["rejected_reward"] for line in lines] == pytest.approx(rejected, abs=1e-5)

@@ -143,7 +143,7 @@ def save_adapter(directory: str | os.PathLike, state_dict: Mapping[str, torch.Te
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    import bt_io
+    from btrm import atomic
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -152,7 +152,7 @@ def save_adapter(directory: str | os.PathLike, state_dict: Mapping[str, torch.Te
     config_dict = config.to_dict()
     config_dict["target_modules"] = sorted(config_dict["target_modules"])
     weights = {key: value.detach().contiguous().cpu() for key, value in adapter_state_dict(state_dict).items()}
-    with bt_io.atomic_outputs([directory / "adapter_model.safetensors", directory / "adapter_config.json"]) as (weights_file, config_file):
+    with atomic.atomic_outputs([directory / "adapter_model.safetensors", directory / "adapter_config.json"]) as (weights_file, config_file):
         save_file(weights, str(weights_file), metadata={"format": "pt"})
         Path(config_file).write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=list) + "\n")
     return directory

@@ -15,7 +15,7 @@ Two implementations of that one rule:
 - CUDA with bf16/fp16 activations: `torch.nn.attention.varlen.varlen_attn` (FlashAttention kernels
   shipped with torch), one call per layer with cu_seq_q / cu_seq_k and the keys gathered segment
   after segment (`varlen_kernel_inputs`). FlashAttention aligns its causal mask bottom-right when
-  queries are fewer than keys; the trainer's start-up check (bt_data.check_layout) compares against
+  queries are fewer than keys; the trainer's start-up check (batching.check_layout) compares against
   the padded path on the real hardware before training.
 - everywhere else (CPU, fp32): `scaled_dot_product_attention` per segment, segments of equal shape
   batched into one call; the cost is the sum of the squares of the segment lengths, never the
@@ -213,7 +213,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
             position_ids = kwargs.get("position_ids")
             if position_ids is not None and position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] <= position_ids[..., :-1]).any()):
                 raise ValueError("a packed row (position_ids restart) reached attention without attention_segments: "
-                                 "collate it with bt_data (collate_pairs / collate_packed) and call bt_data.compute_rewards")
+                                 "collate it with bt_data (collate_pairs / collate_packed) and call batching.compute_rewards")
         return _padded_attention_function(module, attention_mask)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"segment attention takes one packed row, got a batch of {query.shape[0]}")

@@ -1,12 +1,5 @@
-"""How a conversation becomes tokens, batches and a reward: the one place that decides.
+"""Micro-batches of pairs, their layouts, and where a reward is read.
 
-The trainer, `evaluate_rm.py`, `score()` and the benchmark all call this module, so training-time
-and scoring-time formatting cannot drift apart.
-
-- Tokens: `encode_conversation` applies the tokenizer's chat template to the text and tokenizes
-  it with `add_special_tokens=False` (a template that writes BOS already has it; adding it again
-  would double it).
-- Truncation: `truncate_pair` (data.truncation); PairDataset counts truncated pairs and dropped tokens.
 - Reward position: the last real token of each sequence, read exactly as verl's
   `RewardModelWorker` reads it: `argmax(position_ids * attention_mask)` under right padding
   (`reward_token_index`); in a packed row, the last token of each conversation.
@@ -17,193 +10,29 @@ and scoring-time formatting cannot drift apart.
           segment (`collate_packed`);
   shared: one row, each pair `[shared prefix | chosen suffix | rejected suffix]`, the prefix (the
           prompt, and any leading tokens the responses share) computed once (`collate_shared`).
-  The packed layouts are described once here, as bt_attention.SegmentLayout (per segment its
-  queries and its keys), and attended by bt_attention; token budgets count computed tokens.
+  The packed layouts are described once here, as btrm.attention.SegmentLayout (per segment its
+  queries and its keys), and attended by btrm.attention; token budgets count computed tokens.
+- Planning: `plan_micro_batches` cuts a step's pairs by a token budget or a pair count.
+- Scoring: `score()` is the documented Python API (a conversation list in, rewards out).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-from dataclasses import dataclass
-from functools import cached_property
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
-import bt_attention
+from btrm import attention
+from btrm.pair_dataset import (
+    TokenizedPair,
+    common_prefix_length,
+    encode_conversation,
+    parse_messages,
+    shared_prefix_length,
+)
 
-TRUNCATION_MODES = ("left", "right", "error")
 LAYOUTS = ("padded", "packed", "shared")
-
-
-class DataError(ValueError):
-    """Bad training or evaluation data, naming the file, the row, the field and the problem."""
-
-
-# ----------------------------------------------------------------------------- tokens
-
-
-def parse_messages(value: Any, where: str) -> list[dict[str, str]]:
-    """A messages list from a JSON string (or an already-decoded list); `where` names file, row, field."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-    if hasattr(value, "tolist"):  # numpy arrays from Parquet list columns
-        value = value.tolist()
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: expected a non-empty list of {{'role', 'content'}} messages, got {type(value).__name__}")
-    for turn, message in enumerate(value, start=1):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            raise DataError(f"{where}: message {turn} is not a {{'role': str, 'content': str}} object")
-    if value[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the last message has role {value[-1]['role']!r}; expected the assistant response being judged")
-    return value
-
-
-def encode_conversation(tokenizer, messages: list[dict[str, str]], chat_template_kwargs: dict | None = None) -> list[int]:
-    """Token ids of a whole conversation, exactly as training and scoring see it."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, **(chat_template_kwargs or {}))
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
-    """Number of leading tokens the two sequences share."""
-    length = 0
-    for a, b in zip(first, second):
-        if a != b:
-            break
-        length += 1
-    return length
-
-
-def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Tokens all sequences share at their start, capped so each keeps at least its last token.
-
-    The cap keeps a conversation that is a prefix of another (or equal to it) its own reward token.
-    """
-    if len(sequences) < 2:
-        return 0
-    first = sequences[0]
-    return min(min(common_prefix_length(first, other) for other in sequences[1:]), min(len(s) for s in sequences) - 1)
-
-
-class Truncation(NamedTuple):
-    chosen: list[int]
-    rejected: list[int]
-    dropped_tokens: int  # tokens removed from chosen and rejected together (0: the pair fitted)
-
-
-def truncate_pair(chosen: list[int], rejected: list[int], max_length: int, mode: str, where: str) -> Truncation:
-    """Fit both conversations of a pair into max_length tokens each, never losing a reward token.
-
-    left (default): drop the oldest tokens of the prompt the two conversations share (their longest
-           common token prefix, capped so each keeps its last token), the same tokens from both, and
-           only as many as the longer conversation needs: both keep an identical prompt tail, and
-           a conversation that fits loses shared-prefix tokens only, never the rest of its response. Only a response
-           (the part after the shared prefix) that alone exceeds max_length is cut, from its
-           start, keeping its last token (the reward token).
-    right: keep the first max_length - 1 tokens and the last token of each over-long conversation
-           (the head of the prompt survives; the end of a long response is lost except its last token).
-    error: raise, naming the row and both lengths.
-    """
-    if mode not in TRUNCATION_MODES:
-        raise ValueError(f"data.truncation is {mode!r}; expected one of {TRUNCATION_MODES}")
-    if max_length < 1:
-        raise ValueError(f"data.max_length must be at least 1, got {max_length}")
-    if not chosen or not rejected:
-        raise DataError(f"{where}: chosen has {len(chosen)} tokens and rejected {len(rejected)}; a conversation cannot be empty")
-    overflow = max(len(chosen), len(rejected)) - max_length
-    if overflow <= 0:
-        return Truncation(chosen, rejected, 0)
-    if mode == "error":
-        raise DataError(
-            f"{where}: chosen has {len(chosen)} tokens and rejected {len(rejected)}; data.max_length is {max_length} "
-            "(set data.truncation to left or right, or raise data.max_length)"
-        )
-    if mode == "left":
-        drop = min(overflow, shared_prefix_length([chosen, rejected]))
-        kept = [ids[drop:] for ids in (chosen, rejected)]
-        new_chosen, new_rejected = (ids if len(ids) <= max_length else ids[-max_length:] for ids in kept)
-    else:
-        new_chosen, new_rejected = (ids if len(ids) <= max_length else ids[: max_length - 1] + ids[-1:] for ids in (chosen, rejected))
-    return Truncation(new_chosen, new_rejected, len(chosen) + len(rejected) - len(new_chosen) - len(new_rejected))
-
-
-@dataclass(frozen=True)
-class TokenizedPair:
-    chosen: list[int]
-    rejected: list[int]
-    preference_strength: int | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens of the two conversations run separately."""
-        return len(self.chosen) + len(self.rejected)
-
-    @cached_property
-    def shared_prefix(self) -> int:
-        """Tokens the `shared` layout computes once for both conversations."""
-        return shared_prefix_length([self.chosen, self.rejected])
-
-    def computed_tokens(self, layout: str) -> int:
-        """Tokens the model computes for this pair in `layout` (padding aside): the prefix once when shared."""
-        return self.num_tokens - self.shared_prefix if layout == "shared" else self.num_tokens
-
-
-class PairDataset(torch.utils.data.Dataset):
-    """Preference pairs from data files in any layout bt_io.read_pair_rows reads (see data.format).
-
-    Tokenizes everything once, up front. The constructor signature is that of verl's SFTDataset,
-    so `data.custom_cls` can name any class with the same signature whose items are TokenizedPair.
-    """
-
-    def __init__(self, parquet_files: str | Sequence[str], tokenizer, config, max_samples: int = -1):
-        import bt_io  # files are read (any format bt_io.detect_pair_format knows) only through bt_io.read_pair_rows
-
-        chat_template_kwargs = dict(config.get("apply_chat_template_kwargs", None) or {})
-        self.pairs: list[TokenizedPair] = []
-        self.truncated_pairs = 0  # pairs that lost tokens to data.max_length (data.truncation)
-        self.dropped_tokens = 0   # tokens those pairs lost, chosen and rejected together
-        try:  # reading problems surface as this module's DataError, like every other data problem
-            read = bt_io.read_pair_rows(parquet_files, config, drop_identical=config.get("drop_identical_pairs", True))
-        except bt_io.DataError as error:
-            raise DataError(str(error)) from None
-        rows = read.rows[:max_samples] if max_samples > 0 else read.rows
-        self.formats = read.formats                           # file -> bt_io.PairFormat it was read in
-        self.read_report = read.describe()                    # formats and dropped pairs, for the start-up report
-        self.identical_pairs_dropped = read.identical_dropped  # chosen == rejected: no preference signal
-        self.sources = [row.where for row in rows]            # "file row N" of each pair, in order
-        self.subsets = [row.subset for row in rows]           # RewardBench's subset column (None elsewhere)
-
-        def encode(side, where: str) -> list[int]:
-            if isinstance(side, str):  # data.format=text: no chat template; bt_io.encode_plain_text appends eos
-                try:
-                    return bt_io.encode_plain_text(tokenizer, side)
-                except bt_io.DataError as error:
-                    raise DataError(f"{where}: {error}") from None
-            return encode_conversation(tokenizer, side, chat_template_kwargs)
-
-        for row in rows:
-            where = row.where
-            chosen_ids, rejected_ids = encode(row.chosen, where), encode(row.rejected, where)
-            truncation = truncate_pair(chosen_ids, rejected_ids, config.max_length, config.truncation, where)
-            self.truncated_pairs += truncation.dropped_tokens > 0
-            self.dropped_tokens += truncation.dropped_tokens
-            self.pairs.append(TokenizedPair(truncation.chosen, truncation.rejected, row.preference_strength))
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> TokenizedPair:
-        return self.pairs[index]
-
-
-def keep_as_list(items: list) -> list:
-    """DataLoader collate_fn: a step's pairs stay a list; micro-batches are formed later."""
-    return items
 
 
 # ----------------------------------------------------------------------------- batches
@@ -253,7 +82,7 @@ def collate_packed(sequences: Sequence[Sequence[int]]) -> dict[str, torch.Tensor
     position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     segments = [((starts[i], starts[i + 1]), [(starts[i], starts[i + 1])]) for i in range(len(sequences))]
     return {"input_ids": input_ids, "position_ids": position_ids, "reward_index": torch.tensor(starts[1:], dtype=torch.long) - 1,
-            "attention_segments": bt_attention.SegmentLayout.from_segments(segments)}
+            "attention_segments": attention.SegmentLayout.from_segments(segments)}
 
 
 def collate_shared(groups: Sequence[Sequence[Sequence[int]]]) -> dict[str, torch.Tensor]:
@@ -286,7 +115,7 @@ def collate_shared(groups: Sequence[Sequence[Sequence[int]]]) -> dict[str, torch
                 segments.append(((start, len(ids)), keys))
             reward_index.append(len(ids) - 1)
     return {"input_ids": torch.tensor(ids, dtype=torch.long).unsqueeze(0), "position_ids": torch.tensor(positions, dtype=torch.long).unsqueeze(0),
-            "reward_index": torch.tensor(reward_index, dtype=torch.long), "attention_segments": bt_attention.SegmentLayout.from_segments(segments)}
+            "reward_index": torch.tensor(reward_index, dtype=torch.long), "attention_segments": attention.SegmentLayout.from_segments(segments)}
 
 
 def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, layout: str = "padded", *, packed: bool | None = None) -> dict[str, torch.Tensor]:
@@ -405,13 +234,13 @@ def compute_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     only) reads the last non-pad token itself, the same token under right padding, and returns
     [rows, 1]. Padded batches carry an attention mask; packed and shared ones (a single row) carry
     `attention_segments` instead, which reach bt_attention's segment attention through the model's
-    forward (the model must have been switched with bt_attention.enable_segment_attention).
+    forward (the model must have been switched with attention.enable_segment_attention).
     use_cache=False: a cache would make transformers treat the row as one sequence.
     """
     segments = {}
     if "attention_segments" in batch:
-        if not bt_attention.uses_segment_attention(model):
-            raise ValueError("a packed or shared batch needs segment attention: call bt_attention.enable_segment_attention(model) first "
+        if not attention.uses_segment_attention(model):
+            raise ValueError("a packed or shared batch needs segment attention: call attention.enable_segment_attention(model) first "
                              f"(the model uses {model.config._attn_implementation!r})")
         segments["attention_segments"] = batch["attention_segments"]
     logits = model(
@@ -532,7 +361,7 @@ def score(
     device = device if device is not None else next(model.parameters()).device
     model.eval()
     if layout != "padded":
-        bt_attention.enable_segment_attention(model)
+        attention.enable_segment_attention(model)
     sequences = [
         encode_conversation(tokenizer, parse_messages(c, f"conversation {i}"), chat_template_kwargs)
         for i, c in enumerate(conversations, start=1)

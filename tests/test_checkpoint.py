@@ -1,4 +1,4 @@
-"""bt_checkpoint.py: completeness, resume selection, retention order and loading without pickled code."""
+"""checkpoint.py: completeness, resume selection, retention order and loading without pickled code."""
 
 import json
 import os
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import bt_checkpoint
-from bt_checkpoint import CheckpointError
+from btrm import checkpoint
+from btrm.checkpoint import CheckpointError
 
 CONTENTS = ["model", "optimizer", "extra"]
 
@@ -17,22 +17,22 @@ CONTENTS = ["model", "optimizer", "extra"]
 def make_checkpoint(root: Path, step: int, world_size: int = 2, complete: bool = True) -> Path:
     directory = root / f"global_step_{step}"
     directory.mkdir(parents=True)
-    for name in bt_checkpoint.shard_files(world_size, CONTENTS):
+    for name in checkpoint.shard_files(world_size, CONTENTS):
         torch.save({"step": torch.tensor(step)}, directory / name)
     torch.save({"batches_yielded": step}, directory / "data.pt")
     if complete:
-        bt_checkpoint.mark_complete(directory, step=step, world_size=world_size, save_contents=CONTENTS,
+        checkpoint.mark_complete(directory, step=step, world_size=world_size, save_contents=CONTENTS,
                                     trainer_state={"skipped_steps": 0, "consecutive_skipped_steps": 0})
     return directory
 
 
 def resume(root, **overrides):
     kwargs = {"mode": "auto", "resume_from_path": None, "world_size": 2, "load_contents": CONTENTS, **overrides}
-    return bt_checkpoint.find_resume_checkpoint(root, **kwargs)
+    return checkpoint.find_resume_checkpoint(root, **kwargs)
 
 
 def test_shard_file_names_are_verls():
-    assert bt_checkpoint.shard_files(2, ["model", "extra"]) == [
+    assert checkpoint.shard_files(2, ["model", "extra"]) == [
         "model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt",
         "extra_state_world_size_2_rank_0.pt", "extra_state_world_size_2_rank_1.pt",
     ]
@@ -42,7 +42,7 @@ def test_mark_complete_records_sizes_and_refuses_missing_files(tmp_path):
     directory = make_checkpoint(tmp_path, 4, complete=False)
     (directory / "optim_world_size_2_rank_1.pt").unlink()
     with pytest.raises(CheckpointError, match="optim_world_size_2_rank_1.pt"):
-        bt_checkpoint.mark_complete(directory, step=4, world_size=2, save_contents=CONTENTS, trainer_state={})
+        checkpoint.mark_complete(directory, step=4, world_size=2, save_contents=CONTENTS, trainer_state={})
     assert not (directory / "bt_state.json").exists()
     directory = make_checkpoint(tmp_path, 8)
     state = json.loads((directory / "bt_state.json").read_text())
@@ -59,7 +59,7 @@ def test_fresh_directory_starts_from_scratch(tmp_path):
 def test_tracked_complete_checkpoint_is_resumed(tmp_path):
     make_checkpoint(tmp_path, 4)
     make_checkpoint(tmp_path, 8)
-    bt_checkpoint.write_tracker(tmp_path, 4)  # the tracker, not the highest number, decides
+    checkpoint.write_tracker(tmp_path, 4)  # the tracker, not the highest number, decides
     directory, state = resume(tmp_path)
     assert directory == tmp_path / "global_step_4" and state["step"] == 4
 
@@ -88,7 +88,7 @@ def test_garbage_tracker_stops_with_the_file_named(tmp_path):
 def test_damaged_tracked_checkpoint_stops_and_points_to_the_previous_one(tmp_path, damage, message):
     make_checkpoint(tmp_path, 4)
     damage(make_checkpoint(tmp_path, 8))
-    bt_checkpoint.write_tracker(tmp_path, 8)
+    checkpoint.write_tracker(tmp_path, 8)
     with pytest.raises(CheckpointError, match=message) as error:
         resume(tmp_path)
     assert str(error.value).endswith(f"resume_from_path={tmp_path / 'global_step_4'}")
@@ -96,7 +96,7 @@ def test_damaged_tracked_checkpoint_stops_and_points_to_the_previous_one(tmp_pat
 
 def test_other_world_size_is_refused(tmp_path):
     make_checkpoint(tmp_path, 4, world_size=2)
-    bt_checkpoint.write_tracker(tmp_path, 4)
+    checkpoint.write_tracker(tmp_path, 4)
     with pytest.raises(CheckpointError, match="saved by 2 ranks, this run has 4"):
         resume(tmp_path, world_size=4)
 
@@ -116,11 +116,11 @@ def test_retention_keeps_the_newest_complete_and_clears_cut_off_work(tmp_path):
         make_checkpoint(tmp_path, step)
     make_checkpoint(tmp_path, 5, complete=False)  # a save that was cut off
     (tmp_path / ".removing-global_step_1").mkdir()  # a removal that was cut off
-    removed = bt_checkpoint.remove_old_checkpoints(tmp_path, keep=2, newest_step=6)
+    removed = checkpoint.remove_old_checkpoints(tmp_path, keep=2, newest_step=6)
     assert sorted(p.name for p in removed) == ["global_step_2", "global_step_5"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step_4", "global_step_6"]
-    assert bt_checkpoint.remove_old_checkpoints(tmp_path, keep=None, newest_step=6) == []
-    bt_checkpoint.remove_old_checkpoints(tmp_path, keep=1, newest_step=6)
+    assert checkpoint.remove_old_checkpoints(tmp_path, keep=None, newest_step=6) == []
+    checkpoint.remove_old_checkpoints(tmp_path, keep=1, newest_step=6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step_6"]
 
 
@@ -140,7 +140,7 @@ def test_loading_never_runs_pickled_code(tmp_path):
     with open(planted, "wb") as out:
         pickle.dump({"state": Payload(marker)}, out)
     with pytest.raises(CheckpointError, match=r"data.pt: cannot be loaded as plain tensors"):
-        with bt_checkpoint.weights_only_loading():
+        with checkpoint.weights_only_loading():
             torch.load(planted, map_location="cpu", weights_only=False)  # verl passes weights_only=False
     assert not marker.exists()
     assert torch.load is not None and torch.load.__name__ == "load"  # restored after the block
@@ -150,6 +150,6 @@ def test_loading_never_runs_pickled_code(tmp_path):
 
     legit = tmp_path / "extra.pt"
     torch.save({"rng": {"numpy": np.random.get_state(), "cpu": torch.get_rng_state()}}, legit)
-    with bt_checkpoint.weights_only_loading():
+    with checkpoint.weights_only_loading():
         state = torch.load(legit, weights_only=False)
     assert state["rng"]["numpy"][0] == "MT19937"

@@ -1,74 +1,23 @@
-"""Files in and out: every output the project writes goes through `atomic_outputs`; every
-preference-data file is read through `read_pair_rows` (paths checked first by `check_data_files`).
+"""Preference-data files and their rows: the formats, the one message parser, the one `DataError`.
 
-An output is written to a temporary file beside its destination and renamed over it only once
-every output of the same call is complete, so a failure (an exception, a kill) never leaves a
-half-written file nor destroys the previous version. Temporary files are created by `mkstemp`,
-which always uses mode 0600; before the rename they get the mode a plain `open()` would have
-given them (0666 minus the user's umask), so shared-cluster colleagues can read the results.
-
-Data files (.parquet, .jsonl, .json, optionally .gz for JSON) hold one pair per row in one of three
-layouts, which `detect_pair_format` alone tells apart (see there and README "Data format"): whole
-conversations as messages, an explicit prompt with responses (TRL's and RewardBench's layout), or
-plain text. Rows come back as `PairRow`s whose chosen / rejected are messages lists (or, for plain
-text, whole strings); tokenizing stays in bt_data (plain text: `encode_plain_text` here).
+Every preference-data file is read through `read_pair_rows` (paths checked first by
+`check_data_files`). Data files (.parquet, .jsonl, .json, optionally .gz for JSON) hold one pair per
+row in one of three layouts, which `detect_pair_format` alone tells apart (see there and README
+"Data format"): whole conversations as messages, an explicit prompt with responses (TRL's and
+RewardBench's layout), or plain text. Rows come back as `PairRow`s whose chosen / rejected are
+messages lists (or, for plain text, whole strings); tokenizing is btrm.pair_dataset's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
-
-
-def current_umask() -> int:
-    """The process umask (reading it means setting it; it is put back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
-    """Yield one temporary path per destination; rename them all into place on success.
-
-        with atomic_outputs([out_dir / "train.parquet", out_dir / "test.parquet"]) as (train_tmp, test_tmp):
-            write(train_tmp); write(test_tmp)
-
-    On an exception nothing is renamed and the temporary files are removed.
-    """
-    destinations = [Path(p) for p in paths]
-    temps: list[Path] = []
-    try:
-        for destination in destinations:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
-            os.close(handle)
-            temps.append(Path(temp))
-        yield list(temps)
-        mode = 0o666 & ~current_umask()
-        for temp in temps:
-            os.chmod(temp, mode)
-        for temp, destination in zip(temps, destinations):
-            os.replace(temp, destination)
-    finally:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` atomically, with the umask's mode."""
-    with atomic_outputs([path]) as (temp,):
-        temp.write_text(text, encoding="utf-8")
-    return Path(path)
-
+from typing import Any, Iterable, Sequence
 
 # ----------------------------------------------------------------------------- preference data files
 #
-# Training (bt_data.PairDataset) and evaluation (evaluate_rm.py) read pair files only through
+# Training (pair_dataset.PairDataset) and evaluation (evaluate_rm.py) read pair files only through
 # `read_pair_rows`, and `detect_pair_format` alone decides how a file's columns become a pair.
 
 PAIR_FORMATS = ("auto", "messages", "prompt_response", "text")
@@ -455,7 +404,7 @@ def read_pair_rows(files, data_config, *, drop_identical: bool = True) -> PairRo
 def count_shared_pairs(train_pairs: Iterable, val_pairs: Iterable) -> int:
     """How many validation pairs also appear in training (same chosen and same rejected).
 
-    Works on anything with `.chosen` / `.rejected` (token id lists of bt_data.TokenizedPair, or the
+    Works on anything with `.chosen` / `.rejected` (token id lists of pair_dataset.TokenizedPair, or the
     messages / texts of PairRow). A shared pair inflates validation accuracy: report it.
     """
     import json
@@ -466,18 +415,3 @@ def count_shared_pairs(train_pairs: Iterable, val_pairs: Iterable) -> int:
 
     seen = {key(pair) for pair in train_pairs}
     return sum(key(pair) in seen for pair in val_pairs)
-
-
-def encode_plain_text(tokenizer, text: str) -> list[int]:
-    """Token ids of a plain-text conversation (data.format=text), as TRL's RewardTrainer makes them.
-
-    No chat template. The tokenizer's own special tokens are added (`tokenizer(text)`, e.g. a BOS
-    for Llama tokenizers; none for Qwen) and the eos token is appended unless the text already ends
-    with it, so the reward is read at eos, a token that marks the end of every sequence alike.
-    """
-    if tokenizer.eos_token_id is None:
-        raise DataError("data.format=text appends the eos token, but the tokenizer has none; use a tokenizer with an eos token")
-    ids = list(tokenizer(text)["input_ids"])
-    if not ids or ids[-1] != tokenizer.eos_token_id:
-        ids.append(tokenizer.eos_token_id)
-    return ids

@@ -60,12 +60,12 @@ The other readers: transformers' `AutoModelForSequenceClassification` (`score` w
 the rightmost non-pad token: pad_token_id must be set) loads the result with nothing missing or
 unexpected; `AutoModelForTokenClassification` (verl 0.6.1's `RewardModelWorker._build_model`) reports
 `score.bias` missing and initialises it to 0, exactly the trained value, so its rewards are the same.
-tests/test_bt_export.py and tests/test_consumers.py check all of them against `bt_data.score()`.
+tests/test_bt_export.py and tests/test_consumers.py check all of them against `batching.score()`.
 
 Extra metadata lives in config.json (transformers keeps unknown keys as config attributes; vLLM
 ignores them): `write_reward_stats(hf_dir, mean, std)` stores `reward_normalization = {"mean", "std"}`
 (a consumer normalises with `(reward - mean) / std`); `write_config_fields` stores anything else.
-`export_reward_model` keeps such keys. Every write is atomic (bt_io.atomic_outputs) and the export
+`export_reward_model` keeps such keys. Every write is atomic (atomic.atomic_outputs) and the export
 is idempotent: running it again on an exported directory writes nothing.
 """
 
@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bt_io
+from btrm import atomic
 
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS = "model.safetensors"
@@ -152,8 +152,8 @@ def consumer_config(config: dict[str, Any], architecture: str, pad_token_id: int
         new["pad_token_id"] = pad_token_id
     if new.get("pad_token_id") is None:
         raise ExportError(
-            f"no pad token: neither config.json nor the tokenizer sets one; *ForSequenceClassification reads the "
-            f"reward at the last non-pad token and needs it"
+            "no pad token: neither config.json nor the tokenizer sets one; *ForSequenceClassification reads the "
+            "reward at the last non-pad token and needs it"
         )
     return new
 
@@ -268,7 +268,7 @@ def export_reward_model(hf_dir: str | os.PathLike, *, trust_remote_code: bool = 
         outputs.append((hf_dir / CONFIG_FILE, ("text", config_text(new_config))))
 
     if outputs:
-        with bt_io.atomic_outputs([path for path, _ in outputs]) as temps:
+        with atomic.atomic_outputs([path for path, _ in outputs]) as temps:
             for temp, (_, (kind, *payload)) in zip(temps, outputs):
                 if kind == "weights":
                     source, drop = payload
@@ -294,7 +294,7 @@ def write_config_fields(hf_dir: str | os.PathLike, fields: dict[str, Any]) -> di
     config = read_config(hf_dir)
     new = {**config, **json.loads(json.dumps(fields))}  # JSON round trip: refuses what config.json cannot hold
     if new != config:
-        bt_io.atomic_write_text(Path(hf_dir) / CONFIG_FILE, config_text(new))
+        atomic.atomic_write_text(Path(hf_dir) / CONFIG_FILE, config_text(new))
     return new
 
 
@@ -322,7 +322,7 @@ def read_reward_stats(hf_dir: str | os.PathLike) -> dict[str, Any] | None:
 def load_reward_model(hf_dir: str | os.PathLike, *, dtype=None, device: str = "cpu", trust_remote_code: bool = False):
     """(model, tokenizer) as the checkpoint declares itself, refusing any missing or unexpected weight.
 
-    Rewards: `bt_data.score(model, tokenizer, conversations)`.
+    Rewards: `batching.score(model, tokenizer, conversations)`.
     """
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -333,5 +333,5 @@ def load_reward_model(hf_dir: str | os.PathLike, *, dtype=None, device: str = "c
     )
     problems = {key: value for key, value in info.items() if value}
     if problems:
-        raise ExportError(f"{hf_dir}: loading as {type(model).__name__} reported {problems}; run bt_export.export_reward_model on it")
+        raise ExportError(f"{hf_dir}: loading as {type(model).__name__} reported {problems}; run export_reward_model on it")
     return model.to(device).eval(), tokenizer

@@ -1,11 +1,11 @@
-"""bt_lora.py: which parameters train, the merge against peft's own merge_and_unload, the adapter
+"""lora.py: which parameters train, the merge against peft's own merge_and_unload, the adapter
 file loaded back by peft. (2-rank LoRA training runs are in test_bt_trainer.py.)"""
 
 import pytest
 import torch
 
-import bt_lora
-from bt_trainer import load_value_head_model
+from btrm import lora
+from btrm.modeling import load_value_head_model
 
 
 @pytest.fixture()
@@ -15,8 +15,8 @@ def value_head_model(tiny_model_dir):
 
 
 def lora_model(model, targets="all-linear", rank=4, alpha=8.0, base_dtype=None):
-    settings = bt_lora.resolve_settings(model, rank, alpha, targets)
-    wrapped = bt_lora.add_lora(model, settings, base_dtype=base_dtype)
+    settings = lora.resolve_settings(model, rank, alpha, targets)
+    wrapped = lora.add_lora(model, settings, base_dtype=base_dtype)
     with torch.no_grad():  # peft starts B at zero (a no-op adapter); a trained adapter is not
         for name, parameter in wrapped.named_parameters():
             if "lora_B" in name:
@@ -62,10 +62,10 @@ def test_bf16_base_keeps_trainable_parameters_in_fp32(value_head_model):
 
 def test_settings_refuse_the_score_head_and_unknown_modules(value_head_model):
     with pytest.raises(ValueError, match="score head is always trained in full"):
-        bt_lora.resolve_settings(value_head_model, 4, 8, ["q_proj", "score"])
+        lora.resolve_settings(value_head_model, 4, 8, ["q_proj", "score"])
     with pytest.raises(ValueError, match=r"\['qproj'\] not among"):
-        bt_lora.resolve_settings(value_head_model, 4, 8, ["qproj"])
-    assert bt_lora.resolve_settings(value_head_model, 4, 8, ["q_proj", "v_proj"]).scaling == 2.0
+        lora.resolve_settings(value_head_model, 4, 8, ["qproj"])
+    assert lora.resolve_settings(value_head_model, 4, 8, ["q_proj", "v_proj"]).scaling == 2.0
 
 
 def test_merge_equals_peft_merge_and_unload(value_head_model, tokenizer):
@@ -74,7 +74,7 @@ def test_merge_equals_peft_merge_and_unload(value_head_model, tokenizer):
         model.get_base_model().score.weight.normal_(0, 0.1)  # a trained head
     state = {k: v.clone() for k, v in model.state_dict().items()}
     lora_rewards = last_token_rewards(model, tokenizer)
-    merged = bt_lora.merge_lora_state_dict(state, settings.scaling)
+    merged = lora.merge_lora_state_dict(state, settings.scaling)
     reference = model.merge_and_unload().state_dict()  # peft's own merge
     assert set(merged) == set(reference)
     for key in reference:
@@ -90,7 +90,7 @@ def test_merge_by_hand_on_a_two_layer_state_dict():
     a, b, w = torch.ones(2, 3), torch.full((4, 2), 0.5), torch.zeros(4, 3)
     state = {"base_model.model.layers.0.q.base_layer.weight": w, "base_model.model.layers.0.q.lora_A.default.weight": a,
              "base_model.model.layers.0.q.lora_B.default.weight": b, "base_model.model.score.weight": torch.ones(1, 4)}
-    merged = bt_lora.merge_lora_state_dict(state, scaling=3.0)
+    merged = lora.merge_lora_state_dict(state, scaling=3.0)
     assert set(merged) == {"layers.0.q.weight", "score.weight"}
     assert torch.equal(merged["layers.0.q.weight"], torch.full((4, 3), 3.0))  # 3 * (0.5 * 1 + 0.5 * 1)
 
@@ -102,7 +102,7 @@ def test_saved_adapter_loads_in_peft_with_the_trained_head(value_head_model, tok
     with torch.no_grad():
         model.get_base_model().score.weight.normal_(0, 0.1)
     expected = last_token_rewards(model, tokenizer)
-    bt_lora.save_adapter(tmp_path / "adapter", model.state_dict(), settings, base_model=str(tiny_model_dir))
+    lora.save_adapter(tmp_path / "adapter", model.state_dict(), settings, base_model=str(tiny_model_dir))
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     torch.manual_seed(123)  # a different random head in the base: the adapter must bring its own
     base = load_value_head_model(str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
@@ -114,7 +114,7 @@ def test_merge_refuses_lora_weights_without_a_base_layer():
     state = {"base_model.model.layers.0.q.weight": torch.zeros(4, 3), "base_model.model.layers.0.q.lora_A.default.weight": torch.ones(2, 3),
              "base_model.model.layers.0.q.lora_B.default.weight": torch.ones(4, 2)}
     with pytest.raises(ValueError, match="without a base layer"):
-        bt_lora.merge_lora_state_dict(state, scaling=1.0)
+        lora.merge_lora_state_dict(state, scaling=1.0)
 
 
 # ---- the trainer's LoRA bookkeeping, on a trainer object built without running verl's __init__
@@ -136,7 +136,7 @@ def bare_trainer(lora_settings, base_dtype="bf16"):
 
 
 def test_lora_description_names_everything_the_shards_depend_on():
-    settings = bt_lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))
+    settings = lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))
     assert bare_trainer(settings).lora_description() == {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"], "base_dtype": "bf16"}
     assert bare_trainer(None).lora_description() is None
 
@@ -151,7 +151,7 @@ def test_verls_manager_does_not_write_the_hf_model_under_lora(monkeypatch):
         self.checkpoint_manager = SimpleNamespace(checkpoint_save_contents=["model", "optimizer", "extra", "hf_model"])
 
     monkeypatch.setattr(bt_trainer.FSDPSFTTrainer, "_init_checkpoint_manager", fake_init)
-    with_lora, without = bare_trainer(bt_lora.LoraSettings(8, 16.0, ("q_proj",))), bare_trainer(None)
+    with_lora, without = bare_trainer(lora.LoraSettings(8, 16.0, ("q_proj",))), bare_trainer(None)
     with_lora._init_checkpoint_manager()
     without._init_checkpoint_manager()
     assert with_lora.checkpoint_manager.checkpoint_save_contents == ["model", "optimizer", "extra"]
@@ -159,15 +159,15 @@ def test_verls_manager_does_not_write_the_hf_model_under_lora(monkeypatch):
 
 
 @pytest.mark.parametrize("saved, current", [
-    (None, bt_lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))),                    # full fine-tune checkpoint, LoRA run
+    (None, lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))),                    # full fine-tune checkpoint, LoRA run
     ({"rank": 8, "alpha": 16.0, "target_modules": ["q_proj"], "base_dtype": "bf16"},  # other targets
-     bt_lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))),
+     lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))),
     ({"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"], "base_dtype": "fp32"},  # other backbone dtype
-     bt_lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))),
+     lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))),
 ])
 def test_resume_refuses_a_checkpoint_with_other_lora_settings(monkeypatch, tmp_path, saved, current):
-    import bt_checkpoint
+    from btrm import checkpoint
 
-    monkeypatch.setattr(bt_checkpoint, "find_resume_checkpoint", lambda *a, **k: (tmp_path, {"step": 4, "trainer": {"lora": saved}}))
-    with pytest.raises(bt_checkpoint.CheckpointError, match=f"^{tmp_path}: saved with LoRA"):
+    monkeypatch.setattr(checkpoint, "find_resume_checkpoint", lambda *a, **k: (tmp_path, {"step": 4, "trainer": {"lora": saved}}))
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{tmp_path}: saved with LoRA"):
         bare_trainer(current).load_checkpoint()

@@ -1,7 +1,7 @@
 """bt_export: verl's HF export becomes one checkpoint every reader loads cleanly and scores the same.
 
 The checkpoint is built as the trainer's export is: the TokenClassification value head of
-`bt_trainer.load_value_head_model` (score bias zero and frozen, pad_token_id set, a random score head
+`modeling.load_value_head_model` (score bias zero and frozen, pad_token_id set, a random score head
 of std 1), written with save_pretrained + the tokenizer (what verl's
 FSDPCheckpointManager writes under global_step_N/huggingface/).
 """
@@ -20,9 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import bt_data
-import bt_export
-import bt_trainer
+from btrm import batching, export, modeling, pair_dataset
 
 TOL = 1e-5
 
@@ -46,7 +44,7 @@ def make_value_head_export(base_dir: Path, out_dir: Path, *, seed: int = 0, max_
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = bt_trainer.load_value_head_model(str(base_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
+    model = modeling.load_value_head_model(str(base_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
     model.config.pad_token_id = tokenizer.pad_token_id  # as BTRewardTrainer._build_model_optimizer does
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -87,7 +85,7 @@ def verl_rule_rewards(model, tokenizer, conversations) -> list[float]:
     """verl 0.6.1's reading with verl's helpers: right padding, compute_position_id_with_mask, argmax(pos * mask)."""
     from verl.utils.model import compute_position_id_with_mask
 
-    sequences = [bt_data.encode_conversation(tokenizer, c) for c in conversations]
+    sequences = [pair_dataset.encode_conversation(tokenizer, c) for c in conversations]
     longest = max(map(len, sequences))
     input_ids = torch.full((len(sequences), longest), tokenizer.pad_token_id)
     attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
@@ -119,7 +117,7 @@ def exported(tiny_model_dir, tmp_path_factory):
     from transformers import AutoTokenizer
 
     model, hf_dir = make_value_head_export(tiny_model_dir, tmp_path_factory.mktemp("export") / "huggingface")
-    result = bt_export.export_reward_model(hf_dir)
+    result = export.export_reward_model(hf_dir)
     return model, AutoTokenizer.from_pretrained(hf_dir), hf_dir, result
 
 
@@ -141,7 +139,7 @@ def test_export_declares_sequence_classification_and_drops_the_zero_bias(exporte
 def test_export_is_idempotent(exported):
     _, _, hf_dir, _ = exported
     before = digest(hf_dir)
-    again = bt_export.export_reward_model(hf_dir)
+    again = export.export_reward_model(hf_dir)
     assert not again.changed and again.dropped == [] and again.architecture == "Qwen3ForSequenceClassification"
     assert digest(hf_dir) == before
 
@@ -155,7 +153,7 @@ def test_loading_as_the_declared_class_reports_nothing(exported):
     assert type(model).__name__ == AutoConfig.from_pretrained(hf_dir).architectures[0]
     assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     assert messages == []
-    bt_export.load_reward_model(hf_dir)  # the project's loader refuses anything else
+    export.load_reward_model(hf_dir)  # the project's loader refuses anything else
 
 
 def test_token_classification_loader_zero_initialises_the_dropped_bias(exported):
@@ -177,7 +175,7 @@ def test_every_reader_gives_the_trained_rewards(exported):
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, pipeline
 
     reference_model, tokenizer, hf_dir, _ = exported
-    reference = torch.tensor(bt_data.score(reference_model, tokenizer, CONVERSATIONS))
+    reference = torch.tensor(batching.score(reference_model, tokenizer, CONVERSATIONS))
     assert reference.std() > 0.5  # a head that tells conversations apart
 
     seq_cls = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -185,8 +183,8 @@ def test_every_reader_gives_the_trained_rewards(exported):
     pipe = pipeline("text-classification", model=str(hf_dir), dtype=torch.float32)
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in CONVERSATIONS]
     readers = {
-        "score(SequenceClassification)": bt_data.score(seq_cls, tokenizer, CONVERSATIONS),
-        "score(TokenClassification)": bt_data.score(tok_cls, tokenizer, CONVERSATIONS),
+        "score(SequenceClassification)": batching.score(seq_cls, tokenizer, CONVERSATIONS),
+        "score(TokenClassification)": batching.score(tok_cls, tokenizer, CONVERSATIONS),
         "SequenceClassification batch forward": seq_cls(**tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")).logits.squeeze(-1).tolist(),
         "verl 0.6.1 reading rule": verl_rule_rewards(tok_cls, tokenizer, CONVERSATIONS),
         'pipeline(function_to_apply="none")': [o["score"] for o in pipe(texts, function_to_apply="none", add_special_tokens=False)],
@@ -205,7 +203,7 @@ def test_sharded_export_updates_the_index(tiny_model_dir, tmp_path):
     model, hf_dir = make_value_head_export(tiny_model_dir, tmp_path / "huggingface", seed=3, max_shard_size="60KB")
     index_before = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     assert len(set(index_before["weight_map"].values())) > 1 and "score.bias" in index_before["weight_map"]
-    result = bt_export.export_reward_model(hf_dir)
+    result = export.export_reward_model(hf_dir)
     assert result.dropped == ["score.bias"]
     assert set(result.written) == {index_before["weight_map"]["score.bias"], "model.safetensors.index.json", "config.json"}
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
@@ -219,16 +217,16 @@ def test_sharded_export_updates_the_index(tiny_model_dir, tmp_path):
     loaded, info = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
     assert not any(info.values())
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    difference = (torch.tensor(bt_data.score(loaded, tokenizer, CONVERSATIONS)) - torch.tensor(bt_data.score(model, tokenizer, CONVERSATIONS))).abs().max()
+    difference = (torch.tensor(batching.score(loaded, tokenizer, CONVERSATIONS)) - torch.tensor(batching.score(model, tokenizer, CONVERSATIONS))).abs().max()
     assert difference < TOL
-    assert not bt_export.export_reward_model(hf_dir).changed
+    assert not export.export_reward_model(hf_dir).changed
 
 
 def test_non_zero_bias_is_refused_and_nothing_is_changed(tiny_model_dir, tmp_path):
     _, hf_dir = make_value_head_export(tiny_model_dir, tmp_path / "huggingface", bias=0.25)
     before = digest(hf_dir)
-    with pytest.raises(bt_export.ExportError, match="score.bias is not zero"):
-        bt_export.export_reward_model(hf_dir)
+    with pytest.raises(export.ExportError, match="score.bias is not zero"):
+        export.export_reward_model(hf_dir)
     assert digest(hf_dir) == before
 
 
@@ -236,8 +234,8 @@ def test_a_causal_lm_export_is_refused_naming_the_weights(tiny_model_dir, tmp_pa
     """verl's export of an unconverted model (lm_head, no score head) cannot be declared a reward model."""
     hf_dir = tmp_path / "huggingface"
     shutil.copytree(tiny_model_dir, hf_dir)
-    with pytest.raises(bt_export.ExportError, match=r"unexpected \['lm_head.weight'\], missing \['score.weight'\]"):
-        bt_export.export_reward_model(hf_dir)
+    with pytest.raises(export.ExportError, match=r"unexpected \['lm_head.weight'\], missing \['score.weight'\]"):
+        export.export_reward_model(hf_dir)
 
 
 def test_a_failed_export_leaves_the_previous_files(tiny_model_dir, tmp_path, monkeypatch):
@@ -247,13 +245,13 @@ def test_a_failed_export_leaves_the_previous_files(tiny_model_dir, tmp_path, mon
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bt_export, "_rewrite_without", killed)
+    monkeypatch.setattr(export, "_rewrite_without", killed)
     with pytest.raises(KeyboardInterrupt):
-        bt_export.export_reward_model(hf_dir)
+        export.export_reward_model(hf_dir)
     assert digest(hf_dir) == before
     assert not list(hf_dir.glob(".*.tmp"))
     monkeypatch.undo()
-    assert bt_export.export_reward_model(hf_dir).dropped == ["score.bias"]
+    assert export.export_reward_model(hf_dir).dropped == ["score.bias"]
 
 
 def test_config_only_export_is_normalised(tiny_model_dir, tmp_path):
@@ -264,7 +262,7 @@ def test_config_only_export_is_normalised(tiny_model_dir, tmp_path):
     for path in full.iterdir():
         if not path.name.startswith("model."):
             shutil.copy(path, hf_dir / path.name)
-    result = bt_export.export_reward_model(hf_dir)
+    result = export.export_reward_model(hf_dir)
     assert not result.has_weights and result.dropped == [] and result.written == ["config.json"]
     assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["Qwen3ForSequenceClassification"]
 
@@ -273,7 +271,7 @@ def test_files_get_the_umask_mode(tiny_model_dir, tmp_path):
     _, hf_dir = make_value_head_export(tiny_model_dir, tmp_path / "huggingface")
     previous = os.umask(0o022)
     try:
-        bt_export.export_reward_model(hf_dir)
+        export.export_reward_model(hf_dir)
     finally:
         os.umask(previous)
     for name in ("config.json", "model.safetensors"):
@@ -284,34 +282,35 @@ def test_reward_stats_are_stored_kept_and_readable(tiny_model_dir, tmp_path):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     _, hf_dir = make_value_head_export(tiny_model_dir, tmp_path / "huggingface")
-    bt_export.export_reward_model(hf_dir)
-    assert bt_export.read_reward_stats(hf_dir) is None
-    stats = bt_export.write_reward_stats(hf_dir, mean=-0.5, std=2.0, count=352, split="validation")
+    export.export_reward_model(hf_dir)
+    assert export.read_reward_stats(hf_dir) is None
+    stats = export.write_reward_stats(hf_dir, mean=-0.5, std=2.0, count=352, split="validation")
     assert stats == {"mean": -0.5, "std": 2.0, "count": 352, "split": "validation"}
-    assert bt_export.read_reward_stats(hf_dir) == stats
+    assert export.read_reward_stats(hf_dir) == stats
     assert AutoConfig.from_pretrained(hf_dir).reward_normalization == stats
-    assert not bt_export.export_reward_model(hf_dir).changed  # the export keeps the metadata
-    assert bt_export.read_reward_stats(hf_dir) == stats
+    assert not export.export_reward_model(hf_dir).changed  # the export keeps the metadata
+    assert export.read_reward_stats(hf_dir) == stats
     _, info = AutoModelForSequenceClassification.from_pretrained(hf_dir, output_loading_info=True)
     assert not any(info.values())
     for mean, std in ((0.0, 0.0), (float("nan"), 1.0), (0.0, -1.0)):
         with pytest.raises(ValueError):
-            bt_export.write_reward_stats(hf_dir, mean, std)
+            export.write_reward_stats(hf_dir, mean, std)
     with pytest.raises(TypeError):
-        bt_export.write_config_fields(hf_dir, {"not_json": object()})
-    assert bt_export.read_reward_stats(hf_dir) == stats
+        export.write_config_fields(hf_dir, {"not_json": object()})
+    assert export.read_reward_stats(hf_dir) == stats
 
 
 def test_tied_embeddings_model_exports_cleanly(tmp_path):
     """Qwen3-0.6B/1.7B/4B tie embeddings: the value head has no lm_head, nor does the declared class."""
-    from demo.make_tiny_model import build_tiny_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from demo.make_tiny_model import build_tiny_model
 
     tied_dir = build_tiny_model(tmp_path / "tied-qwen3", seed=0, tie_word_embeddings=True)
     model, hf_dir = make_value_head_export(tied_dir, tmp_path / "huggingface", seed=2)
-    assert bt_export.export_reward_model(hf_dir).dropped == ["score.bias"]
+    assert export.export_reward_model(hf_dir).dropped == ["score.bias"]
     loaded, info = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
     assert not any(info.values())
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    difference = (torch.tensor(bt_data.score(loaded, tokenizer, CONVERSATIONS)) - torch.tensor(bt_data.score(model, tokenizer, CONVERSATIONS))).abs().max()
+    difference = (torch.tensor(batching.score(loaded, tokenizer, CONVERSATIONS)) - torch.tensor(batching.score(model, tokenizer, CONVERSATIONS))).abs().max()
     assert difference < TOL

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-import bt_io
+from btrm import atomic
 
 STATE_FILE = "bt_state.json"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"  # verl's name: tools that read verl runs still find it
@@ -76,7 +76,7 @@ def mark_complete(directory: Path, *, step: int, world_size: int, save_contents,
         "files": {name: (directory / name).stat().st_size for name in files},
         "trainer": trainer_state,
     }
-    bt_io.atomic_write_text(directory / STATE_FILE, json.dumps(state, indent=1) + "\n")
+    atomic.atomic_write_text(directory / STATE_FILE, json.dumps(state, indent=1) + "\n")
     return state
 
 
@@ -172,7 +172,7 @@ def find_resume_checkpoint(root, *, mode: str, resume_from_path, world_size: int
 
 
 def write_tracker(root: str | os.PathLike, step: int) -> None:
-    bt_io.atomic_write_text(Path(root) / TRACKER_FILE, str(step))
+    atomic.atomic_write_text(Path(root) / TRACKER_FILE, str(step))
 
 
 def remove_old_checkpoints(root: str | os.PathLike, *, keep: int | None, newest_step: int) -> list[Path]:

@@ -1,4 +1,4 @@
-"""bt_attention.py: attention over segments, checked against independent references.
+"""attention.py: attention over segments, checked against independent references.
 
 - the attention function against attention written out by hand (softmax of scores under an
   explicit bottom-right causal mask, GQA by head groups);
@@ -17,9 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bt_attention
-import bt_data
-from bt_data import TokenizedPair
+from btrm import attention, batching, pair_dataset
+from btrm.pair_dataset import TokenizedPair
 from conftest import REPO
 
 
@@ -74,7 +73,7 @@ def emulated_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
 
 def test_segment_layout_from_shared_pair():
     # row: chosen [0..3], rejected suffix [4..5] whose keys are the prefix [0, 1] then itself
-    layout = bt_attention.SegmentLayout.from_segments([((0, 4), [(0, 4)]), ((4, 6), [(0, 2), (4, 6)])])
+    layout = attention.SegmentLayout.from_segments([((0, 4), [(0, 4)]), ((4, 6), [(0, 2), (4, 6)])])
     assert layout.query_lengths == (4, 2) and layout.key_lengths == (4, 4)
     assert layout.cu_seq_q.tolist() == [0, 4, 6] and layout.cu_seq_k.tolist() == [0, 4, 8]
     assert layout.cu_seq_q.dtype == layout.cu_seq_k.dtype == torch.int32
@@ -83,7 +82,7 @@ def test_segment_layout_from_shared_pair():
 
 
 def test_segment_layout_of_plain_packing_needs_no_gather():
-    layout = bt_attention.SegmentLayout.from_segments([((0, 3), [(0, 3)]), ((3, 4), [(3, 4)])])
+    layout = attention.SegmentLayout.from_segments([((0, 3), [(0, 3)]), ((3, 4), [(3, 4)])])
     assert layout.key_index is None and layout.cu_seq_k.tolist() == [0, 3, 4]
 
 
@@ -95,7 +94,7 @@ def test_segment_layout_of_plain_packing_needs_no_gather():
 ])
 def test_segment_layout_refuses_what_the_kernels_cannot_mean(segments, message):
     with pytest.raises(ValueError, match=message):
-        bt_attention.SegmentLayout.from_segments(segments)
+        attention.SegmentLayout.from_segments(segments)
 
 
 # ----------------------------------------------------------------------------- the attention function
@@ -109,14 +108,14 @@ SEGMENTS = [((0, 5), [(0, 5)]), ((5, 8), [(0, 2), (5, 8)]), ((8, 9), [(8, 9)]), 
 def test_attention_equals_attention_by_hand(kv_heads, branch, monkeypatch):
     """Both branches, one segment shape of each kind: plain, shared-prefix (gathered keys), length 1, equal shapes batched."""
     torch.manual_seed(0)
-    layout = bt_attention.SegmentLayout.from_segments(SEGMENTS)
+    layout = attention.SegmentLayout.from_segments(SEGMENTS)
     q = torch.randn(1, 4, 15, 8, requires_grad=True)
     k = torch.randn(1, kv_heads, 15, 8, requires_grad=True)
     v = torch.randn(1, kv_heads, 15, 8, requires_grad=True)
     if branch == "varlen":
-        monkeypatch.setattr(bt_attention, "runs_on_varlen_kernel", lambda query: True)
-        monkeypatch.setattr(bt_attention, "varlen_kernel", lambda: emulated_varlen_attn)
-    out, weights = bt_attention.segment_attention(None, q, k, v, None, scaling=0.3, attention_segments=layout)
+        monkeypatch.setattr(attention, "runs_on_varlen_kernel", lambda query: True)
+        monkeypatch.setattr(attention, "varlen_kernel", lambda: emulated_varlen_attn)
+    out, weights = attention.segment_attention(None, q, k, v, None, scaling=0.3, attention_segments=layout)
     assert weights is None and out.shape == (1, 15, 4, 8)
     expected = torch.cat([
         attention_by_hand(q[0], k[0], v[0], list(range(*queries)), [j for start, end in keys for j in range(start, end)], 0.3)
@@ -129,12 +128,12 @@ def test_attention_equals_attention_by_hand(kv_heads, branch, monkeypatch):
 
 
 def test_varlen_branch_is_chosen_only_for_cuda_half_precision():
-    assert not bt_attention.runs_on_varlen_kernel(torch.zeros(1, dtype=torch.bfloat16))  # CPU
-    assert not bt_attention.runs_on_varlen_kernel(torch.zeros(1))
+    assert not attention.runs_on_varlen_kernel(torch.zeros(1, dtype=torch.bfloat16))  # CPU
+    assert not attention.runs_on_varlen_kernel(torch.zeros(1))
 
 
 def test_nothing_is_registered_on_import():
-    code = ("import bt_attention, bt_data; from transformers import AttentionInterface; "
+    code = ("import btrm.attention, btrm.batching; from transformers import AttentionInterface; "
             "assert not [k for k in AttentionInterface._global_mapping if k.startswith('bt_')]")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
@@ -150,7 +149,7 @@ def reference_model(request, tiny_model_dir):
     """
     from transformers import AutoConfig, Qwen3ForTokenClassification
 
-    from bt_trainer import load_value_head_model
+    from btrm.modeling import load_value_head_model
 
     torch.manual_seed(3)
     if request.param == "gqa":
@@ -169,7 +168,7 @@ def reference_model(request, tiny_model_dir):
 @pytest.fixture(scope="module")
 def segment_model(reference_model):
     model = copy.deepcopy(reference_model)
-    assert bt_attention.enable_segment_attention(model) == "bt_segments_over_sdpa"
+    assert attention.enable_segment_attention(model) == "bt_segments_over_sdpa"
     return model
 
 
@@ -179,7 +178,7 @@ LONG_PROMPT = "Explain, step by step and with care, how to plant tomatoes in a s
 def case_pairs(tokenizer, case):
     """Pairs (token lists, after the chat template) of one kind; the shared prefix each case exercises."""
     def encode(messages):
-        return bt_data.encode_conversation(tokenizer, messages)
+        return pair_dataset.encode_conversation(tokenizer, messages)
 
     def pair(chosen, rejected):
         return TokenizedPair(encode(chosen), encode(rejected))
@@ -200,7 +199,7 @@ def case_pairs(tokenizer, case):
     if case in ("left_truncation", "right_truncation"):
         mode = case.split("_")[0]
         chosen, rejected = encode(conv(LONG_PROMPT, "Dig, plant, water.")), encode(conv(LONG_PROMPT, "I would not bother with it at all, honestly."))
-        fitted = bt_data.truncate_pair(chosen, rejected, max(len(chosen), len(rejected)) - 12, mode, "case")
+        fitted = pair_dataset.truncate_pair(chosen, rejected, max(len(chosen), len(rejected)) - 12, mode, "case")
         assert fitted.dropped_tokens > 0
         return [TokenizedPair(fitted.chosen, fitted.rejected)]
     raise ValueError(case)
@@ -211,7 +210,7 @@ CASES = ["single_turn", "multi_turn", "responses_share_leading_tokens", "one_is_
 
 def rewards_loss_grads(model, pairs, layout, pad_token_id):
     model.zero_grad()
-    rewards = bt_data.compute_rewards(model, bt_data.collate_pairs(pairs, pad_token_id, layout))
+    rewards = batching.compute_rewards(model, batching.collate_pairs(pairs, pad_token_id, layout))
     n = len(pairs)
     loss = -F.logsigmoid(rewards[:n] - rewards[n:]).mean()  # the BT loss, written out
     loss.backward()
@@ -242,7 +241,7 @@ def test_all_cases_in_one_micro_batch_with_gradient_checkpointing(reference_mode
     pairs = [p for case in CASES for p in case_pairs(tokenizer, case)]
     reference = rewards_loss_grads(reference_model, pairs, "padded", tokenizer.pad_token_id)
     model = copy.deepcopy(reference_model)
-    bt_attention.enable_segment_attention(model)
+    attention.enable_segment_attention(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     for layout in ("packed", "shared"):
@@ -252,14 +251,14 @@ def test_all_cases_in_one_micro_batch_with_gradient_checkpointing(reference_mode
 @pytest.mark.parametrize("layout", ["packed", "shared"])
 def test_cuda_branch_arguments_through_emulated_varlen_attn(reference_model, segment_model, tokenizer, layout, monkeypatch):
     """The varlen_attn branch end to end: its q/k/v packing, key gather, cu_seq and max lengths, fed to the emulation."""
-    monkeypatch.setattr(bt_attention, "runs_on_varlen_kernel", lambda query: True)
+    monkeypatch.setattr(attention, "runs_on_varlen_kernel", lambda query: True)
     calls = []
 
     def recording_kernel():
         calls.append(1)
         return emulated_varlen_attn
 
-    monkeypatch.setattr(bt_attention, "varlen_kernel", recording_kernel)
+    monkeypatch.setattr(attention, "varlen_kernel", recording_kernel)
     pairs = [p for case in CASES for p in case_pairs(tokenizer, case)]
     reference = rewards_loss_grads(reference_model, pairs, "padded", tokenizer.pad_token_id)
     assert_same(rewards_loss_grads(segment_model, pairs, layout, tokenizer.pad_token_id), reference)
@@ -271,23 +270,23 @@ def test_cuda_branch_arguments_through_emulated_varlen_attn(reference_model, seg
 
 @pytest.mark.parametrize("padded_implementation", ["sdpa", "eager"])
 def test_padded_forwards_keep_the_models_implementation(tiny_model_dir, tokenizer, padded_implementation):
-    from bt_trainer import load_value_head_model
+    from btrm.modeling import load_value_head_model
 
     torch.manual_seed(5)
     model = load_value_head_model(str(tiny_model_dir), attn_implementation=padded_implementation, torch_dtype=torch.float32, trust_remote_code=False).eval()
     torch.nn.init.normal_(model.score.weight, std=1.0)
     switched = copy.deepcopy(model)
-    assert bt_attention.enable_segment_attention(switched) == f"bt_segments_over_{padded_implementation}"
-    assert bt_attention.enable_segment_attention(switched) == f"bt_segments_over_{padded_implementation}"  # idempotent
+    assert attention.enable_segment_attention(switched) == f"bt_segments_over_{padded_implementation}"
+    assert attention.enable_segment_attention(switched) == f"bt_segments_over_{padded_implementation}"  # idempotent
     pairs = case_pairs(tokenizer, "single_turn") + case_pairs(tokenizer, "multi_turn")
     with torch.no_grad():
-        for batch in (bt_data.collate_pairs(pairs, tokenizer.pad_token_id, "padded"), bt_data.collate_padded([pairs[0].chosen], tokenizer.pad_token_id)):
-            assert torch.equal(bt_data.compute_rewards(switched, batch), bt_data.compute_rewards(model, batch))
+        for batch in (batching.collate_pairs(pairs, tokenizer.pad_token_id, "padded"), batching.collate_padded([pairs[0].chosen], tokenizer.pad_token_id)):
+            assert torch.equal(batching.compute_rewards(switched, batch), batching.compute_rewards(model, batch))
 
 
 def test_packed_rows_need_segment_attention(reference_model, segment_model, tokenizer):
-    batch = bt_data.collate_pairs(case_pairs(tokenizer, "single_turn"), tokenizer.pad_token_id, "packed")
+    batch = batching.collate_pairs(case_pairs(tokenizer, "single_turn"), tokenizer.pad_token_id, "packed")
     with pytest.raises(ValueError, match="enable_segment_attention"):
-        bt_data.compute_rewards(reference_model, batch)
+        batching.compute_rewards(reference_model, batch)
     with pytest.raises(ValueError, match="without attention_segments"), torch.no_grad():  # a packed row passed to the model directly
         segment_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)

@@ -1,0 +1,239 @@
+"""The launcher (what run_bt_rm.sh runs) and one-line error reporting, in the launcher and in the ranks.
+
+    python -m btrm.launcher [torchrun options] bt_trainer.py [Hydra overrides]
+
+The launcher composes the config in this one process (about a second, nothing heavy imported),
+checks it (btrm.schema) and the inputs (btrm.preflight), then runs torchrun in-process.
+
+Errors. An expected error (a config, data, checkpoint or divergence problem: ValueError, which
+includes btrm.rows.DataError and PreflightError, btrm.checkpoint.CheckpointError,
+bt_trainer.TrainingDiverged) is one line, `error: <what is wrong, naming the key, file or value>;
+<what to do>`, printed once (by this launcher or by rank 0, never per rank), appended with a time
+stamp to <trainer.default_local_dir>/errors.log (inside a run also to Hydra's
+<run dir>/bt_trainer.log), and ends the launch with exit status 2 (EXIT_REPORTED) and nothing more:
+torchrun's failure report is kept for unexpected failures, which show their tracebacks as usual.
+BT_DEBUG=1 prints the tracebacks of expected errors too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from btrm import checkpoint
+from btrm.preflight import TRUE_VALUES, check_inputs
+from btrm.schema import REPO, PreflightError, check_config, check_override_keys, compose_config
+
+EXIT_REPORTED = 2  # a rank or the launcher stopped on an expected error and has already said why in one line
+DEBUG_ENV = "BT_DEBUG"  # BT_DEBUG=1: tracebacks for expected errors too
+# Errors that are the user's to fix, reported in one line without a traceback (bt_trainer adds TrainingDiverged).
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, checkpoint.CheckpointError)
+
+
+def checked_on_rank0(check: Callable[[], Any]):
+    """check() on rank 0 only (one hub probe, not one per rank); every rank gets its result or raises its error."""
+    import torch.distributed as dist
+
+    outcome: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = ("ok", check())
+        except EXPECTED_ERRORS as error:
+            outcome[0] = ("error", str(error))
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+        except Exception:
+            outcome[0] = ("crash", None)
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    status, value = outcome[0]
+    if status == "ok":
+        return value
+    if status == "error":
+        raise PreflightError(value)
+    # rank 0 crashed and shows the traceback; wait for torchrun to stop this rank rather than exit
+    # first and be taken for the failure's cause
+    time.sleep(30)
+    raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------- one line per error
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").upper() in TRUE_VALUES
+
+
+def error_line(error: BaseException) -> str:
+    """`error: <message>` on one line. Errors raised outside this project's files also say where,
+    since their message alone may not name the setting."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    frames = traceback.extract_tb(error.__traceback__)
+    if frames:
+        origin = Path(frames[-1].filename).resolve()
+        if origin.parent != REPO:
+            message += f" ({type(error).__name__} in {origin.name}:{frames[-1].lineno}; {DEBUG_ENV}=1 shows the traceback)"
+    return f"error: {message}"
+
+
+def append_error_log(log_dir: str | os.PathLike | None, line: str) -> Path | None:
+    """Append the line, time-stamped, to <log_dir>/errors.log; a log that cannot be written is skipped."""
+    if not log_dir:
+        return None
+    path = Path(log_dir) / "errors.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+    except OSError:
+        return None
+    return path
+
+
+def log_dir_of(config) -> str | None:
+    """trainer.default_local_dir of a (possibly broken) config, or None if it cannot be resolved."""
+    try:
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.select(config, "trainer.default_local_dir", throw_on_resolution_failure=True)
+        return str(value) if value else None
+    except Exception:
+        return None
+
+
+def log_dir_for(overrides: Sequence[str]) -> str | None:
+    """trainer.default_local_dir of a config the launcher could not compose, from the overrides that name knobs."""
+    def names_a_knob(line: str) -> bool:
+        try:
+            check_override_keys([line])
+        except PreflightError:
+            return False
+        return True
+
+    try:
+        return log_dir_of(compose_config([line for line in overrides if names_a_knob(line)]))
+    except Exception:
+        return None
+
+
+def write_torchelastic_error_file(line: str) -> None:
+    """The rank's error file (torchrun names it in TORCHELASTIC_ERROR_FILE): the launcher reads it when rank 0 has not reported."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError), open(error_file, "w", encoding="utf-8") as out:
+            json.dump({"message": line, "timestamp": int(time.time())}, out)
+
+
+@contextlib.contextmanager
+def errors_reported_once(expected: tuple[type[BaseException], ...], *, log_dir: Callable[[], str | None],
+                         run_log: Callable[[str], None] | None = None):
+    """In a rank: an expected error becomes one line from rank 0 (console, errors.log, run log) and exit status 2.
+
+    Other ranks say nothing (their error file holds the line for the launcher) and wait a moment
+    before exiting, so that rank 0, which usually fails the same way at the same time, is the one
+    torchrun sees first; torchrun then stops them.
+    """
+    try:
+        yield
+    except expected as error:
+        line = error_line(error)
+        if debug_enabled():
+            traceback.print_exc()
+        write_torchelastic_error_file(line)
+        if int(os.environ.get("RANK", "0")) == 0:
+            sys.stdout.flush()
+            print(line, file=sys.stderr, flush=True)
+            append_error_log(log_dir(), line)
+            if run_log is not None:
+                run_log(line)
+        else:
+            time.sleep(2)
+        raise SystemExit(EXIT_REPORTED) from None
+
+
+# ----------------------------------------------------------------------------- the launcher
+
+
+def world_size_from(torchrun_args: Sequence[str]) -> int | None:
+    """nnodes x nproc_per_node from torchrun's `--opt=value` arguments, when both are plain numbers."""
+    options = {}
+    for arg in torchrun_args:
+        if arg.startswith("--") and "=" in arg:
+            option, value = arg[2:].split("=", 1)
+            options[option.replace("-", "_")] = value
+    nnodes, nproc = options.get("nnodes", "1"), options.get("nproc_per_node", "1")
+    return int(nnodes) * int(nproc) if nnodes.isdigit() and nproc.isdigit() else None
+
+
+def launch(torchrun_argv: Sequence[str]) -> int:
+    """torchrun, in this process. Ranks that stopped on an expected error have said why already
+    (or left it in their error file): the launch ends with their exit status and no failure report."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # torchrun's agent logs every stopped worker; the failure itself is reported below.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(list(torchrun_argv)))
+    except ChildFailedError as failed:
+        # Ranks that reported (EXIT_REPORTED), and ranks torchrun stopped once one had (SIGTERM).
+        reported = sorted(rank for rank, failure in failed.failures.items() if failure.exitcode == EXIT_REPORTED)
+        stopped = [rank for rank, failure in failed.failures.items() if failure.exitcode == -signal.SIGTERM]
+        if not reported or len(reported) + len(stopped) != len(failed.failures):
+            raise  # a crash: torchrun's report with the ranks' tracebacks
+        if reported[0] != 0:  # rank 0 did not report (another rank stopped first, or rank 0 runs on another node)
+            message = failed.failures[reported[0]].message
+            if isinstance(message, str) and message.startswith("error: "):
+                print(message, file=sys.stderr, flush=True)
+        return EXIT_REPORTED
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script = next((i for i, arg in enumerate(argv) if arg.endswith(".py")), None)
+    if script is None:
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return EXIT_REPORTED
+    torchrun_args, overrides = argv[: script + 1], argv[script + 1:]
+    world_size = world_size_from(torchrun_args)
+    config = None
+    try:
+        if not any(arg.startswith("-") for arg in overrides):  # Hydra's own flags (--cfg, -m, ...): left to the ranks
+            config = compose_config(overrides)
+            check_inputs(check_config(config, world_size=world_size), world_size)
+    except ModuleNotFoundError as error:
+        return missing_requirement(error)
+    except EXPECTED_ERRORS as error:
+        if debug_enabled():
+            traceback.print_exc()
+        line = error_line(error)
+        print(line, file=sys.stderr, flush=True)
+        append_error_log(log_dir_of(config) if config is not None else log_dir_for(overrides), line)
+        return EXIT_REPORTED
+    try:
+        return launch(torchrun_args + overrides)
+    except ModuleNotFoundError as error:  # torch itself (the ranks' own import errors stay in the ranks)
+        return missing_requirement(error)
+
+
+def missing_requirement(error: ModuleNotFoundError) -> int:
+    """The usual cause: the system python instead of the project's .venv."""
+    print(f"error: {sys.executable} cannot import {error.name} (a requirement of this project); "
+          "run `bash setup.sh` to create .venv (run_bt_rm.sh then uses it), or set PYTHON to an interpreter "
+          "with requirements.txt installed", file=sys.stderr, flush=True)
+    return EXIT_REPORTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
