@@ -25,17 +25,25 @@ if you want it.)
 Additive statistics: `pair_sums` / `strength_sums` return fp64 vectors of sums, so metrics over many
 micro-batches and ranks are exact (sum, all-reduce SUM, then divide once), never a mean of
 per-micro-batch means. Every rank's vector has the same fixed shape (all-reduce needs that).
+
+The `loss:` section of trainer.yaml is declared here: LOSS_TYPES (what loss.type accepts; the
+config schema, btrm.schema, reads it from here) and LossConfig, whose checks are the schema's rules.
+torch is imported by the functions that compute, not by this module: the launcher checks a config,
+loss section included, before any rank starts and without importing torch.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
+# A new objective: its name here (and in STRENGTH_LOSS_TYPES if it reads preference_strength), its
+# per-pair formula in pair_objectives, and its line in trainer.yaml's loss.type comment.
 LOSS_TYPES = ("bt", "scaled_bt", "margin")
 STRENGTH_LOSS_TYPES = ("scaled_bt", "margin")  # objectives that read preference_strength
 MAX_STRENGTH = 3  # HelpSteer2: preference_strength in -3..3, ties (0) dropped by prepare_helpsteer2.py
@@ -54,7 +62,8 @@ STRENGTH_SUM_FIELDS = ("pairs", "loss", "correct")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The trainer.yaml `loss:` section, validated.
+    """The trainer.yaml `loss:` section, checked by the config schema's rules (btrm.schema.KNOB_RULES
+    for each knob; the margin table's keys and values here, which btrm.schema.check_config also runs).
 
     margin_by_strength: {|strength|: margin} for `margin`; None means m(|s|) = |s| (1, 2, 3), the
     HelpSteer2-Preference paper's margin (the preference magnitude itself, as Llama 2's "large"
@@ -69,50 +78,57 @@ class LossConfig:
     _margin_table: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.type not in LOSS_TYPES:
-            raise ValueError(f"loss.type must be one of {', '.join(LOSS_TYPES)}; got {self.type!r}")
-        coefficient = 0.0 if self.center_rewards_coefficient is None else self.center_rewards_coefficient
-        if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)) or not math.isfinite(coefficient) or coefficient < 0:
-            raise ValueError(f"loss.center_rewards_coefficient must be a finite number >= 0 (0 = off); got {self.center_rewards_coefficient!r}")
-        object.__setattr__(self, "center_rewards_coefficient", float(coefficient))
-        if isinstance(self.max_strength, bool) or not isinstance(self.max_strength, int) or self.max_strength < 1:
-            raise ValueError(f"loss.max_strength must be an integer >= 1; got {self.max_strength!r}")
+        # Imported here, not above: btrm.schema imports this module for LOSS_TYPES.
+        from btrm.schema import check_knob
+
+        if self.center_rewards_coefficient is None:  # TRL's "off"
+            object.__setattr__(self, "center_rewards_coefficient", 0.0)
+        for name in LOSS_KNOBS:
+            check_knob(f"loss.{name}", getattr(self, name))
+        object.__setattr__(self, "center_rewards_coefficient", float(self.center_rewards_coefficient))
         # Index k of the table is m(k); index 0 (a tie) is never read: strengths are checked to be >= 1.
         table = [float("nan")] + [float(k) for k in range(1, self.max_strength + 1)]
         if self.margin_by_strength is not None:
             if self.type != "margin":
-                raise ValueError(f"loss.margin_by_strength is only used by loss.type=margin; got type {self.type!r} (set it to null)")
+                raise ValueError(
+                    f"loss.margin_by_strength is only used by loss.type=margin; got type {self.type!r} (set it to null)"
+                )
             margins = {}
             for key, value in dict(self.margin_by_strength).items():
                 if isinstance(key, bool) or not isinstance(key, int) or not 1 <= key <= self.max_strength:
-                    raise ValueError(f"loss.margin_by_strength keys must be |strength| values 1..{self.max_strength}; got {key!r}")
+                    raise ValueError(
+                        f"loss.margin_by_strength keys must be |strength| values 1..{self.max_strength}; got {key!r}"
+                    )
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ValueError(f"loss.margin_by_strength[{key}] must be a finite number; got {value!r}")
                 margins[key] = float(value)
             missing = [k for k in range(1, self.max_strength + 1) if k not in margins]
             if missing:
-                raise ValueError(f"loss.margin_by_strength has no margin for |strength| {missing}; give one for each of 1..{self.max_strength}")
+                raise ValueError(
+                    f"loss.margin_by_strength has no margin for |strength| {missing}; give one for each of 1..{self.max_strength}"
+                )
             object.__setattr__(self, "margin_by_strength", margins)
             table = [float("nan")] + [margins[k] for k in range(1, self.max_strength + 1)]
         object.__setattr__(self, "_margin_table", tuple(table))
 
     @classmethod
-    def from_mapping(cls, section: Mapping[str, Any] | None) -> "LossConfig":
+    def from_mapping(cls, section: Mapping[str, Any] | None) -> LossConfig:
         """From trainer.yaml's `loss:` section (a dict or an OmegaConf DictConfig); None: plain BT."""
         if section is None:
             return cls()
         values = {str(k): v for k, v in dict(section).items()}
-        known = {"type", "center_rewards_coefficient", "margin_by_strength", "max_strength"}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - set(LOSS_KNOBS))
         if unknown:
-            raise ValueError(f"unknown key(s) in loss: {unknown}; known: {sorted(known)}")
-        margins = values.get("margin_by_strength")
+            raise ValueError(f"unknown key(s) in loss: {unknown}; known: {sorted(LOSS_KNOBS)}")
+        margins = values.get("margin_by_strength")  # a partial section keeps the other fields' defaults
         if margins is not None:
             # YAML may give keys as strings ("1": 1.0); DictConfig values need plain floats.
             try:
                 margins = {int(k): v for k, v in dict(margins).items()}
             except (TypeError, ValueError):
-                raise ValueError(f"loss.margin_by_strength must map |strength| (1, 2, ...) to a margin; got {margins!r}") from None
+                raise ValueError(
+                    f"loss.margin_by_strength must map |strength| (1, 2, ...) to a margin; got {margins!r}"
+                ) from None
             values["margin_by_strength"] = margins
         return cls(**values)
 
@@ -126,6 +142,9 @@ class LossConfig:
         return self._margin_table[_check_strength_value(strength, self.max_strength, "strength")]
 
 
+LOSS_KNOBS = tuple(f.name for f in fields(LossConfig) if f.init)  # trainer.yaml's loss.* knobs, in order
+
+
 def _check_strength_value(strength: Any, max_strength: int, where: str) -> int:
     """|strength| as an int in 1..max_strength, or a ValueError saying what is wrong and where."""
     if strength is None:
@@ -134,7 +153,9 @@ def _check_strength_value(strength: Any, max_strength: int, where: str) -> int:
         raise ValueError(f"{where}: preference_strength {strength!r} is not an integer")
     magnitude = abs(int(strength))
     if magnitude == 0:
-        raise ValueError(f"{where}: preference_strength 0 (a tie) names no preferred response; drop ties (prepare_helpsteer2.py does)")
+        raise ValueError(
+            f"{where}: preference_strength 0 (a tie) names no preferred response; drop ties (prepare_helpsteer2.py does)"
+        )
     if magnitude > max_strength:
         raise ValueError(f"{where}: |preference_strength| {magnitude} is over loss.max_strength={max_strength}")
     return magnitude
@@ -147,25 +168,37 @@ def require_strengths(strengths: Sequence[Any] | None, where: str, max_strength:
     `where` names the file(s), e.g. data.train_files. Raises ValueError naming the first bad pair.
     """
     if strengths is None:
-        raise ValueError(f"{where}: no 'preference_strength' column, which loss.type scaled_bt / margin needs "
-                         "(prepare the data with prepare_helpsteer2.py, or use loss.type=bt)")
+        raise ValueError(
+            f"{where}: no 'preference_strength' column, which loss.type scaled_bt / margin needs "
+            "(prepare the data with prepare_helpsteer2.py, or use loss.type=bt)"
+        )
     for number, strength in enumerate(strengths, start=1):
         _check_strength_value(strength, max_strength, f"{where} pair {number} (counting from 1)")
 
 
-def strength_magnitudes(strengths: torch.Tensor | Sequence[Any], num_pairs: int, max_strength: int = MAX_STRENGTH,
-                        device: torch.device | str | None = None) -> torch.Tensor:
+def strength_magnitudes(
+    strengths: torch.Tensor | Sequence[Any],
+    num_pairs: int,
+    max_strength: int = MAX_STRENGTH,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """|strength| per pair as an int64 tensor, each checked to be in 1..max_strength."""
+    import torch
+
     if isinstance(strengths, torch.Tensor):
-        if strengths.dim() != 1 or (strengths.is_floating_point() and not bool(torch.all(strengths == strengths.round()))):
+        if strengths.dim() != 1 or (
+            strengths.is_floating_point() and not bool(torch.all(strengths == strengths.round()))
+        ):
             raise ValueError(f"expected a 1-D tensor of integer strengths, got {strengths}")
         magnitudes = strengths.detach().abs().long()
         if magnitudes.numel() and (int(magnitudes.min()) < 1 or int(magnitudes.max()) > max_strength):
             bad = magnitudes[(magnitudes < 1) | (magnitudes > max_strength)][0].item()
             _check_strength_value(bad, max_strength, "batch")  # raises with the usual message
     else:
-        magnitudes = torch.tensor([_check_strength_value(s, max_strength, f"batch pair {i}") for i, s in enumerate(strengths, start=1)],
-                                  dtype=torch.int64)
+        magnitudes = torch.tensor(
+            [_check_strength_value(s, max_strength, f"batch pair {i}") for i, s in enumerate(strengths, start=1)],
+            dtype=torch.int64,
+        )
     if magnitudes.numel() != num_pairs:
         raise ValueError(f"got {magnitudes.numel()} strengths for {num_pairs} pairs")
     return magnitudes.to(device) if device is not None else magnitudes
@@ -176,18 +209,29 @@ def strength_magnitudes(strengths: torch.Tensor | Sequence[Any], num_pairs: int,
 
 def _check_rewards(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
     if chosen_rewards.shape != rejected_rewards.shape or chosen_rewards.dim() != 1:
-        raise ValueError(f"expected two 1-D reward tensors of equal length, got {tuple(chosen_rewards.shape)} and {tuple(rejected_rewards.shape)}")
+        raise ValueError(
+            f"expected two 1-D reward tensors of equal length, got {tuple(chosen_rewards.shape)} and {tuple(rejected_rewards.shape)}"
+        )
 
 
 def pair_losses(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
     """Per-pair -log sigmoid(r_chosen - r_rejected), in fp32 whatever the rewards' dtype."""
+    import torch.nn.functional as F
+
     _check_rewards(chosen_rewards, rejected_rewards)
     return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float())
 
 
-def pair_objectives(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, strengths: torch.Tensor | Sequence[Any] | None,
-                    config: LossConfig) -> torch.Tensor:
+def pair_objectives(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    strengths: torch.Tensor | Sequence[Any] | None,
+    config: LossConfig,
+) -> torch.Tensor:
     """Per-pair objective l_i + c * (r_c_i + r_r_i)^2 of `config` (module docstring), fp32, differentiable."""
+    import torch
+    import torch.nn.functional as F
+
     _check_rewards(chosen_rewards, rejected_rewards)
     chosen, rejected = chosen_rewards.float(), rejected_rewards.float()
     if config.needs_strengths:
@@ -217,8 +261,13 @@ class LossOutput(NamedTuple):
         return metrics_from_sums(self.sums)
 
 
-def preference_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, strengths: torch.Tensor | Sequence[Any] | None = None,
-                    config: LossConfig | None = None, normalizer: float | None = None) -> LossOutput:
+def preference_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    strengths: torch.Tensor | Sequence[Any] | None = None,
+    config: LossConfig | None = None,
+    normalizer: float | None = None,
+) -> LossOutput:
     """The configured objective of one batch: sum of per-pair objectives / `normalizer`.
 
     Pass the number of pairs of the whole optimizer step on this rank as `normalizer` when this batch
@@ -245,29 +294,37 @@ def bradley_terry_loss(
 # ----------------------------------------------------------------------------- additive statistics
 
 
-@torch.no_grad()
-def pair_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, losses: torch.Tensor | None = None,
-              objectives: torch.Tensor | None = None) -> torch.Tensor:
+def pair_sums(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    losses: torch.Tensor | None = None,
+    objectives: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Additive statistics of a batch of pairs, as an fp64 vector ordered like SUM_FIELDS.
 
     `losses`: per-pair plain BT losses if already computed; `objectives`: per-pair objectives of the
     configured loss (default: the plain BT losses, i.e. loss.type=bt without centering).
     """
-    chosen, rejected = chosen_rewards.detach().double(), rejected_rewards.detach().double()
-    if losses is None:
-        losses = pair_losses(chosen_rewards, rejected_rewards)
-    if objectives is None:
-        objectives = losses
-    return torch.stack([
-        torch.tensor(float(chosen.numel()), dtype=torch.float64, device=chosen.device),
-        losses.detach().double().sum(),
-        (chosen > rejected).double().sum(),
-        (chosen - rejected).sum(),
-        chosen.sum(),
-        rejected.sum(),
-        (chosen.square().sum() + rejected.square().sum()),
-        objectives.detach().double().sum(),
-    ])
+    import torch
+
+    with torch.no_grad():
+        chosen, rejected = chosen_rewards.detach().double(), rejected_rewards.detach().double()
+        if losses is None:
+            losses = pair_losses(chosen_rewards, rejected_rewards)
+        if objectives is None:
+            objectives = losses
+        return torch.stack(
+            [
+                torch.tensor(float(chosen.numel()), dtype=torch.float64, device=chosen.device),
+                losses.detach().double().sum(),
+                (chosen > rejected).double().sum(),
+                (chosen - rejected).sum(),
+                chosen.sum(),
+                rejected.sum(),
+                (chosen.square().sum() + rejected.square().sum()),
+                objectives.detach().double().sum(),
+            ]
+        )
 
 
 def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
@@ -276,12 +333,15 @@ def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
     loss: mean plain BT loss -log sigmoid(margin); objective: mean of the configured objective (what
     is optimised); accuracy: share of pairs with r_chosen > r_rejected (ties count as wrong); margin:
     mean r_chosen - r_rejected; chosen/rejected_reward: mean rewards; reward_std: population std of
-    all 2N rewards. Non-finite rewards give NaN/inf values (see json_safe); zero pairs raise
-    ValueError, since no mean exists (the caller decides whether to log nothing or stop).
+    all 2N rewards. Non-finite rewards give NaN/inf values (btrm.reporting.json_line writes them as
+    null); zero pairs raise ValueError, since no mean exists (the caller decides whether to log
+    nothing or stop).
     """
     if sums.numel() != len(SUM_FIELDS):
-        raise ValueError(f"expected a vector of {len(SUM_FIELDS)} sums ({', '.join(SUM_FIELDS)}); got shape {tuple(sums.shape)}")
-    s = dict(zip(SUM_FIELDS, sums.tolist()))
+        raise ValueError(
+            f"expected a vector of {len(SUM_FIELDS)} sums ({', '.join(SUM_FIELDS)}); got shape {tuple(sums.shape)}"
+        )
+    s = dict(zip(SUM_FIELDS, sums.tolist(), strict=True))
     n = s["pairs"]
     if n == 0:
         raise ValueError("no pairs: metrics are undefined (empty batch or validation set)")
@@ -300,21 +360,29 @@ def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
     }
 
 
-@torch.no_grad()
-def strength_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, strengths: torch.Tensor | Sequence[Any],
-                  max_strength: int = MAX_STRENGTH) -> torch.Tensor:
+def strength_sums(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    strengths: torch.Tensor | Sequence[Any],
+    max_strength: int = MAX_STRENGTH,
+) -> torch.Tensor:
     """Per-|strength| additive statistics: fp64 vector of max_strength * len(STRENGTH_SUM_FIELDS).
 
     Entry (k - 1) * len(STRENGTH_SUM_FIELDS) + j holds field j summed over the pairs with |s| = k.
     The length depends only on max_strength, so every rank all-reduces the same shape even when a
     rank sees no pair of some strength. Losses are the plain BT loss (comparable across objectives).
     """
-    losses = pair_losses(chosen_rewards, rejected_rewards).double()
-    magnitudes = strength_magnitudes(strengths, losses.numel(), max_strength, losses.device)
-    per_pair = torch.stack([torch.ones_like(losses), losses, (chosen_rewards.detach() > rejected_rewards.detach()).double()], dim=1)
-    sums = torch.zeros(max_strength, len(STRENGTH_SUM_FIELDS), dtype=torch.float64, device=losses.device)
-    sums.index_add_(0, magnitudes - 1, per_pair)
-    return sums.flatten()
+    import torch
+
+    with torch.no_grad():
+        losses = pair_losses(chosen_rewards, rejected_rewards).double()
+        magnitudes = strength_magnitudes(strengths, losses.numel(), max_strength, losses.device)
+        per_pair = torch.stack(
+            [torch.ones_like(losses), losses, (chosen_rewards.detach() > rejected_rewards.detach()).double()], dim=1
+        )
+        sums = torch.zeros(max_strength, len(STRENGTH_SUM_FIELDS), dtype=torch.float64, device=losses.device)
+        sums.index_add_(0, magnitudes - 1, per_pair)
+        return sums.flatten()
 
 
 def strength_metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
@@ -324,21 +392,18 @@ def strength_metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
     """
     width = len(STRENGTH_SUM_FIELDS)
     if sums.dim() != 1 or sums.numel() == 0 or sums.numel() % width:
-        raise ValueError(f"expected a vector of max_strength x {width} sums ({', '.join(STRENGTH_SUM_FIELDS)}); got shape {tuple(sums.shape)}")
+        raise ValueError(
+            f"expected a vector of max_strength x {width} sums ({', '.join(STRENGTH_SUM_FIELDS)}); got shape {tuple(sums.shape)}"
+        )
     metrics: dict[str, float] = {}
     for index, row in enumerate(sums.view(-1, width).tolist(), start=1):
-        values = dict(zip(STRENGTH_SUM_FIELDS, row))
+        values = dict(zip(STRENGTH_SUM_FIELDS, row, strict=True))
         if values["pairs"] == 0:
             continue
         metrics[f"accuracy_s{index}"] = values["correct"] / values["pairs"]
         metrics[f"loss_s{index}"] = values["loss"] / values["pairs"]
         metrics[f"pairs_s{index}"] = values["pairs"]
     return metrics
-
-
-def json_safe(metrics: Mapping[str, float]) -> dict[str, float | None]:
-    """The metrics with NaN/inf replaced by None, i.e. JSON null (json.dumps would write NaN, not JSON)."""
-    return {key: (value if value is None or math.isfinite(value) else None) for key, value in metrics.items()}
 
 
 # ----------------------------------------------------------------------------- reward normalization
@@ -357,15 +422,22 @@ class RewardStats:
     count: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "count": self.count, "std_ddof": 0,
-                "apply": "normalized_reward = (reward - mean) / std"}
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "count": self.count,
+            "std_ddof": 0,
+            "apply": "normalized_reward = (reward - mean) / std",
+        }
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "RewardStats":
+    def from_dict(cls, values: Mapping[str, Any]) -> RewardStats:
         try:
             return cls(float(values["mean"]), float(values["std"]), int(values["count"]))
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"reward normalization stats need numeric 'mean', 'std' and 'count'; got {dict(values)!r}") from None
+            raise ValueError(
+                f"reward normalization stats need numeric 'mean', 'std' and 'count'; got {dict(values)!r}"
+            ) from None
 
 
 def reward_stats_from_sums(sums: torch.Tensor) -> RewardStats:
@@ -376,7 +448,7 @@ def reward_stats_from_sums(sums: torch.Tensor) -> RewardStats:
     the std is below about 1e-6 of the mean's magnitude.
     """
     metrics = metrics_from_sums(sums)
-    s = dict(zip(SUM_FIELDS, sums.tolist()))
+    s = dict(zip(SUM_FIELDS, sums.tolist(), strict=True))
     mean = (s["chosen_reward"] + s["rejected_reward"]) / (2 * s["pairs"])
     if not (math.isfinite(mean) and math.isfinite(metrics["reward_std"])):
         raise ValueError(f"rewards are not finite (mean {mean}, std {metrics['reward_std']}): no normalization stats")
@@ -386,5 +458,7 @@ def reward_stats_from_sums(sums: torch.Tensor) -> RewardStats:
 def normalize_rewards(rewards: torch.Tensor | float, stats: RewardStats) -> torch.Tensor | float:
     """(rewards - mean) / std; a tensor keeps its dtype."""
     if not (math.isfinite(stats.std) and stats.std > 0):
-        raise ValueError(f"reward std is {stats.std}: all rewards were equal when the stats were taken; cannot normalize")
+        raise ValueError(
+            f"reward std is {stats.std}: all rewards were equal when the stats were taken; cannot normalize"
+        )
     return (rewards - stats.mean) / stats.std

@@ -25,8 +25,8 @@ import json
 import math
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from btrm.atomic import atomic_outputs
 
@@ -52,7 +52,7 @@ def read_history(path: Path) -> History:
                 step, data = int(record["step"]), record["data"]
                 items = data.items()
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-                raise ValueError(f"{path} line {number}: expected {{\"step\": int, \"data\": {{...}}}}") from None
+                raise ValueError(f'{path} line {number}: expected {{"step": int, "data": {{...}}}}') from None
             for key, value in items:
                 # bool is an int subclass; NaN/Infinity are what Python's json writes for non-finite floats.
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -97,23 +97,32 @@ def build_figure(history: History, title: str = "", smoothing: float = DEFAULT_S
     ema_smooth([], smoothing)  # validate the weight before drawing anything
     figure = Figure(figsize=(11, 4.2))
     axes = figure.subplots(1, 2)
-    for axis, (name, label) in zip(axes, PANELS):
+    for axis, (name, label) in zip(axes, PANELS, strict=True):
         train = history.get(f"train/{name}")
         if train:
-            steps, values = zip(*train)
+            steps, values = zip(*train, strict=True)
             if smoothing > 0 and len(values) > 1:
                 axis.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8, label="train (per step)")
-                axis.plot(steps, ema_smooth(values, smoothing), color="C0", linewidth=1.8, label=f"train (EMA {smoothing:g})")
+                axis.plot(
+                    steps, ema_smooth(values, smoothing), color="C0", linewidth=1.8, label=f"train (EMA {smoothing:g})"
+                )
             else:
                 axis.plot(steps, values, color="C0", linewidth=1.2, label="train")
         val = history.get(f"val/{name}")
         if val:
-            steps, values = zip(*val)
+            steps, values = zip(*val, strict=True)
             axis.plot(steps, values, color="C1", marker="o", linewidth=2, label="val")
         for index, (strength, points) in enumerate(strength_series(history, name)):
-            steps, values = zip(*points)
-            axis.plot(steps, values, color=f"C{2 + index % 8}", marker=".", linestyle="--", linewidth=1,
-                      label=f"val |strength|={strength}")
+            steps, values = zip(*points, strict=True)
+            axis.plot(
+                steps,
+                values,
+                color=f"C{2 + index % 8}",
+                marker=".",
+                linestyle="--",
+                linewidth=1,
+                label=f"val |strength|={strength}",
+            )
         axis.set_xlabel("step")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
@@ -148,11 +157,19 @@ def smoothing_weight(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("metrics", type=Path, help="metrics .jsonl file")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="PNG path, replaced if it exists (default: <metrics stem>_curves.png beside the metrics file)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="PNG path, replaced if it exists (default: <metrics stem>_curves.png beside the metrics file)",
+    )
     parser.add_argument("--force", action="store_true", help="replace the default output if it exists")
-    parser.add_argument("--smoothing", type=smoothing_weight, default=DEFAULT_SMOOTHING,
-                        help="EMA weight for the train lines, in [0, 1); 0 = raw only (default: %(default)s)")
+    parser.add_argument(
+        "--smoothing",
+        type=smoothing_weight,
+        default=DEFAULT_SMOOTHING,
+        help="EMA weight for the train lines, in [0, 1); 0 = raw only (default: %(default)s)",
+    )
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
     output = args.output or default_output(args.metrics)

@@ -17,16 +17,16 @@ import argparse
 import gzip
 import json
 import math
-import os
 import re
-import socket
 import statistics
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from btrm import atomic
+from btrm.preflight import hub_unreachable_reason
 
 HUB_DATASET = "nvidia/HelpSteer2"
 HUB_DATA_DIR = "preference"
@@ -50,11 +50,13 @@ def prompt_to_messages(prompt: str) -> list[dict[str, str]]:
     pieces = TURN_MARKER.split(prompt)
     # re.split with one capture group gives [text, role, text, role, text, ...]
     messages = [{"role": "user", "content": pieces[0]}]
-    for role_name, content in zip(pieces[1::2], pieces[2::2]):
+    for role_name, content in zip(pieces[1::2], pieces[2::2], strict=True):
         messages.append({"role": role_name.lower(), "content": content})
-    for turn, (previous, current) in enumerate(zip(messages, messages[1:]), start=2):
+    for turn, (previous, current) in enumerate(zip(messages, messages[1:], strict=False), start=2):
         if previous["role"] == current["role"]:
-            raise ValueError(f"turn {turn} is a second {current['role']} turn in a row; expected alternating user/assistant turns")
+            raise ValueError(
+                f"turn {turn} is a second {current['role']} turn in a row; expected alternating user/assistant turns"
+            )
     if messages[-1]["role"] != "user":
         raise ValueError("the last turn is an assistant turn; expected the prompt to end on a user turn")
     for turn, message in enumerate(messages, start=1):
@@ -65,8 +67,10 @@ def prompt_to_messages(prompt: str) -> list[dict[str, str]]:
 
 def make_pair(prompt_messages: list[dict[str, str]], chosen: str, rejected: str) -> tuple[str, str]:
     """JSON strings of the chosen and rejected conversations (identical prompt messages)."""
+
     def conversation(response: str) -> str:
         return json.dumps(prompt_messages + [{"role": "assistant", "content": response}], ensure_ascii=False)
+
     return conversation(chosen), conversation(rejected)
 
 
@@ -133,30 +137,20 @@ def read_local_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise InputError(f"{path} line {number}: malformed JSON ({error.msg} at column {error.colno})") from None
+                    raise InputError(
+                        f"{path} line {number}: malformed JSON ({error.msg} at column {error.colno})"
+                    ) from None
                 yield f"{path} line {number}", row
     else:
         raise InputError(f"{path}: unsupported file type; expected .jsonl, .jsonl.gz or .parquet")
 
 
-def hub_unreachable_reason(timeout_s: float = 5.0) -> str | None:
-    """Why the hub cannot be reached, or None. `datasets` itself retries for ~25 s before giving up."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return None  # offline mode reads the local hub cache; nothing to probe
-    from urllib.parse import urlparse
-
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s).close()
-    except OSError as error:
-        return f"{endpoint.hostname} is unreachable ({error})"
-    return None
-
-
 def read_hub_rows(dataset: str, data_dir: str) -> Iterator[tuple[str, Any]]:
     """Yield (location, raw row) from the hub dataset; fails fast with a hint when offline."""
-    hint = (f"If this machine is offline, download {data_dir}/preference.jsonl.gz elsewhere and pass --input PATH "
-            "(or, with a copy in the local hub cache, set HF_HUB_OFFLINE=1).")
+    hint = (
+        f"If this machine is offline, download {data_dir}/preference.jsonl.gz elsewhere and pass --input PATH "
+        "(or, with a copy in the local hub cache, set HF_HUB_OFFLINE=1)."
+    )
     reason = hub_unreachable_reason()
     if reason is not None:
         raise InputError(f"could not load {dataset} from the Hugging Face hub: {reason}.\n{hint}")
@@ -184,7 +178,9 @@ class SplitStats:
     response_chars: list[int] = field(default_factory=list)
 
 
-def convert(rows: Iterable[tuple[str, Any]], min_strength: int) -> tuple[dict[str, dict[str, list]], dict[str, SplitStats]]:
+def convert(
+    rows: Iterable[tuple[str, Any]], min_strength: int
+) -> tuple[dict[str, dict[str, list]], dict[str, SplitStats]]:
     """Validate every row and build the output columns per split. Raises InputError on the first bad row."""
     columns = {split: {"chosen": [], "rejected": [], "preference_strength": []} for split in OUTPUT_FILES}
     stats = {split: SplitStats() for split in OUTPUT_FILES}
@@ -222,7 +218,7 @@ def write_parquet_files(columns: dict[str, dict[str, list]], output_dir: Path) -
     schema = pa.schema([("chosen", pa.string()), ("rejected", pa.string()), ("preference_strength", pa.int64())])
     final_paths = [output_dir / f"{split}.parquet" for split in OUTPUT_FILES]
     with atomic.atomic_outputs(final_paths) as temp_paths:
-        for split, temp in zip(OUTPUT_FILES, temp_paths):
+        for split, temp in zip(OUTPUT_FILES, temp_paths, strict=True):
             pq.write_table(pa.Table.from_pydict(columns[split], schema=schema), temp)
     return final_paths
 
@@ -235,7 +231,9 @@ def _mean_std(values: list[int]) -> str:
 
 
 def format_summary(stats: dict[str, SplitStats], min_strength: int) -> str:
-    lines = [f"{'split':<6} {'read':>6} {'kept':>6} {'ties':>6} {'<min':>6} {'multi-turn':>10}  prompt chars        response chars"]
+    lines = [
+        f"{'split':<6} {'read':>6} {'kept':>6} {'ties':>6} {'<min':>6} {'multi-turn':>10}  prompt chars        response chars"
+    ]
     for split in OUTPUT_FILES:
         s = stats[split]
         share = f"{s.multi_turn / s.read:.1%}" if s.read else "n/a"
@@ -243,18 +241,32 @@ def format_summary(stats: dict[str, SplitStats], min_strength: int) -> str:
             f"{split:<6} {s.read:>6} {s.kept:>6} {s.dropped_ties:>6} {s.dropped_below_threshold:>6} {share:>10}  "
             f"{_mean_std(s.prompt_chars):<19} {_mean_std(s.response_chars)}"
         )
-    lines.append(f"(ties: preference_strength 0; <min: 0 < |strength| < --min-strength={min_strength}; lengths over rows read)")
+    lines.append(
+        f"(ties: preference_strength 0; <min: 0 < |strength| < --min-strength={min_strength}; lengths over rows read)"
+    )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, default=None,
-                        help="local copy of HelpSteer2 preference data (.jsonl, .jsonl.gz or .parquet); default: the hub")
-    parser.add_argument("--output-dir", type=Path, default=Path("data/helpsteer2"),
-                        help="where train.parquet and test.parquet are written (default: %(default)s)")
-    parser.add_argument("--min-strength", type=int, default=1,
-                        help="keep pairs with |preference_strength| >= this (1..3, default: %(default)s)")
+    parser.add_argument(
+        "--input",
+        type=Path,
+        default=None,
+        help="local copy of HelpSteer2 preference data (.jsonl, .jsonl.gz or .parquet); default: the hub",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("data/helpsteer2"),
+        help="where train.parquet and test.parquet are written (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--min-strength",
+        type=int,
+        default=1,
+        help="keep pairs with |preference_strength| >= this (1..3, default: %(default)s)",
+    )
     parser.add_argument("--hub-dataset", default=HUB_DATASET, help="hub dataset name (default: %(default)s)")
     args = parser.parse_args(argv)
     if not 1 <= args.min_strength <= 3:
@@ -266,10 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.output_dir.exists() and not args.output_dir.is_dir():
-            raise InputError(f"--output-dir {args.output_dir} is a file; expected a directory for train.parquet and test.parquet")
+            raise InputError(
+                f"--output-dir {args.output_dir} is a file; expected a directory for train.parquet and test.parquet"
+            )
         if args.input is not None:
             if args.input.is_dir():
-                raise InputError(f"--input {args.input} is a directory; pass the data file itself (e.g. {args.input / 'preference.jsonl.gz'})")
+                raise InputError(
+                    f"--input {args.input} is a directory; pass the data file itself (e.g. {args.input / 'preference.jsonl.gz'})"
+                )
             if not args.input.is_file():
                 raise InputError(f"--input {args.input}: no such file")
             rows = read_local_rows(args.input)
@@ -285,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: could not write {args.output_dir}: {error}", file=sys.stderr)
         return 1
     print(format_summary(stats, args.min_strength))
-    for path, split in zip(paths, OUTPUT_FILES):
+    for path, split in zip(paths, OUTPUT_FILES, strict=True):
         print(f"wrote {path} ({stats[split].kept} pairs)")
     return 0
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 
 def current_umask() -> int:
@@ -44,7 +44,7 @@ def atomic_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
         mode = 0o666 & ~current_umask()
         for temp in temps:
             os.chmod(temp, mode)
-        for temp, destination in zip(temps, destinations):
+        for temp, destination in zip(temps, destinations, strict=True):
             os.replace(temp, destination)
     finally:
         for temp in temps:

@@ -1,7 +1,7 @@
 """Attention over the segments of one packed row, from the pinned torch alone (no flash-attn).
 
-A packed micro-batch (bt_data's `packed` and `shared` layouts) is one row of tokens cut into
-segments. bt_data describes each segment once, as a `SegmentLayout`:
+A packed micro-batch (btrm.batching's `packed` and `shared` layouts) is one row of tokens cut into
+segments. btrm.batching describes each segment once, as a `SegmentLayout`:
 - its queries: a contiguous run of the row (the segments' queries tile the row, in order);
 - its keys: runs of the row whose last run ends with the segment's queries. A plain packed
   sequence's keys are its own run; the rejected response of a shared-prompt pair has the prompt's
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ SEGMENT_ATTENTION_PREFIX = "bt_segments_over_"
 class SegmentLayout:
     """Queries and keys of every segment of one packed row, and the kernel arguments derived from them.
 
-    Built from python lists (bt_data does it once per micro-batch); `to(device)` moves the tensors
+    Built from python lists (btrm.batching does it once per micro-batch); `to(device)` moves the tensors
     once per micro-batch rather than once per layer. A plain class on purpose: FSDP traverses
     dataclasses and named tuples in forward inputs, which this object has no reason to be part of.
     """
@@ -55,17 +55,21 @@ class SegmentLayout:
     __slots__ = ("query_lengths", "key_ranges", "key_lengths", "key_index", "cu_seq_q", "cu_seq_k", "max_q", "max_k")
 
     def __init__(self, query_lengths, key_ranges, key_lengths, key_index, cu_seq_q, cu_seq_k, max_q, max_k):
-        self.query_lengths: tuple[int, ...] = query_lengths        # per segment, its run of queries (in row order)
-        self.key_ranges: tuple[tuple[tuple[int, int], ...], ...] = key_ranges  # per segment, [start, end) runs of the row
+        self.query_lengths: tuple[int, ...] = query_lengths  # per segment, its run of queries (in row order)
+        self.key_ranges: tuple[tuple[tuple[int, int], ...], ...] = (
+            key_ranges  # per segment, [start, end) runs of the row
+        )
         self.key_lengths: tuple[int, ...] = key_lengths
-        self.key_index: torch.Tensor | None = key_index            # row positions of all keys, segment after segment; None: keys are the queries
-        self.cu_seq_q: torch.Tensor = cu_seq_q                    # int32 [segments + 1], varlen_attn's cumulative query lengths
-        self.cu_seq_k: torch.Tensor = cu_seq_k                    # int32 [segments + 1], over the gathered keys
+        self.key_index: torch.Tensor | None = (
+            key_index  # row positions of all keys, segment after segment; None: keys are the queries
+        )
+        self.cu_seq_q: torch.Tensor = cu_seq_q  # int32 [segments + 1], varlen_attn's cumulative query lengths
+        self.cu_seq_k: torch.Tensor = cu_seq_k  # int32 [segments + 1], over the gathered keys
         self.max_q: int = max_q
         self.max_k: int = max_k
 
     @classmethod
-    def from_segments(cls, segments: Sequence[tuple[tuple[int, int], Sequence[tuple[int, int]]]]) -> "SegmentLayout":
+    def from_segments(cls, segments: Sequence[tuple[tuple[int, int], Sequence[tuple[int, int]]]]) -> SegmentLayout:
         """From [(query run, [key runs])] per segment, runs as [start, end) positions of the row.
 
         Checks the contract the kernels rely on: query runs tile the row from 0 in order, and each
@@ -79,27 +83,55 @@ class SegmentLayout:
         for number, ((query_start, query_end), runs) in enumerate(segments):
             runs = tuple((int(start), int(end)) for start, end in runs)
             if query_start != row_end or query_end <= query_start:
-                raise ValueError(f"segment {number}: queries [{query_start}, {query_end}) do not continue the row at {row_end}")
-            if not runs or runs[-1][1] != query_end or runs[-1][0] > query_start or any(end <= start for start, end in runs):
-                raise ValueError(f"segment {number}: key runs {runs} do not end with its queries [{query_start}, {query_end})")
+                raise ValueError(
+                    f"segment {number}: queries [{query_start}, {query_end}) do not continue the row at {row_end}"
+                )
+            if (
+                not runs
+                or runs[-1][1] != query_end
+                or runs[-1][0] > query_start
+                or any(end <= start for start, end in runs)
+            ):
+                raise ValueError(
+                    f"segment {number}: key runs {runs} do not end with its queries [{query_start}, {query_end})"
+                )
             gathered = gathered or runs != ((query_start, query_end),)
             row_end = query_end
             query_lengths.append(query_end - query_start)
             key_ranges.append(runs)
             key_lengths.append(sum(end - start for start, end in runs))
-        key_index = torch.cat([torch.arange(start, end) for runs in key_ranges for start, end in runs]) if gathered else None
+        key_index = (
+            torch.cat([torch.arange(start, end) for runs in key_ranges for start, end in runs]) if gathered else None
+        )
         cu_seq_q = torch.tensor([0, *query_lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         cu_seq_k = torch.tensor([0, *key_lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return cls(tuple(query_lengths), tuple(key_ranges), tuple(key_lengths), key_index, cu_seq_q, cu_seq_k, max(query_lengths), max(key_lengths))
+        return cls(
+            tuple(query_lengths),
+            tuple(key_ranges),
+            tuple(key_lengths),
+            key_index,
+            cu_seq_q,
+            cu_seq_k,
+            max(query_lengths),
+            max(key_lengths),
+        )
 
     @property
     def num_queries(self) -> int:
         return int(sum(self.query_lengths))
 
-    def to(self, device, non_blocking: bool = False) -> "SegmentLayout":
+    def to(self, device, non_blocking: bool = False) -> SegmentLayout:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return SegmentLayout(self.query_lengths, self.key_ranges, self.key_lengths, move(self.key_index),
-                             move(self.cu_seq_q), move(self.cu_seq_k), self.max_q, self.max_k)
+        return SegmentLayout(
+            self.query_lengths,
+            self.key_ranges,
+            self.key_lengths,
+            move(self.key_index),
+            move(self.cu_seq_q),
+            move(self.cu_seq_k),
+            self.max_q,
+            self.max_k,
+        )
 
     def __repr__(self) -> str:
         return f"SegmentLayout({len(self.query_lengths)} segments, {self.num_queries} queries, {sum(self.key_lengths)} keys)"
@@ -137,18 +169,30 @@ def varlen_kernel_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 def varlen_attention(query, key, value, segments: SegmentLayout, scaling: float | None, dropout: float) -> torch.Tensor:
     """The CUDA branch: one varlen_attn call per layer; returns [1, tokens, heads, head_dim]."""
     if dropout:
-        raise ValueError("segment attention with varlen_attn has no attention dropout; set the model's attention_dropout to 0")
+        raise ValueError(
+            "segment attention with varlen_attn has no attention dropout; set the model's attention_dropout to 0"
+        )
     q, k, v = varlen_kernel_inputs(query, key, value, segments)
     out = varlen_kernel()(
-        q, k, v, segments.cu_seq_q, segments.cu_seq_k, segments.max_q, segments.max_k,
-        scale=scaling, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1],  # (-1, 0): causal
+        q,
+        k,
+        v,
+        segments.cu_seq_q,
+        segments.cu_seq_k,
+        segments.max_q,
+        segments.max_k,
+        scale=scaling,
+        window_size=(-1, 0),
+        enable_gqa=q.shape[1] != k.shape[1],  # (-1, 0): causal
     )
     return out.unsqueeze(0)
 
 
 def bottom_right_causal_mask(query_length: int, key_length: int, device) -> torch.Tensor:
     """True where query i may see key j: j <= i + key_length - query_length."""
-    return torch.ones(query_length, key_length, dtype=torch.bool, device=device).tril(diagonal=key_length - query_length)
+    return torch.ones(query_length, key_length, dtype=torch.bool, device=device).tril(
+        diagonal=key_length - query_length
+    )
 
 
 def sdpa_attention(query, key, value, segments: SegmentLayout, scaling: float | None, dropout: float) -> torch.Tensor:
@@ -162,7 +206,7 @@ def sdpa_attention(query, key, value, segments: SegmentLayout, scaling: float | 
     query_starts = list(itertools.accumulate(segments.query_lengths, initial=0))
     key_starts = list(itertools.accumulate(segments.key_lengths, initial=0))
     by_shape: dict[tuple[int, int], list[int]] = {}
-    for number, shape in enumerate(zip(segments.query_lengths, segments.key_lengths)):
+    for number, shape in enumerate(zip(segments.query_lengths, segments.key_lengths, strict=True)):
         by_shape.setdefault(shape, []).append(number)
 
     def stacked(tensor, starts, length, numbers):
@@ -174,7 +218,9 @@ def sdpa_attention(query, key, value, segments: SegmentLayout, scaling: float | 
         q = stacked(query, query_starts, query_length, numbers)
         k = stacked(key, key_starts, key_length, numbers)
         v = stacked(value, key_starts, key_length, numbers)
-        if query_length == key_length:  # sdpa's is_causal is top-left aligned: the same as bottom-right only for square blocks
+        if (
+            query_length == key_length
+        ):  # sdpa's is_causal is top-left aligned: the same as bottom-right only for square blocks
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
         else:
             mask = bottom_right_causal_mask(query_length, key_length, query.device)
@@ -206,15 +252,25 @@ def _padded_attention_function(module, attention_mask):
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
-def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, attention_segments=None, **kwargs):
+def segment_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, attention_segments=None, **kwargs
+):
     """transformers attention function: [1, heads, tokens, head_dim] in, ([1, tokens, heads, head_dim], None) out."""
     if attention_segments is None:
         if attention_mask is None:
             position_ids = kwargs.get("position_ids")
-            if position_ids is not None and position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] <= position_ids[..., :-1]).any()):
-                raise ValueError("a packed row (position_ids restart) reached attention without attention_segments: "
-                                 "collate it with bt_data (collate_pairs / collate_packed) and call batching.compute_rewards")
-        return _padded_attention_function(module, attention_mask)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            if (
+                position_ids is not None
+                and position_ids.shape[-1] > 1
+                and bool((position_ids[..., 1:] <= position_ids[..., :-1]).any())
+            ):
+                raise ValueError(
+                    "a packed row (position_ids restart) reached attention without attention_segments: "
+                    "collate it with btrm.batching (collate_pairs / collate_packed) and call batching.compute_rewards"
+                )
+        return _padded_attention_function(module, attention_mask)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if query.shape[0] != 1:
         raise ValueError(f"segment attention takes one packed row, got a batch of {query.shape[0]}")
     if kwargs.get("sliding_window") is not None:
@@ -230,7 +286,9 @@ def segment_attention_mask(*args, attention_mask=None, config=None, **kwargs):
         return None
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    return ALL_MASK_ATTENTION_FUNCTIONS[padded_implementation(config._attn_implementation)](*args, attention_mask=attention_mask, config=config, **kwargs)
+    return ALL_MASK_ATTENTION_FUNCTIONS[padded_implementation(config._attn_implementation)](
+        *args, attention_mask=attention_mask, config=config, **kwargs
+    )
 
 
 def enable_segment_attention(model) -> str:

@@ -13,13 +13,16 @@
   The packed layouts are described once here, as btrm.attention.SegmentLayout (per segment its
   queries and its keys), and attended by btrm.attention; token budgets count computed tokens.
 - Planning: `plan_micro_batches` cuts a step's pairs by a token budget or a pair count.
-- Scoring: `score()` is the documented Python API (a conversation list in, rewards out).
+- Scoring: `score()` is the documented Python API (a conversation list in, rewards out); it reads
+  conversations with rows.parse_messages and tokenizes them with pair_dataset.encode_conversation,
+  as training does.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, NamedTuple, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -28,9 +31,9 @@ from btrm.pair_dataset import (
     TokenizedPair,
     common_prefix_length,
     encode_conversation,
-    parse_messages,
     shared_prefix_length,
 )
+from btrm.rows import parse_messages
 
 LAYOUTS = ("padded", "packed", "shared")
 
@@ -74,15 +77,19 @@ def collate_packed(sequences: Sequence[Sequence[int]]) -> dict[str, torch.Tensor
     """Concatenate into one row, position_ids restarting at 0 per sequence, no attention mask.
 
     Each sequence is one attention segment (`attention_segments`): its tokens attend to its own
-    tokens only, computed by bt_attention's segment attention (compute_rewards passes the segments).
+    tokens only, computed by btrm.attention's segment attention (compute_rewards passes the segments).
     """
     lengths = [len(s) for s in sequences]
     starts = list(itertools.accumulate(lengths, initial=0))
     input_ids = torch.tensor([token for s in sequences for token in s], dtype=torch.long).unsqueeze(0)
     position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     segments = [((starts[i], starts[i + 1]), [(starts[i], starts[i + 1])]) for i in range(len(sequences))]
-    return {"input_ids": input_ids, "position_ids": position_ids, "reward_index": torch.tensor(starts[1:], dtype=torch.long) - 1,
-            "attention_segments": attention.SegmentLayout.from_segments(segments)}
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "reward_index": torch.tensor(starts[1:], dtype=torch.long) - 1,
+        "attention_segments": attention.SegmentLayout.from_segments(segments),
+    }
 
 
 def collate_shared(groups: Sequence[Sequence[Sequence[int]]]) -> dict[str, torch.Tensor]:
@@ -114,26 +121,30 @@ def collate_shared(groups: Sequence[Sequence[Sequence[int]]]) -> dict[str, torch
                 keys = [(offset, offset + prefix), (start, len(ids))] if prefix else [(start, len(ids))]
                 segments.append(((start, len(ids)), keys))
             reward_index.append(len(ids) - 1)
-    return {"input_ids": torch.tensor(ids, dtype=torch.long).unsqueeze(0), "position_ids": torch.tensor(positions, dtype=torch.long).unsqueeze(0),
-            "reward_index": torch.tensor(reward_index, dtype=torch.long), "attention_segments": attention.SegmentLayout.from_segments(segments)}
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long).unsqueeze(0),
+        "position_ids": torch.tensor(positions, dtype=torch.long).unsqueeze(0),
+        "reward_index": torch.tensor(reward_index, dtype=torch.long),
+        "attention_segments": attention.SegmentLayout.from_segments(segments),
+    }
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, layout: str = "padded", *, packed: bool | None = None) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, layout: str = "padded") -> dict[str, torch.Tensor]:
     """A micro-batch of pairs in `layout` (LAYOUTS); rewards come out chosen first, then rejected, in every layout.
 
     padded: right-padded rows (collate_padded); packed: one row, one segment per conversation
     (collate_packed); shared: one row, each pair `[shared prefix | chosen suffix | rejected suffix]`
-    (collate_shared). `packed=True/False` is the older spelling of layout="packed"/"padded".
+    (collate_shared).
     """
-    if packed is not None:
-        layout = "packed" if packed else "padded"
     if layout == "padded":
         return collate_padded(pair_sequences(pairs), pad_token_id)
     if layout == "packed":
         return collate_packed(pair_sequences(pairs))
     if layout == "shared":
         batch = collate_shared([(p.chosen, p.rejected) for p in pairs])
-        batch["reward_index"] = batch["reward_index"].view(-1, 2).t().reshape(-1)  # (c1, r1, c2, r2...) -> (c1, c2..., r1, r2...)
+        batch["reward_index"] = (
+            batch["reward_index"].view(-1, 2).t().reshape(-1)
+        )  # (c1, r1, c2, r2...) -> (c1, c2..., r1, r2...)
         return batch
     raise ValueError(f"layout is {layout!r}; expected one of {LAYOUTS}")
 
@@ -147,8 +158,8 @@ def layout_for(use_remove_padding: bool, share_prompt: bool) -> str:
 
 class TokenCounts(NamedTuple):
     conversation: int  # tokens of the conversations as separate sequences (chosen + rejected lengths)
-    real: int          # non-padding tokens the model computes (a shared prefix once)
-    computed: int      # positions the model computes, padding included
+    real: int  # non-padding tokens the model computes (a shared prefix once)
+    computed: int  # positions the model computes, padding included
 
 
 def token_counts(batch: dict[str, torch.Tensor]) -> TokenCounts:
@@ -161,17 +172,14 @@ def token_counts(batch: dict[str, torch.Tensor]) -> TokenCounts:
     return TokenCounts(int(sum(segments.key_lengths)) if segments is not None else computed, computed, computed)
 
 
-def batch_token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(real tokens, computed tokens) of a collated batch: padding is computed but not real."""
-    counts = token_counts(batch)
-    return counts.real, counts.computed
-
-
 # ----------------------------------------------------------------------------- micro-batches
 
 
 def fixed_size_micro_batches(num_pairs: int, pairs_per_micro_batch: int) -> list[list[int]]:
-    return [list(range(start, min(start + pairs_per_micro_batch, num_pairs))) for start in range(0, num_pairs, pairs_per_micro_batch)]
+    return [
+        list(range(start, min(start + pairs_per_micro_batch, num_pairs)))
+        for start in range(0, num_pairs, pairs_per_micro_batch)
+    ]
 
 
 def token_budget_micro_batches(pair_tokens: Sequence[int], max_tokens: int, min_count: int = 1) -> list[list[int]]:
@@ -212,8 +220,13 @@ def token_budget_micro_batches(pair_tokens: Sequence[int], max_tokens: int, min_
     return [sorted(b) for b in bins]
 
 
-def plan_micro_batches(pairs: Sequence[TokenizedPair], max_tokens: int | None, pairs_per_micro_batch: int, min_count: int = 1,
-                       layout: str = "padded") -> list[list[int]]:
+def plan_micro_batches(
+    pairs: Sequence[TokenizedPair],
+    max_tokens: int | None,
+    pairs_per_micro_batch: int,
+    min_count: int = 1,
+    layout: str = "padded",
+) -> list[list[int]]:
     """Micro-batches of a step: by token budget when max_tokens is set, else fixed-size.
 
     The budget counts the tokens the layout computes: in `shared`, a pair's prefix once.
@@ -233,15 +246,17 @@ def compute_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     its per-token logits are [rows, tokens, 1]. A *ForSequenceClassification model (padded batches
     only) reads the last non-pad token itself, the same token under right padding, and returns
     [rows, 1]. Padded batches carry an attention mask; packed and shared ones (a single row) carry
-    `attention_segments` instead, which reach bt_attention's segment attention through the model's
+    `attention_segments` instead, which reach btrm.attention's segment attention through the model's
     forward (the model must have been switched with attention.enable_segment_attention).
     use_cache=False: a cache would make transformers treat the row as one sequence.
     """
     segments = {}
     if "attention_segments" in batch:
         if not attention.uses_segment_attention(model):
-            raise ValueError("a packed or shared batch needs segment attention: call attention.enable_segment_attention(model) first "
-                             f"(the model uses {model.config._attn_implementation!r})")
+            raise ValueError(
+                "a packed or shared batch needs segment attention: call attention.enable_segment_attention(model) first "
+                f"(the model uses {model.config._attn_implementation!r})"
+            )
         segments["attention_segments"] = batch["attention_segments"]
     logits = model(
         input_ids=batch["input_ids"],
@@ -279,7 +294,9 @@ class LayoutCheck(NamedTuple):
 
 
 @torch.no_grad()
-def check_layout(model, pairs: Sequence[TokenizedPair], pad_token_id: int, layout: str, device, compute_dtype: torch.dtype) -> LayoutCheck:
+def check_layout(
+    model, pairs: Sequence[TokenizedPair], pad_token_id: int, layout: str, device, compute_dtype: torch.dtype
+) -> LayoutCheck:
     """Rewards of `pairs` in `layout` against the padded layout, same model, no grad.
 
     Guards hardware and kernels the tests never ran on (e.g. varlen_attn's causal alignment on a
@@ -320,7 +337,9 @@ def consecutive_prefix_groups(sequences: Sequence[Sequence[int]]) -> list[list[i
     return groups
 
 
-def collate_sequences(sequences: Sequence[Sequence[int]], pad_token_id: int, layout: str = "padded") -> dict[str, torch.Tensor]:
+def collate_sequences(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, layout: str = "padded"
+) -> dict[str, torch.Tensor]:
     """Independent sequences (not pairs) in `layout`; rewards in the sequences' order.
 
     shared: runs of consecutive sequences with a common prefix compute it once (consecutive_prefix_groups).
@@ -344,16 +363,18 @@ def score(
     chat_template_kwargs: dict | None = None,
     layout: str = "padded",
 ) -> list[float]:
-    """Rewards for conversations (messages lists, or their JSON strings), formatted as in training.
+    """Rewards for conversations (messages lists, or their JSON strings), read and formatted as in training.
 
         model = AutoModelForTokenClassification.from_pretrained(ckpt, num_labels=1)  # or ...ForSequenceClassification
         tokenizer = AutoTokenizer.from_pretrained(ckpt)
         score(model, tokenizer, [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])
 
-    A *ForSequenceClassification model is accepted too, padded only (see compute_rewards).
+    Each message keeps its role and content only, as in training (rows.parse_messages: verl's
+    reward paths render nothing else). A *ForSequenceClassification model is accepted too, padded
+    only (see compute_rewards).
     layout: padded (default), packed (no padding), or shared (consecutive conversations with a
     common start, e.g. several responses to one prompt, compute it once); all give the same
-    rewards. packed and shared switch the model to segment attention (bt_attention), which leaves
+    rewards. packed and shared switch the model to segment attention (btrm.attention), which leaves
     its padded forwards as they were.
     """
     if layout not in LAYOUTS:
@@ -368,6 +389,8 @@ def score(
     ]
     rewards: list[float] = []
     for start in range(0, len(sequences), batch_size):
-        batch = move_to(collate_sequences(sequences[start : start + batch_size], tokenizer.pad_token_id, layout), device)
+        batch = move_to(
+            collate_sequences(sequences[start : start + batch_size], tokenizer.pad_token_id, layout), device
+        )
         rewards.extend(compute_rewards(model, batch).tolist())
     return rewards

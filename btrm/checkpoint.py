@@ -25,8 +25,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 from btrm import atomic
 
@@ -41,6 +42,29 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from, naming the file and what to do."""
 
 
+@dataclass
+class TrainerState:
+    """The trainer's own state beside verl's shards: bt_state.json's "step" and its "trainer" section."""
+
+    step: int = 0  # optimizer steps taken (skipped ones included)
+    skipped_steps: int = 0  # steps whose gradient norm was not finite, over the whole run
+    consecutive_skipped_steps: int = 0
+    lora: dict | None = (
+        None  # the LoRA settings the shards' keys depend on (None: full fine-tune); resume needs the same
+    )
+
+    def record_update(self, finite: bool) -> None:
+        """Count a step whose update was taken (finite gradient norm) or skipped."""
+        if finite:
+            self.consecutive_skipped_steps = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skipped_steps += 1
+
+    def trainer_section(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if key != "step"}
+
+
 def step_dir(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"global_step_{step}"
 
@@ -49,7 +73,8 @@ def shard_files(world_size: int, contents) -> list[str]:
     """verl's per-rank file names for the given save/load contents."""
     return [
         f"{SHARD_PREFIXES[content]}_world_size_{world_size}_rank_{rank}.pt"
-        for content in ("model", "optimizer", "extra") if content in contents
+        for content in ("model", "optimizer", "extra")
+        if content in contents
         for rank in range(world_size)
     ]
 
@@ -57,7 +82,9 @@ def shard_files(world_size: int, contents) -> list[str]:
 def hf_export_files(directory: Path) -> list[str]:
     """The HF export's weight files (single or sharded safetensors) plus its config."""
     hf = directory / "huggingface"
-    weights = sorted(p.name for p in hf.glob("*.safetensors")) + sorted(p.name for p in hf.glob("*.safetensors.index.json"))
+    weights = sorted(p.name for p in hf.glob("*.safetensors")) + sorted(
+        p.name for p in hf.glob("*.safetensors.index.json")
+    )
     return ["huggingface/config.json"] + [f"huggingface/{name}" for name in weights]
 
 
@@ -121,7 +148,9 @@ def validate_checkpoint(directory: str | os.PathLike, *, world_size: int, load_c
         raise CheckpointError(f"{directory}: no such checkpoint directory; {_use_instead(root, directory)}")
     state_path = directory / STATE_FILE
     if not state_path.is_file():
-        raise CheckpointError(f"{directory}: incomplete checkpoint (no {STATE_FILE}: the run stopped while saving it); {_use_instead(root, directory)}")
+        raise CheckpointError(
+            f"{directory}: incomplete checkpoint (no {STATE_FILE}: the run stopped while saving it); {_use_instead(root, directory)}"
+        )
     try:
         state = json.loads(state_path.read_text())
         recorded = dict(state["files"])
@@ -138,26 +167,27 @@ def validate_checkpoint(directory: str | os.PathLike, *, world_size: int, load_c
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from the checkpoint; {_use_instead(root, directory)}")
         if name in recorded and path.stat().st_size != recorded[name]:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, {recorded[name]} when saved (damaged); {_use_instead(root, directory)}")
+            raise CheckpointError(
+                f"{path}: {path.stat().st_size} bytes, {recorded[name]} when saved (damaged); {_use_instead(root, directory)}"
+            )
     return state
 
 
-def find_resume_checkpoint(root, *, mode: str, resume_from_path, world_size: int, load_contents) -> tuple[Path, dict] | None:
+def find_resume_checkpoint(
+    root, *, mode: str, resume_from_path, world_size: int, load_contents
+) -> tuple[Path, dict] | None:
     """(directory, state) to resume from, or None for a fresh start; raises CheckpointError when unsafe.
 
     auto: the tracker's step when there is a tracker; none at all (no tracker, no step directory)
     starts fresh; step directories without a readable tracker stop the run (a silent restart
-    would train over them). resume_path, or auto with resume_from_path: exactly that checkpoint.
+    would train over them). resume_path, or auto with resume_from_path: exactly that checkpoint
+    (btrm.schema has checked that resume_path comes with a resume_from_path).
     """
-    if mode not in ("auto", "resume_path", "disable"):
-        raise CheckpointError(f"trainer.resume_mode is {mode!r}; expected auto, resume_path or disable")
     if mode == "disable":
         return None
     if resume_from_path is not None:
         directory = Path(resume_from_path)
         return directory, validate_checkpoint(directory, world_size=world_size, load_contents=load_contents)
-    if mode == "resume_path":
-        raise CheckpointError("trainer.resume_mode=resume_path needs trainer.resume_from_path=.../global_step_N")
     step = read_tracker(root)
     if step is None:
         existing = list_checkpoints(root)
@@ -169,6 +199,50 @@ def find_resume_checkpoint(root, *, mode: str, resume_from_path, world_size: int
         return None
     directory = step_dir(root, step)
     return directory, validate_checkpoint(directory, world_size=world_size, load_contents=load_contents)
+
+
+def restore_trainer_state(directory: Path, saved: dict, lora: dict | None) -> TrainerState:
+    """The state bt_state.json records (`saved`), for a run with these LoRA settings (trainer.lora_description).
+
+    A checkpoint saved with other LoRA settings is refused here: the shards' keys differ (peft's
+    base_layer / lora_A) and verl would fail deep in a load. Checkpoints that predate the record skip the check.
+    """
+    trainer = saved["trainer"]
+    if "lora" in trainer and trainer["lora"] != lora:
+        raise CheckpointError(
+            f"{directory}: saved with LoRA {trainer['lora'] or 'off (full fine-tune)'}, this run has LoRA "
+            f"{lora or 'off (full fine-tune)'}; set model.lora_* as the run was, or use another trainer.experiment_name"
+        )
+    return TrainerState(
+        step=int(saved["step"]),
+        skipped_steps=int(trainer["skipped_steps"]),
+        consecutive_skipped_steps=int(trainer["consecutive_skipped_steps"]),
+        lora=lora,
+    )
+
+
+def save_trainer_state(
+    root: str | os.PathLike, state: TrainerState, *, data_state: dict, world_size: int, save_contents, keep: int | None
+) -> list[Path]:
+    """Finish a save once every rank's shards are written (rank 0 only): data.pt, then bt_state.json (the
+    completeness mark), then the tracker, then retention. Returns the checkpoints removed.
+
+    In this order a save cut off anywhere leaves the tracker on the previous complete checkpoint.
+    """
+    import torch
+
+    directory = step_dir(root, state.step)
+    with atomic.atomic_outputs([directory / DATA_STATE_FILE]) as (temp,):
+        torch.save(data_state, temp)
+    mark_complete(
+        directory,
+        step=state.step,
+        world_size=world_size,
+        save_contents=save_contents,
+        trainer_state=state.trainer_section(),
+    )
+    write_tracker(root, state.step)
+    return remove_old_checkpoints(root, keep=keep, newest_step=state.step)
 
 
 def write_tracker(root: str | os.PathLike, step: int) -> None:
@@ -186,7 +260,7 @@ def remove_old_checkpoints(root: str | os.PathLike, *, keep: int | None, newest_
         return []
     older = [(step, path) for step, path in list_checkpoints(root) if step < newest_step]
     complete = [path for _, path in older if (path / STATE_FILE).is_file()]
-    kept = set(complete[max(0, len(complete) - (keep - 1)):]) if keep > 1 else set()
+    kept = set(complete[max(0, len(complete) - (keep - 1)) :]) if keep > 1 else set()
     removed = []
     for _, path in older:
         if path in kept:
@@ -225,7 +299,9 @@ def weights_only_loading() -> Iterator[None]:
             return original(f, *args, **kwargs)
         except Exception as error:  # an UnpicklingError names the global, not the file
             first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-            raise CheckpointError(f"{f}: cannot be loaded as plain tensors (weights_only=True): {first_line}") from error
+            raise CheckpointError(
+                f"{f}: cannot be loaded as plain tensors (weights_only=True): {first_line}"
+            ) from error
 
     with torch.serialization.safe_globals(safe_globals()):
         torch.load = load

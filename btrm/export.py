@@ -60,7 +60,7 @@ The other readers: transformers' `AutoModelForSequenceClassification` (`score` w
 the rightmost non-pad token: pad_token_id must be set) loads the result with nothing missing or
 unexpected; `AutoModelForTokenClassification` (verl 0.6.1's `RewardModelWorker._build_model`) reports
 `score.bias` missing and initialises it to 0, exactly the trained value, so its rewards are the same.
-tests/test_bt_export.py and tests/test_consumers.py check all of them against `batching.score()`.
+tests/test_export.py and tests/test_consumers.py check all of them against `batching.score()`.
 
 Extra metadata lives in config.json (transformers keeps unknown keys as config attributes; vLLM
 ignores them): `write_reward_stats(hf_dir, mean, std)` stores `reward_normalization = {"mean", "std"}`
@@ -172,7 +172,7 @@ def weight_files(hf_dir: Path) -> tuple[dict[str, str], dict | None]:
         from safetensors import safe_open
 
         with safe_open(str(single), framework="pt") as handle:
-            return {name: SINGLE_WEIGHTS for name in handle.keys()}, None
+            return dict.fromkeys(handle.keys(), SINGLE_WEIGHTS), None
     others = sorted(p.name for p in hf_dir.glob("*.bin")) + sorted(p.name for p in hf_dir.glob("*.pt"))
     if others:
         raise ExportError(f"{hf_dir}: weights in {others}; only safetensors exports (verl's) are handled")
@@ -212,7 +212,7 @@ def _rewrite_without(source: Path, destination: Path, drop: set[str]) -> None:
 
     with safe_open(str(source), framework="pt") as handle:
         metadata = handle.metadata() or {"format": "pt"}
-        tensors = {name: handle.get_tensor(name) for name in handle.keys() if name not in drop}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys() if name not in drop}  # noqa: SIM118 (safe_open is not iterable)
     save_file(tensors, str(destination), metadata=metadata)
 
 
@@ -269,7 +269,7 @@ def export_reward_model(hf_dir: str | os.PathLike, *, trust_remote_code: bool = 
 
     if outputs:
         with atomic.atomic_outputs([path for path, _ in outputs]) as temps:
-            for temp, (_, (kind, *payload)) in zip(temps, outputs):
+            for temp, (_, (kind, *payload)) in zip(temps, outputs, strict=True):
                 if kind == "weights":
                     source, drop = payload
                     _rewrite_without(source, temp, drop)
@@ -320,18 +320,36 @@ def read_reward_stats(hf_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def load_reward_model(hf_dir: str | os.PathLike, *, dtype=None, device: str = "cpu", trust_remote_code: bool = False):
-    """(model, tokenizer) as the checkpoint declares itself, refusing any missing or unexpected weight.
+    """(model, tokenizer) as verl's RewardModelWorker loads the checkpoint: AutoModelForTokenClassification, num_labels=1.
 
-    Rewards: `batching.score(model, tokenizer, conversations)`.
+    Refuses a checkpoint that is not a value head: a weight missing, unexpected or mismatched. The
+    one exception is `score.bias`, which `export_reward_model` drops only when it is zero: it is
+    then set to zero, and transformers' "newly initialized" notice about it is silenced. dtype:
+    default float32. Rewards: `batching.score(model, tokenizer, conversations)`.
     """
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        hf_dir, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, output_loading_info=True
-    )
-    problems = {key: value for key, value in info.items() if value}
-    if problems:
-        raise ExportError(f"{hf_dir}: loading as {type(model).__name__} reported {problems}; run export_reward_model on it")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForTokenClassification.from_pretrained(
+            hf_dir,
+            num_labels=1,
+            dtype=dtype or torch.float32,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if set(info["missing_keys"]) - set(DROPPABLE_KEYS) or info["unexpected_keys"] or info["mismatched_keys"]:
+        raise ExportError(
+            f"{hf_dir}: not a value-head checkpoint (loading as {type(model).__name__}: missing {info['missing_keys']}, "
+            f"unexpected {info['unexpected_keys']}, mismatched {info['mismatched_keys']})"
+        )
+    if "score.bias" in info["missing_keys"]:
+        with torch.no_grad():
+            model.score.bias.zero_()  # what the dropped bias was, whatever transformers initialised it to
     return model.to(device).eval(), tokenizer

@@ -24,8 +24,9 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from btrm import checkpoint
 from btrm.preflight import TRUE_VALUES, check_inputs
@@ -35,6 +36,7 @@ EXIT_REPORTED = 2  # a rank or the launcher stopped on an expected error and has
 DEBUG_ENV = "BT_DEBUG"  # BT_DEBUG=1: tracebacks for expected errors too
 # Errors that are the user's to fix, reported in one line without a traceback (bt_trainer adds TrainingDiverged).
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, checkpoint.CheckpointError)
+PROJECT_DIRS = (REPO, Path(__file__).resolve().parent)  # the entry scripts, and this package
 
 
 def checked_on_rank0(check: Callable[[], Any]):
@@ -79,8 +81,10 @@ def error_line(error: BaseException) -> str:
     frames = traceback.extract_tb(error.__traceback__)
     if frames:
         origin = Path(frames[-1].filename).resolve()
-        if origin.parent != REPO:
-            message += f" ({type(error).__name__} in {origin.name}:{frames[-1].lineno}; {DEBUG_ENV}=1 shows the traceback)"
+        if origin.parent not in PROJECT_DIRS:
+            message += (
+                f" ({type(error).__name__} in {origin.name}:{frames[-1].lineno}; {DEBUG_ENV}=1 shows the traceback)"
+            )
     return f"error: {message}"
 
 
@@ -111,6 +115,7 @@ def log_dir_of(config) -> str | None:
 
 def log_dir_for(overrides: Sequence[str]) -> str | None:
     """trainer.default_local_dir of a config the launcher could not compose, from the overrides that name knobs."""
+
     def names_a_knob(line: str) -> bool:
         try:
             check_override_keys([line])
@@ -133,8 +138,12 @@ def write_torchelastic_error_file(line: str) -> None:
 
 
 @contextlib.contextmanager
-def errors_reported_once(expected: tuple[type[BaseException], ...], *, log_dir: Callable[[], str | None],
-                         run_log: Callable[[str], None] | None = None):
+def errors_reported_once(
+    expected: tuple[type[BaseException], ...],
+    *,
+    log_dir: Callable[[], str | None],
+    run_log: Callable[[str], None] | None = None,
+):
     """In a rank: an expected error becomes one line from rank 0 (console, errors.log, run log) and exit status 2.
 
     Other ranks say nothing (their error file holds the line for the launcher) and wait a moment
@@ -205,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if script is None:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return EXIT_REPORTED
-    torchrun_args, overrides = argv[: script + 1], argv[script + 1:]
+    torchrun_args, overrides = argv[: script + 1], argv[script + 1 :]
     world_size = world_size_from(torchrun_args)
     config = None
     try:
@@ -229,9 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def missing_requirement(error: ModuleNotFoundError) -> int:
     """The usual cause: the system python instead of the project's .venv."""
-    print(f"error: {sys.executable} cannot import {error.name} (a requirement of this project); "
-          "run `bash setup.sh` to create .venv (run_bt_rm.sh then uses it), or set PYTHON to an interpreter "
-          "with requirements.txt installed", file=sys.stderr, flush=True)
+    print(
+        f"error: {sys.executable} cannot import {error.name} (a requirement of this project); "
+        "run `bash setup.sh` to create .venv (run_bt_rm.sh then uses it), or set PYTHON to an interpreter "
+        "with requirements.txt installed",
+        file=sys.stderr,
+        flush=True,
+    )
     return EXIT_REPORTED
 
 

@@ -2,6 +2,8 @@
 
 A scalar value head (`*ForTokenClassification`, num_labels=1, what verl's RewardModelWorker loads)
 on a causal LM; the score bias is zeroed and frozen so every consumer's loader scores the same.
+`build_model` makes everything the trainer trains, in one call: value head, attention layout,
+LoRA, gradient checkpointing, FSDP2 (or FSDP1 on GPU) wrapping, optimizer and LR schedule.
 """
 
 from __future__ import annotations
@@ -9,15 +11,21 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
+from torch.distributed.device_mesh import DeviceMesh
 from verl.utils.torch_functional import (
     get_constant_schedule_with_warmup,
     get_cosine_schedule_with_warmup,
     get_wsd_schedule_with_warmup,
 )
+from verl.workers.config.optimizer import build_optimizer
+
+from btrm import attention, batching, lora
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,8 +37,6 @@ def resolve_device(setting: str) -> str:
     """`auto` is cuda when a GPU is visible, else cpu."""
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting not in ("cuda", "cpu"):
-        raise ValueError(f"trainer.device is {setting!r}; expected auto, cuda or cpu")
     return setting
 
 
@@ -59,7 +65,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_value_head_model(model_path: str, *, attn_implementation: str, torch_dtype: torch.dtype, trust_remote_code: bool):
+def load_value_head_model(
+    model_path: str, *, attn_implementation: str, torch_dtype: torch.dtype, trust_remote_code: bool
+):
     """An `AutoModelForTokenClassification` (num_labels=1) from a causal-LM or value-head checkpoint.
 
     From a causal LM (Qwen3-32B), the lm_head is dropped and the score head newly initialised
@@ -77,8 +85,12 @@ def load_value_head_model(model_path: str, *, attn_implementation: str, torch_dt
     # expected here, so the warning is silenced and the caller reports it in one line.
     with quiet_transformers():
         model, loading_info = AutoModelForTokenClassification.from_pretrained(
-            model_path, config=config, dtype=torch_dtype, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, output_loading_info=True,
+            model_path,
+            config=config,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     model.newly_initialized = sorted(loading_info["missing_keys"])
     model.config.architectures = [type(model).__name__]
@@ -91,15 +103,18 @@ def load_value_head_model(model_path: str, *, attn_implementation: str, torch_dt
 
 
 def build_lr_scheduler(optimizer, optim_config, total_steps: int):
+    """optim.lr_scheduler (cosine, wsd or constant, as btrm.schema allows) with its warm-up."""
     warmup_steps = int(total_steps * optim_config.warmup_steps_ratio)
     name = optim_config.lr_scheduler
     if name == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps, min_lr_ratio=optim_config.min_lr_ratio)
+        return get_cosine_schedule_with_warmup(
+            optimizer, warmup_steps, total_steps, min_lr_ratio=optim_config.min_lr_ratio
+        )
     if name == "wsd":
-        return get_wsd_schedule_with_warmup(optimizer, warmup_steps, total_steps, min_lr_ratio=optim_config.min_lr_ratio)
-    if name == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
-    raise ValueError(f"optim.lr_scheduler is {name!r}; expected cosine, wsd or constant")
+        return get_wsd_schedule_with_warmup(
+            optimizer, warmup_steps, total_steps, min_lr_ratio=optim_config.min_lr_ratio
+        )
+    return get_constant_schedule_with_warmup(optimizer, warmup_steps)
 
 
 @contextlib.contextmanager
@@ -115,6 +130,157 @@ def quiet_transformers():
         transformers_logging.set_verbosity(verbosity)
 
 
+# ----------------------------------------------------------------------------- building what the trainer trains
+
+
+@dataclass
+class BuiltModel:
+    """What `build_model` returns: the modules and optimizer the trainer trains, and facts for the start-up summary."""
+
+    model: torch.nn.Module  # the value-head model (a peft model under LoRA); under FSDP2 the same object as fsdp_model
+    fsdp_model: torch.nn.Module  # what runs forward and backward: FSDP2-sharded in place, or FSDP1's wrapper
+    model_config: object  # the value-head model's transformers config (what the HF export writes)
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    layout: str  # batching.LAYOUTS
+    lora_settings: lora.LoraSettings | None
+    class_name: str  # the value-head class, with the LoRA settings when there are any
+    parameter_count: int
+    trainable_parameter_count: int
+    newly_initialized: list[str]  # weights the checkpoint did not have (the score head, from a causal LM)
+
+
+def build_model(
+    config: DictConfig,
+    device_mesh: DeviceMesh,
+    device: str,
+    *,
+    pad_token_id: int,
+    use_remove_padding: bool,
+    total_steps: int,
+) -> BuiltModel:
+    """The value-head model, sharded, with its optimizer and schedule (the schedule spans `total_steps`)."""
+    model_config = config.model
+    seed_everything(config.trainer.seed)
+    model = load_sharding_ready_model(model_config, device_mesh)
+    model.config.pad_token_id = pad_token_id
+    # Layout (batching.LAYOUTS): packed and shared rows are attended per segment (btrm.attention, no flash-attn
+    # needed); padded batches keep model.attn_implementation, also on a model switched to segments.
+    layout = batching.layout_for(use_remove_padding, config.data.share_prompt)
+    if layout != "padded":
+        attention.enable_segment_attention(model)
+    value_head_config, newly_initialized, class_name = model.config, model.newly_initialized, type(model).__name__
+    lora_settings = None
+    if model_config.lora_rank > 0:  # peft before FSDP, as verl does; the score head stays fully trained (btrm.lora)
+        lora_settings = lora.resolve_settings(
+            model, model_config.lora_rank, model_config.lora_alpha, model_config.target_modules
+        )
+        model = lora.add_lora(model, lora_settings, base_dtype=DTYPES[model_config.lora_base_dtype])
+        class_name += (
+            f" + LoRA (rank {lora_settings.rank}, alpha {lora_settings.alpha:g}, "
+            f"{', '.join(lora_settings.target_modules)})"
+        )
+    if model_config.enable_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Counted before sharding (every rank holds the whole model here); the frozen score bias is not trainable.
+    parameter_count = sum(p.numel() for p in model.parameters())
+    trainable_parameter_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fsdp_model = shard_model(model, model_config, device_mesh, device)
+    optimizer = build_optimizer([p for p in fsdp_model.parameters() if p.requires_grad], config.optim)
+    return BuiltModel(
+        model=model,
+        fsdp_model=fsdp_model,
+        model_config=value_head_config,
+        optimizer=optimizer,
+        lr_scheduler=build_lr_scheduler(optimizer, config.optim, total_steps),
+        layout=layout,
+        lora_settings=lora_settings,
+        class_name=class_name,
+        parameter_count=parameter_count,
+        trainable_parameter_count=trainable_parameter_count,
+        newly_initialized=newly_initialized,
+    )
+
+
+def load_sharding_ready_model(model_config: DictConfig, device_mesh: DeviceMesh) -> torch.nn.Module:
+    """The value-head model under verl's init context: weights on meta except on rank 0, unless embeddings are tied."""
+    from transformers import AutoConfig
+    from verl.utils.fs import copy_to_local
+    from verl.utils.fsdp_utils import get_init_weight_context_manager
+
+    local_model_path = copy_to_local(src=model_config.partial_pretrain, verbose=False)
+    tie_word_embeddings = AutoConfig.from_pretrained(
+        local_model_path, trust_remote_code=model_config.trust_remote_code
+    ).tie_word_embeddings
+    with get_init_weight_context_manager(use_meta_tensor=not tie_word_embeddings, mesh=device_mesh)():
+        return load_value_head_model(
+            local_model_path,
+            attn_implementation=resolve_attn_implementation(model_config.attn_implementation),
+            torch_dtype=DTYPES[model_config.fsdp_config.model_dtype],
+            trust_remote_code=model_config.trust_remote_code,
+        )
+
+
+def shard_model(
+    model: torch.nn.Module, model_config: DictConfig, device_mesh: DeviceMesh, device: str
+) -> torch.nn.Module:
+    """FSDP2 (in place; returns the same module) or FSDP1 (a wrapper), with model.mixed_precision's compute dtype."""
+    from verl.utils.fsdp_utils import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        apply_fsdp2,
+        fsdp2_load_full_state_dict,
+        get_fsdp_wrap_policy,
+        init_fn,
+    )
+
+    param_dtype = resolve_param_dtype(model_config.mixed_precision, device)
+    fsdp_config = model_config.fsdp_config
+    if model_config.strategy == "fsdp2":
+        offload = CPUOffloadPolicy(pin_memory=device == "cuda") if fsdp_config.cpu_offload else None
+        fsdp_kwargs = {
+            "mesh": device_mesh,
+            "mp_policy": MixedPrecisionPolicy(
+                param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=True
+            ),
+            "offload_policy": offload,
+            "reshard_after_forward": True,
+        }
+        full_state = model.state_dict()
+        apply_fsdp2(model, fsdp_kwargs, fsdp_config)
+        fsdp2_load_full_state_dict(model, full_state, device_mesh, offload)
+        return model
+    if device != "cuda":
+        raise ValueError("model.strategy=fsdp (FSDP1) needs a GPU in torch 2.13; use model.strategy=fsdp2 on CPU")
+    from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP(
+        model,
+        cpu_offload=CPUOffload(offload_params=True) if fsdp_config.cpu_offload else None,
+        param_init_fn=init_fn,
+        use_orig_params=True,  # the frozen score bias shares a flat parameter with trainable weights
+        auto_wrap_policy=get_fsdp_wrap_policy(model, config=fsdp_config.wrap_policy),
+        device_id=torch.cuda.current_device(),
+        sharding_strategy=ShardingStrategy.FULL_SHARD,
+        mixed_precision=MixedPrecision(param_dtype=param_dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32),
+        sync_module_states=True,
+        device_mesh=device_mesh,
+    )
+
+
+def all_weights_finite(model: torch.nn.Module, device: str) -> bool:
+    """True when every rank's shard of every parameter is finite (collective: all ranks get the same answer)."""
+    finite = torch.tensor(1.0, device=device)
+    for parameter in model.parameters():
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        if not torch.isfinite(local).all():
+            finite.zero_()
+            break
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -123,10 +289,14 @@ def init_distributed(device: str) -> tuple[int, int]:
     if device == "cuda":  # said plainly here rather than as "invalid device ordinal" from deep in torch
         visible, local_rank = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
         if visible == 0:
-            raise ValueError("trainer.device=cuda, but no GPU is visible (torch.cuda.device_count() is 0); use trainer.device=auto or cpu")
+            raise ValueError(
+                "trainer.device=cuda, but no GPU is visible (torch.cuda.device_count() is 0); use trainer.device=auto or cpu"
+            )
         if local_rank >= visible:
-            raise ValueError(f"{os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this node, but only {visible} GPUs are visible; "
-                             f"set N_GPUS_PER_NODE={visible} (or fewer)")
+            raise ValueError(
+                f"{os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this node, but only {visible} GPUs are visible; "
+                f"set N_GPUS_PER_NODE={visible} (or fewer)"
+            )
     if not dist.is_initialized():
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device == "cuda" else "gloo")
     if device == "cuda":

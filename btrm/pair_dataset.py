@@ -1,22 +1,24 @@
 """How a conversation becomes tokens: the chat template, truncation and the dataset of pairs.
 
-The trainer, `evaluate_rm.py`, `btrm.batching.score()` and the benchmark all tokenize through
-`encode_conversation`, so training-time and scoring-time formatting cannot drift apart.
+The trainer, `evaluate_rm.py` and `btrm.batching.score()` all read messages with `rows.parse_messages`
+(role and content only) and tokenize them through `encode_conversation`, so training-time and
+scoring-time formatting cannot drift apart. (The benchmark's pairs are token ids from the start.)
 
 - Tokens: `encode_conversation` applies the tokenizer's chat template to the text and tokenizes
   it with `add_special_tokens=False` (a template that writes BOS already has it; adding it again
   would double it). Plain text (data.format=text): `encode_plain_text`.
 - Truncation: `truncate_pair` (data.truncation); PairDataset counts truncated pairs and dropped tokens.
-- The dataset: `PairDataset` reads rows through btrm.rows and returns `TokenizedPair`s;
-  `create_pair_dataset` builds it, or the class data.custom_cls names.
+- The dataset: `PairDataset` reads rows through btrm.rows (whose `parse_messages` is the one message
+  reader: role and content only) and returns `TokenizedPair`s; `create_pair_dataset` builds it, or
+  the class data.custom_cls names, which must satisfy `PreferenceDataset`.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -24,7 +26,8 @@ from bt_loss import (
     LossConfig,
     require_strengths,
 )
-from btrm.rows import DataError
+from btrm import rows
+from btrm.rows import DataError, PairFormat
 
 
 def encode_plain_text(tokenizer, text: str) -> list[int]:
@@ -35,11 +38,14 @@ def encode_plain_text(tokenizer, text: str) -> list[int]:
     with it, so the reward is read at eos, a token that marks the end of every sequence alike.
     """
     if tokenizer.eos_token_id is None:
-        raise DataError("data.format=text appends the eos token, but the tokenizer has none; use a tokenizer with an eos token")
+        raise DataError(
+            "data.format=text appends the eos token, but the tokenizer has none; use a tokenizer with an eos token"
+        )
     ids = list(tokenizer(text)["input_ids"])
     if not ids or ids[-1] != tokenizer.eos_token_id:
         ids.append(tokenizer.eos_token_id)
     return ids
+
 
 TRUNCATION_MODES = ("left", "right", "error")
 
@@ -47,26 +53,9 @@ TRUNCATION_MODES = ("left", "right", "error")
 # ----------------------------------------------------------------------------- tokens
 
 
-def parse_messages(value: Any, where: str) -> list[dict[str, str]]:
-    """A messages list from a JSON string (or an already-decoded list); `where` names file, row, field."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-    if hasattr(value, "tolist"):  # numpy arrays from Parquet list columns
-        value = value.tolist()
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: expected a non-empty list of {{'role', 'content'}} messages, got {type(value).__name__}")
-    for turn, message in enumerate(value, start=1):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            raise DataError(f"{where}: message {turn} is not a {{'role': str, 'content': str}} object")
-    if value[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the last message has role {value[-1]['role']!r}; expected the assistant response being judged")
-    return value
-
-
-def encode_conversation(tokenizer, messages: list[dict[str, str]], chat_template_kwargs: dict | None = None) -> list[int]:
+def encode_conversation(
+    tokenizer, messages: list[dict[str, str]], chat_template_kwargs: dict | None = None
+) -> list[int]:
     """Token ids of a whole conversation, exactly as training and scoring see it."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, **(chat_template_kwargs or {}))
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -75,7 +64,7 @@ def encode_conversation(tokenizer, messages: list[dict[str, str]], chat_template
 def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
     """Number of leading tokens the two sequences share."""
     length = 0
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=False):  # the shorter one bounds the prefix
         if a != b:
             break
         length += 1
@@ -117,7 +106,9 @@ def truncate_pair(chosen: list[int], rejected: list[int], max_length: int, mode:
     if max_length < 1:
         raise ValueError(f"data.max_length must be at least 1, got {max_length}")
     if not chosen or not rejected:
-        raise DataError(f"{where}: chosen has {len(chosen)} tokens and rejected {len(rejected)}; a conversation cannot be empty")
+        raise DataError(
+            f"{where}: chosen has {len(chosen)} tokens and rejected {len(rejected)}; a conversation cannot be empty"
+        )
     overflow = max(len(chosen), len(rejected)) - max_length
     if overflow <= 0:
         return Truncation(chosen, rejected, 0)
@@ -131,7 +122,9 @@ def truncate_pair(chosen: list[int], rejected: list[int], max_length: int, mode:
         kept = [ids[drop:] for ids in (chosen, rejected)]
         new_chosen, new_rejected = (ids if len(ids) <= max_length else ids[-max_length:] for ids in kept)
     else:
-        new_chosen, new_rejected = (ids if len(ids) <= max_length else ids[: max_length - 1] + ids[-1:] for ids in (chosen, rejected))
+        new_chosen, new_rejected = (
+            ids if len(ids) <= max_length else ids[: max_length - 1] + ids[-1:] for ids in (chosen, rejected)
+        )
     return Truncation(new_chosen, new_rejected, len(chosen) + len(rejected) - len(new_chosen) - len(new_rejected))
 
 
@@ -156,42 +149,55 @@ class TokenizedPair:
         return self.num_tokens - self.shared_prefix if layout == "shared" else self.num_tokens
 
 
+@runtime_checkable
+class PreferenceDataset(Protocol):
+    """What the trainer and evaluate_rm.py read of a dataset: PairDataset, or the class data.custom_cls names."""
+
+    read_report: str  # how the files were read (formats, dropped pairs and message keys), printed at start-up
+    truncated_pairs: int  # pairs that lost tokens to data.max_length (data.truncation)
+    dropped_tokens: int  # tokens those pairs lost, chosen and rejected together
+    identical_pairs_dropped: int  # pairs left out because chosen equals rejected (data.drop_identical_pairs)
+    formats: dict[str, PairFormat]  # file -> the format it was read in
+    sources: list[str]  # where each pair came from ("file row N"), in dataset order
+    subsets: list[str | None]  # RewardBench's subset of each pair (None without a subset column)
+
+    def __len__(self) -> int: ...  # number of pairs
+
+    def __getitem__(self, index: int) -> TokenizedPair: ...  # one pair, tokenized and truncated
+
+
+PREFERENCE_DATASET_MEMBERS = (*PreferenceDataset.__annotations__, "__len__", "__getitem__")
+
+
 class PairDataset(torch.utils.data.Dataset):
     """Preference pairs from data files in any layout rows.read_pair_rows reads (see data.format).
 
     Tokenizes everything once, up front. The constructor signature is that of verl's SFTDataset,
-    so `data.custom_cls` can name any class with the same signature whose items are TokenizedPair.
+    so `data.custom_cls` can name any class with the same signature that satisfies PreferenceDataset.
     """
 
     def __init__(self, parquet_files: str | Sequence[str], tokenizer, config, max_samples: int = -1):
-        from btrm import (
-            rows,  # files are read (any format rows.detect_pair_format knows) only through rows.read_pair_rows
-        )
-
-        chat_template_kwargs = dict(config.get("apply_chat_template_kwargs", None) or {})
+        chat_template_kwargs = dict(config.apply_chat_template_kwargs)
         self.pairs: list[TokenizedPair] = []
         self.truncated_pairs = 0  # pairs that lost tokens to data.max_length (data.truncation)
-        self.dropped_tokens = 0   # tokens those pairs lost, chosen and rejected together
-        try:  # reading problems surface as this module's DataError, like every other data problem
-            read = rows.read_pair_rows(parquet_files, config, drop_identical=config.get("drop_identical_pairs", True))
-        except rows.DataError as error:
-            raise DataError(str(error)) from None
-        rows = read.rows[:max_samples] if max_samples > 0 else read.rows
-        self.formats = read.formats                           # file -> rows.PairFormat it was read in
-        self.read_report = read.describe()                    # formats and dropped pairs, for the start-up report
+        self.dropped_tokens = 0  # tokens those pairs lost, chosen and rejected together
+        read = rows.read_pair_rows(parquet_files, config, drop_identical=config.drop_identical_pairs)
+        kept = read.rows[:max_samples] if max_samples > 0 else read.rows
+        self.formats = read.formats  # file -> rows.PairFormat it was read in
+        self.read_report = read.describe()  # formats, dropped pairs and message keys, for the start-up report
         self.identical_pairs_dropped = read.identical_dropped  # chosen == rejected: no preference signal
-        self.sources = [row.where for row in rows]            # "file row N" of each pair, in order
-        self.subsets = [row.subset for row in rows]           # RewardBench's subset column (None elsewhere)
+        self.sources = [row.where for row in kept]  # "file row N" of each pair, in order
+        self.subsets = [row.subset for row in kept]  # RewardBench's subset column (None elsewhere)
 
         def encode(side, where: str) -> list[int]:
             if isinstance(side, str):  # data.format=text: no chat template; encode_plain_text appends eos
                 try:
                     return encode_plain_text(tokenizer, side)
-                except rows.DataError as error:
+                except DataError as error:
                     raise DataError(f"{where}: {error}") from None
             return encode_conversation(tokenizer, side, chat_template_kwargs)
 
-        for row in rows:
+        for row in kept:
             where = row.where
             chosen_ids, rejected_ids = encode(row.chosen, where), encode(row.rejected, where)
             truncation = truncate_pair(chosen_ids, rejected_ids, config.max_length, config.truncation, where)
@@ -211,16 +217,30 @@ def keep_as_list(items: list) -> list:
     return items
 
 
-def create_pair_dataset(files, data_config, tokenizer):
-    """PairDataset, or the class named by data.custom_cls (same constructor signature as verl's SFTDataset)."""
-    if data_config.custom_cls.get("path"):
-        from verl.utils.import_utils import load_extern_type
+def create_pair_dataset(files, data_config, tokenizer) -> PreferenceDataset:
+    """PairDataset, or the class named by data.custom_cls (same constructor signature as verl's SFTDataset).
 
-        dataset_cls = load_extern_type(data_config.custom_cls.path, data_config.custom_cls.name)
-    else:
-        dataset_cls = PairDataset
+    A custom class's instance must have every member of PreferenceDataset; DataError names the
+    class (data.custom_cls.path / name) and the members it lacks.
+    """
     files = list(files) if not isinstance(files, str) else [files]
-    return dataset_cls(parquet_files=files, tokenizer=tokenizer, config=data_config, max_samples=data_config.max_samples)
+    custom = data_config.custom_cls
+    if not custom.path:
+        return PairDataset(
+            parquet_files=files, tokenizer=tokenizer, config=data_config, max_samples=data_config.max_samples
+        )
+    from verl.utils.import_utils import load_extern_type
+
+    dataset = load_extern_type(custom.path, custom.name)(
+        parquet_files=files, tokenizer=tokenizer, config=data_config, max_samples=data_config.max_samples
+    )
+    missing = [member for member in PREFERENCE_DATASET_MEMBERS if not hasattr(dataset, member)]
+    if missing:
+        raise DataError(
+            f"data.custom_cls.path={custom.path} data.custom_cls.name={custom.name}: the dataset lacks {', '.join(missing)}; "
+            "the trainer and evaluate_rm.py read every member of btrm.pair_dataset.PreferenceDataset"
+        )
+    return dataset
 
 
 def dataset_strengths(dataset) -> list:
@@ -235,10 +255,20 @@ def has_strengths(dataset) -> bool:
 def check_strengths(loss_config: LossConfig, data_config, train_dataset, val_dataset) -> None:
     """Strength-based objectives need a valid strength on every pair; per-strength metrics on every val pair."""
     if loss_config.needs_strengths:
-        require_strengths(dataset_strengths(train_dataset), f"data.train_files={data_config.train_files} (loss.type={loss_config.type})", loss_config.max_strength)
-        require_strengths(dataset_strengths(val_dataset), f"data.val_files={data_config.val_files} (loss.type={loss_config.type})", loss_config.max_strength)
+        require_strengths(
+            dataset_strengths(train_dataset),
+            f"data.train_files={data_config.train_files} (loss.type={loss_config.type})",
+            loss_config.max_strength,
+        )
+        require_strengths(
+            dataset_strengths(val_dataset),
+            f"data.val_files={data_config.val_files} (loss.type={loss_config.type})",
+            loss_config.max_strength,
+        )
     elif has_strengths(val_dataset):
-        require_strengths(dataset_strengths(val_dataset), f"data.val_files={data_config.val_files}", loss_config.max_strength)
+        require_strengths(
+            dataset_strengths(val_dataset), f"data.val_files={data_config.val_files}", loss_config.max_strength
+        )
 
 
 def load_tokenizer(model_path: str, data_config, trust_remote_code: bool):

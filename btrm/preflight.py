@@ -1,12 +1,19 @@
-"""Pre-flight input checks: the data files, the model (one hub probe) and the checkpoint to resume.
+"""Pre-flight input checks: the data files, the model and the checkpoint to resume; the hub probe.
 
-  - the data files: they exist and are files, not directories (btrm.rows.check_data_files);
+  - the data files: they exist, are files, not directories, are not empty, and are not both
+    training and validation data (btrm.rows.check_data_files);
   - the model: a local directory with config.json, or a hub id with the hub reachable (one probe,
     3 seconds at most) or, under HF_HUB_OFFLINE=1, in the local Hugging Face cache;
   - the checkpoint a resume would read (btrm.checkpoint.find_resume_checkpoint), when the world
     size is known.
 The launcher runs them before torchrun starts; bt_trainer.run() repeats them on rank 0 (the result
 shared with the other ranks), so a launch that bypasses the launcher (plain torchrun) is checked too.
+
+The hub probe (a TCP connection to where the hub client would connect first: the HTTPS proxy, else
+HF_ENDPOINT) is this project's only one: the model check uses it, and so does
+hub_unreachable_reason, which the scripts that download data sets (prepare_helpsteer2.py,
+evaluate_rm.py) call so that an offline machine fails in seconds rather than after `datasets`'
+retries.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from btrm import checkpoint, rows
@@ -38,19 +46,34 @@ def check_data(values: Mapping[str, Any]) -> None:
     except rows.DataError as error:
         message = str(error)
         if message.endswith("no such file"):
-            where = "" if all(Path(f).is_absolute() for f in rows.as_file_list(values["data.train_files"]) + rows.as_file_list(values["data.val_files"])) \
+            where = (
+                ""
+                if all(
+                    Path(f).is_absolute()
+                    for f in rows.as_file_list(values["data.train_files"]) + rows.as_file_list(values["data.val_files"])
+                )
                 else f" (relative paths are read from {Path.cwd()})"
-            message += f"{where}; pass existing files (TRAIN_FILE=..., VAL_FILE=...), e.g. written by prepare_helpsteer2.py"
+            )
+            message += (
+                f"{where}; pass existing files (TRAIN_FILE=..., VAL_FILE=...), e.g. written by prepare_helpsteer2.py"
+            )
         raise rows.DataError(message) from None
 
 
-HUB_REPO_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]{1,96}")  # huggingface_hub's validate_repo_id, without its length and '--' details
+HUB_REPO_ID = re.compile(
+    r"(?:[\w.-]+/)?[\w.-]{1,96}"
+)  # huggingface_hub's validate_repo_id, without its length and '--' details
 
 
 def looks_like_local_path(value: str) -> bool:
     """A value no hub id could be: starts like a path, or has more than one '/', or characters hub ids lack.
     A value whose first part is an existing directory (`checkpoints/run1`) is also a path."""
-    if value.startswith(("/", "./", "../", "~", ".")) or "\\" in value or value.count("/") > 1 or not HUB_REPO_ID.fullmatch(value):
+    if (
+        value.startswith(("/", "./", "../", "~", "."))
+        or "\\" in value
+        or value.count("/") > 1
+        or not HUB_REPO_ID.fullmatch(value)
+    ):
         return True
     return "/" in value and Path(value.split("/")[0]).is_dir()
 
@@ -61,19 +84,30 @@ def check_model(value: str, environ: Mapping[str, str] = os.environ) -> str:
     key = f"model.partial_pretrain={value}"
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise PreflightError(f"{key}: the directory has no config.json; pass a Hugging Face model directory (config.json, weights, tokenizer files)")
+            raise PreflightError(
+                f"{key}: the directory has no config.json; pass a Hugging Face model directory (config.json, weights, tokenizer files)"
+            )
         return f"local directory {path.resolve()}"
     if path.exists():
         raise PreflightError(f"{key}: is a file; pass the model's directory (with config.json), not a file in it")
     if looks_like_local_path(value):
         where = "" if path.is_absolute() else f" (relative paths are read from {Path.cwd()})"
-        raise PreflightError(f"{key}: this path does not exist{where}; pass an existing model directory (with config.json) "
-                             "or a hub id such as Qwen/Qwen3-32B")
+        raise PreflightError(
+            f"{key}: this path does not exist{where}; pass an existing model directory (with config.json) "
+            "or a hub id such as Qwen/Qwen3-32B"
+        )
     return check_hub_model(value, environ)
 
 
 def hub_is_offline(environ: Mapping[str, str]) -> bool:
     return any(environ.get(name, "").upper() in TRUE_VALUES for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def datasets_offline(environ: Mapping[str, str]) -> bool:
+    """`datasets`' own rule: HF_DATASETS_OFFLINE when set, else the hub client's offline mode."""
+    if "HF_DATASETS_OFFLINE" in environ:
+        return environ["HF_DATASETS_OFFLINE"].upper() in TRUE_VALUES
+    return hub_is_offline(environ)
 
 
 def cached_model_config(repo_id: str) -> str | None:
@@ -115,28 +149,53 @@ def probe(host: str, port: int, timeout: float) -> str | None:
     return outcome[0] if outcome else f"no answer within {timeout:g} s"
 
 
+def probe_hub(environ: Mapping[str, str], timeout: float) -> tuple[str, str | None]:
+    """(what was probed, None or why it cannot be reached) for the address the hub client connects to first."""
+    host, port, what = hub_address(environ)
+    return what, probe(host, port, timeout)
+
+
+def hub_unreachable_reason(timeout_s: float = 5.0, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Why a `datasets` download from the hub would fail to connect, or None; None too in `datasets`'
+    offline mode, where it reads its local cache and nothing is probed. `datasets` itself retries
+    for about 25 s before giving up, hence a longer wait than the launcher's."""
+    if datasets_offline(environ):
+        return None
+    what, problem = probe_hub(environ, timeout_s)
+    return None if problem is None else f"{what} is unreachable ({problem})"
+
+
 def check_hub_model(repo_id: str, environ: Mapping[str, str]) -> str:
     key = f"model.partial_pretrain={repo_id}"
     cached = cached_model_config(repo_id)
     if hub_is_offline(environ):
         if cached is None:
-            raise PreflightError(f"{key}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; "
-                                 "pass a local model directory (MODEL_PATH=/path/to/model) or unset HF_HUB_OFFLINE")
+            raise PreflightError(
+                f"{key}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; "
+                "pass a local model directory (MODEL_PATH=/path/to/model) or unset HF_HUB_OFFLINE"
+            )
         return f"hub id {repo_id}, from the local cache (HF_HUB_OFFLINE=1)"
-    host, port, what = hub_address(environ)
-    problem = probe(host, port, HUB_PROBE_TIMEOUT_S)
+    what, problem = probe_hub(environ, HUB_PROBE_TIMEOUT_S)
     if problem is not None:
-        remedy = ("it is in the local cache: rerun with HF_HUB_OFFLINE=1 to use that copy" if cached else
-                  "download it where the hub is reachable and pass its local directory (MODEL_PATH=/path/to/model)")
-        raise PreflightError(f"{key} is a Hugging Face hub id, but the hub cannot be reached ({what}: {problem}); {remedy}")
+        remedy = (
+            "it is in the local cache: rerun with HF_HUB_OFFLINE=1 to use that copy"
+            if cached
+            else "download it where the hub is reachable and pass its local directory (MODEL_PATH=/path/to/model)"
+        )
+        raise PreflightError(
+            f"{key} is a Hugging Face hub id, but the hub cannot be reached ({what}: {problem}); {remedy}"
+        )
     return f"hub id {repo_id}"
 
 
 def check_resume(values: Mapping[str, Any], world_size: int) -> str:
     """The checkpoint a resume would read is whole (stat only); returns the resume state in words."""
     found = checkpoint.find_resume_checkpoint(
-        values["trainer.default_local_dir"], mode=values["trainer.resume_mode"], resume_from_path=values["trainer.resume_from_path"],
-        world_size=world_size, load_contents=list(values["trainer.checkpoint.load_contents"]),
+        values["trainer.default_local_dir"],
+        mode=values["trainer.resume_mode"],
+        resume_from_path=values["trainer.resume_from_path"],
+        world_size=world_size,
+        load_contents=list(values["trainer.checkpoint.load_contents"]),
     )
     return "fresh start" if found is None else f"from {found[0]} (step {found[1]['step']})"
 

@@ -11,9 +11,11 @@ import json
 import logging
 import math
 import os
-from typing import Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 from verl.utils.tracking import Tracking
 
 from btrm import atomic
@@ -34,34 +36,167 @@ def conversation_token_stats(pairs: Iterable) -> tuple[float, int]:
     return (sum(lengths) / len(lengths), max(lengths)) if lengths else (0.0, 0)
 
 
-def format_startup_summary(*, device: str, backend: str, world_size: int, nodes: int,
-                           model_path: str, model_class: str, parameters: int, trainable_parameters: int,
-                           compute_dtype: str, master_dtype: str, attention: str, layout: str,
-                           train_pairs: int, val_pairs: int, mean_tokens: float, max_tokens: int, max_length: int,
-                           truncated_pairs: int, dropped_tokens: int, truncation: str,
-                           steps_per_epoch: int, epochs: int, total_steps: int, last_step: int,
-                           train_batch_size: int, micro_batch: str, resume: str, output_dir: str,
-                           frozen_dtype: str | None = None) -> str:
-    """The start-up summary rank 0 prints: a dozen aligned `label  value` lines, from plain values."""
-    stop = f", stopping at step {last_step} (trainer.total_training_steps)" if last_step < total_steps else ""
+@dataclass(frozen=True)
+class StartupFacts:
+    """What the start-up summary reports, gathered in one place (BTRewardTrainer.startup_facts)."""
+
+    device: str
+    backend: str
+    world_size: int
+    nodes: int
+    model_path: str
+    model_class: str
+    parameters: int
+    trainable_parameters: int
+    compute_dtype: str
+    master_dtype: str
+    frozen_dtype: str | None  # the frozen LoRA backbone's dtype; None without LoRA
+    attention: str
+    layout: str
+    train_pairs: int
+    val_pairs: int
+    mean_tokens: float
+    max_tokens: int
+    max_length: int
+    truncated_pairs: int
+    dropped_tokens: int
+    truncation: str
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    last_step: int
+    train_batch_size: int
+    micro_batch: str
+    resume: str
+    output_dir: str
+
+
+def format_startup_summary(facts: StartupFacts) -> str:
+    """The start-up summary rank 0 prints: a dozen aligned `label  value` lines."""
+    f = facts
+    stop = f", stopping at step {f.last_step} (trainer.total_training_steps)" if f.last_step < f.total_steps else ""
     rows = [
-        ("device", f"{device} ({backend}), {world_size} rank{'s' * (world_size != 1)} on {nodes} node{'s' * (nodes != 1)}"),
-        ("model", f"{model_path} -> {model_class}"),
-        ("parameters", f"{human_count(parameters)} ({human_count(trainable_parameters)} trainable)"),
-        ("precision", f"{compute_dtype} compute, {master_dtype} master weights"
-                      + (f", frozen backbone in {frozen_dtype}" if frozen_dtype else "")),
-        ("attention", f"{attention}, {layout} layout"),
-        ("train data", f"{train_pairs:,} pairs"),
-        ("val data", f"{val_pairs:,} pairs"),
-        ("tokens", f"{mean_tokens:,.0f} mean, {max_tokens:,} max per conversation (data.max_length={max_length:,})"),
-        ("truncated", f"{truncated_pairs:,} pairs, {dropped_tokens:,} tokens dropped (data.truncation={truncation})"),
-        ("schedule", f"{steps_per_epoch:,} steps/epoch x {epochs} epoch{'s' * (epochs != 1)} = {total_steps:,} steps{stop}"),
-        ("batch", f"{train_batch_size:,} pairs/step over {world_size} rank{'s' * (world_size != 1)}; {micro_batch}"),
-        ("resume", resume),
-        ("output", output_dir),
+        (
+            "device",
+            f"{f.device} ({f.backend}), {f.world_size} rank{'s' * (f.world_size != 1)} on {f.nodes} node{'s' * (f.nodes != 1)}",
+        ),
+        ("model", f"{f.model_path} -> {f.model_class}"),
+        ("parameters", f"{human_count(f.parameters)} ({human_count(f.trainable_parameters)} trainable)"),
+        (
+            "precision",
+            f"{f.compute_dtype} compute, {f.master_dtype} master weights"
+            + (f", frozen backbone in {f.frozen_dtype}" if f.frozen_dtype else ""),
+        ),
+        ("attention", f"{f.attention}, {f.layout} layout"),
+        ("train data", f"{f.train_pairs:,} pairs"),
+        ("val data", f"{f.val_pairs:,} pairs"),
+        (
+            "tokens",
+            f"{f.mean_tokens:,.0f} mean, {f.max_tokens:,} max per conversation (data.max_length={f.max_length:,})",
+        ),
+        (
+            "truncated",
+            f"{f.truncated_pairs:,} pairs, {f.dropped_tokens:,} tokens dropped (data.truncation={f.truncation})",
+        ),
+        (
+            "schedule",
+            f"{f.steps_per_epoch:,} steps/epoch x {f.epochs} epoch{'s' * (f.epochs != 1)} = {f.total_steps:,} steps{stop}",
+        ),
+        (
+            "batch",
+            f"{f.train_batch_size:,} pairs/step over {f.world_size} rank{'s' * (f.world_size != 1)}; {f.micro_batch}",
+        ),
+        ("resume", f.resume),
+        ("output", f.output_dir),
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def gather_startup_facts(
+    config: DictConfig,
+    built,
+    train_dataset,
+    val_dataset,
+    *,
+    device: str,
+    world_size: int,
+    steps_per_epoch: int,
+    total_steps: int,
+    last_step: int,
+    resumed: str | None,
+) -> StartupFacts:
+    """The start-up facts of a run: its config, the model btrm.modeling.build_model built, the datasets and the schedule."""
+    import torch.distributed as dist
+
+    from btrm.modeling import DTYPES, resolve_param_dtype
+
+    data, model = config.data, config.model
+    datasets = (train_dataset, val_dataset)
+    mean_tokens, max_tokens = conversation_token_stats(d[i] for d in datasets for i in range(len(d)))
+    if data.max_tokens_per_micro_batch is not None:
+        micro_batch = f"micro-batches of <= {data.max_tokens_per_micro_batch:,} tokens"
+    else:
+        micro_batch = (
+            f"{data.micro_batch_size_per_gpu} pair{'s' * (data.micro_batch_size_per_gpu != 1)} per micro-batch"
+        )
+    return StartupFacts(
+        device=device,
+        backend=dist.get_backend(),
+        world_size=world_size,
+        nodes=max(1, world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))),
+        model_path=str(model.partial_pretrain),
+        model_class=built.class_name,
+        parameters=built.parameter_count,
+        trainable_parameters=built.trainable_parameter_count,
+        compute_dtype={v: k for k, v in DTYPES.items()}[resolve_param_dtype(model.mixed_precision, device)],
+        master_dtype=model.fsdp_config.model_dtype,
+        frozen_dtype=model.lora_base_dtype if built.lora_settings is not None else None,
+        attention=built.model_config._attn_implementation,
+        layout=built.layout,
+        train_pairs=len(train_dataset),
+        val_pairs=len(val_dataset),
+        mean_tokens=mean_tokens,
+        max_tokens=max_tokens,
+        max_length=data.max_length,
+        truncated_pairs=sum(d.truncated_pairs for d in datasets),
+        dropped_tokens=sum(d.dropped_tokens for d in datasets),
+        truncation=data.truncation,
+        steps_per_epoch=steps_per_epoch,
+        epochs=config.trainer.total_epochs,
+        total_steps=total_steps,
+        last_step=last_step,
+        train_batch_size=data.train_batch_size,
+        micro_batch=micro_batch,
+        resume=f"resumed from {resumed}"
+        if resumed
+        else f"fresh start (trainer.resume_mode={config.trainer.resume_mode})",
+        output_dir=str(config.trainer.default_local_dir),
+    )
+
+
+def print_final_report(config: DictConfig, step: int, val_metrics: dict[str, float]) -> None:
+    """Rank 0's last lines: the final validation, where the model is, how to evaluate it, the curves."""
+    from pathlib import Path
+
+    from btrm.checkpoint import step_dir
+
+    trainer_config, data = config.trainer, config.data
+    final = step_dir(trainer_config.default_local_dir, step)
+    print("final validation: " + "  ".join(f"{k.removeprefix('val/')} {v:.4g}" for k, v in val_metrics.items()))
+    print(f"final model: {final / 'huggingface'}")
+    val_files = [data.val_files] if isinstance(data.val_files, str) else list(data.val_files)
+    print(
+        f"evaluate it: python evaluate_rm.py --model {final} --data {' '.join(val_files)} "
+        f"--output {Path(trainer_config.default_local_dir) / 'val_scores.jsonl'}"
+    )
+    if trainer_config.history_file is not None and trainer_config.curves_png is not None:
+        from plot_curves import plot_curves, read_history
+
+        curves = plot_curves(
+            read_history(trainer_config.history_file), trainer_config.curves_png, trainer_config.experiment_name
+        )
+        print(f"training curves: {curves}")
 
 
 def keep_history_through(path: str, last_step: int) -> None:
@@ -109,13 +244,52 @@ def write_run_log(text: str) -> None:
                 handler.release()
 
 
+class MetricsLog:
+    """Where a step's metrics go on rank 0: the trackers of trainer.logger, the compact console line and
+    trainer.history_file. Other ranks get one that writes nothing."""
+
+    def __init__(self, config: DictConfig, *, resumed_step: int, writes: bool):
+        trainer_config = config.trainer
+        self.console = "console" in trainer_config.logger
+        self.tracking: Tracking | None = start_tracking(trainer_config, config) if writes else None
+        self.history = None
+        if writes and trainer_config.history_file is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(trainer_config.history_file)), exist_ok=True)
+            keep_history_through(trainer_config.history_file, resumed_step)
+            self.history = open(trainer_config.history_file, "a", encoding="utf-8")  # noqa: SIM115  open for the whole run
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.tracking is not None:
+            self.tracking.log(data=metrics, step=step)
+            if self.console:
+                tqdm.write(format_console_line(step, metrics))
+        if self.history is not None:
+            self.history.write(json_line(step, metrics))
+            self.history.flush()
+
+    def close(self) -> None:
+        if self.history is not None:
+            self.history.close()
+        if self.tracking is not None:
+            close_tracking(self.tracking)
+
+
 def format_console_line(step: int, metrics: dict[str, float]) -> str:
     """One compact console line: 4 significant digits, wall-clock metrics left to the trackers."""
     shown = {k: v for k, v in metrics.items() if k not in ("train/time(s)", "train/micro_batches")}
-    return f"step {step}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+    return f"step {step}: " + "  ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
+    )
 
 
-FINISHED_BY_VERL_DEL = {"wandb": {"exit_code": 0}, "vemlp_wandb": {"exit_code": 0}, "swanlab": {}, "tensorboard": {}, "clearml": {}, "trackio": {}}
+FINISHED_BY_VERL_DEL = {
+    "wandb": {"exit_code": 0},
+    "vemlp_wandb": {"exit_code": 0},
+    "swanlab": {},
+    "tensorboard": {},
+    "clearml": {},
+    "trackio": {},
+}
 
 
 def close_tracking(tracking: Tracking) -> None:
@@ -142,6 +316,8 @@ def start_tracking(trainer_config, config: DictConfig) -> Tracking:
     if trainer_config.tensorboard_dir is not None:
         os.environ["TENSORBOARD_DIR"] = trainer_config.tensorboard_dir
     return Tracking(
-        project_name=trainer_config.project_name, experiment_name=trainer_config.experiment_name,
-        default_backend=[b for b in trainer_config.logger if b != "console"], config=OmegaConf.to_container(config, resolve=True),
+        project_name=trainer_config.project_name,
+        experiment_name=trainer_config.experiment_name,
+        default_backend=[b for b in trainer_config.logger if b != "console"],
+        config=OmegaConf.to_container(config, resolve=True),
     )

@@ -6,14 +6,22 @@ row in one of three layouts, which `detect_pair_format` alone tells apart (see t
 "Data format"): whole conversations as messages, an explicit prompt with responses (TRL's and
 RewardBench's layout), or plain text. Rows come back as `PairRow`s whose chosen / rejected are
 messages lists (or, for plain text, whole strings); tokenizing is btrm.pair_dataset's.
+
+`parse_messages` is the one place a message list is read, for training, `batching.score()` and
+evaluate_rm.py alike: each message keeps its `role` and `content` only. verl's reward paths render
+role and content only (the in-process worker's input_tokenizer path, and newer verl's reward loop,
+which builds `{"role", "content"}` messages), so a reward model is trained and scored on exactly
+that; keys such as `reasoning_content`, which Qwen3's chat template would render, are dropped, and
+the read report counts them (`DroppedKeys`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 # ----------------------------------------------------------------------------- preference data files
 #
@@ -57,8 +65,9 @@ def _count_rows(path: Path) -> int:
     return 0
 
 
-def check_data_files(train_files, val_files=None, *, train_label: str = "data.train_files",
-                     val_label: str = "data.val_files") -> tuple[list[str], list[str]]:
+def check_data_files(
+    train_files, val_files=None, *, train_label: str = "data.train_files", val_label: str = "data.val_files"
+) -> tuple[list[str], list[str]]:
     """Refuse data paths that would silently train on the wrong data; returns both lists as strings.
 
     Raises DataError (one line) for: a directory (it would be unclear which files in it are meant:
@@ -76,7 +85,9 @@ def check_data_files(train_files, val_files=None, *, train_label: str = "data.tr
         for name in files:
             path = Path(name)
             if path.is_dir():
-                raise DataError(f"{key}: {name} is a directory; pass the data files themselves (e.g. {path / 'train.parquet'}), not a directory")
+                raise DataError(
+                    f"{key}: {name} is a directory; pass the data files themselves (e.g. {path / 'train.parquet'}), not a directory"
+                )
             if not path.exists():
                 raise DataError(f"{key}: {name}: no such file")
             if not path.name.endswith(DATA_SUFFIXES):
@@ -87,7 +98,9 @@ def check_data_files(train_files, val_files=None, *, train_label: str = "data.tr
                 other_key, other_name = identities[identity]
                 if other_key == key:
                     raise DataError(f"{key}: {name} is listed twice (as {other_name} too); each pair would count twice")
-                raise DataError(f"{name} is given as both training ({other_name}) and validation data ({name}); validation must be held out")
+                raise DataError(
+                    f"{name} is given as both training ({other_name}) and validation data ({name}); validation must be held out"
+                )
             identities[identity] = (key, name)
             if _count_rows(path) == 0:
                 raise DataError(f"{key}: {name}: the file is empty (no rows)")
@@ -113,7 +126,9 @@ def _read_json_records(path: Path) -> tuple[list[str], list[dict]]:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
-            raise DataError(f"{path} line {error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+            raise DataError(
+                f"{path} line {error.lineno}: malformed JSON ({error.msg} at column {error.colno})"
+            ) from None
         locations = [f"{path} item {number}" for number in range(1, len(records) + 1)]
     else:
         locations, records = [], []
@@ -125,7 +140,7 @@ def _read_json_records(path: Path) -> tuple[list[str], list[dict]]:
             except json.JSONDecodeError as error:
                 raise DataError(f"{path} line {number}: malformed JSON ({error.msg} at column {error.colno})") from None
             locations.append(f"{path} line {number}")
-    for where, record in zip(locations, records):
+    for where, record in zip(locations, records, strict=True):
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with the pair's fields, got {type(record).__name__}")
     return locations, records
@@ -173,19 +188,23 @@ def _looks_like_messages(value: Any) -> bool:
             value = json.loads(value)
         except json.JSONDecodeError:
             return False
-    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    )
 
 
 @dataclass(frozen=True)
 class PairFormat:
     """How one file's columns make a pair (decided by `detect_pair_format`)."""
 
-    kind: str                # messages | prompt_response | text
+    kind: str  # messages | prompt_response | text
     chosen_key: str
     rejected_key: str
-    prompt_key: str | None   # the prompt column the format uses (None: none)
+    prompt_key: str | None  # the prompt column the format uses (None: none)
     prompt_type: str | None  # "messages" | "text" (None without a prompt column)
-    response_type: str       # "messages" | "text": how chosen / rejected are stored
+    response_type: str  # "messages" | "text": how chosen / rejected are stored
 
     def describe(self) -> str:
         if self.kind == "messages":
@@ -193,16 +212,22 @@ class PairFormat:
         prompt = f"'{self.prompt_key}' ({self.prompt_type}) + " if self.prompt_key else ""
         if self.kind == "prompt_response":
             return f"prompt_response ({prompt}responses '{self.chosen_key}' / '{self.rejected_key}' ({self.response_type}), chat template)"
-        return f"text ({prompt}'{self.chosen_key}' / '{self.rejected_key}' as plain text, no chat template, eos appended)"
+        return (
+            f"text ({prompt}'{self.chosen_key}' / '{self.rejected_key}' as plain text, no chat template, eos appended)"
+        )
 
 
 def _expected_layouts(chosen_key: str, rejected_key: str, prompt_key: str) -> str:
-    return (f"expected '{chosen_key}' + '{rejected_key}' (conversations as messages, or plain text), optionally with "
-            f"'{prompt_key}' (text or messages; chosen/rejected then hold only the responses); "
-            "set data.chosen_key / data.rejected_key / data.prompt_key to your column names")
+    return (
+        f"expected '{chosen_key}' + '{rejected_key}' (conversations as messages, or plain text), optionally with "
+        f"'{prompt_key}' (text or messages; chosen/rejected then hold only the responses); "
+        "set data.chosen_key / data.rejected_key / data.prompt_key to your column names"
+    )
 
 
-def detect_pair_format(columns: Sequence[str], first_record: dict | None, data_config, source: str, first_where: str | None = None) -> PairFormat:
+def detect_pair_format(
+    columns: Sequence[str], first_record: dict | None, data_config, source: str, first_where: str | None = None
+) -> PairFormat:
     """The one place that decides how a file's columns become (chosen, rejected).
 
     data.format (default auto):
@@ -217,17 +242,18 @@ def detect_pair_format(columns: Sequence[str], first_record: dict | None, data_c
                       messages, else text.
     Raises DataError naming the columns found and the ones expected when the file matches none.
     """
-    requested = data_config.get("format", "auto") or "auto"
+    requested = data_config.format
     if requested not in PAIR_FORMATS:
         raise DataError(f"data.format is {requested!r}; expected one of {', '.join(PAIR_FORMATS)}")
-    chosen_key, rejected_key = data_config.get("chosen_key", "chosen"), data_config.get("rejected_key", "rejected")
-    prompt_key = data_config.get("prompt_key", "prompt") or "prompt"
+    chosen_key, rejected_key, prompt_key = data_config.chosen_key, data_config.rejected_key, data_config.prompt_key
     missing = [key for key in (chosen_key, rejected_key) if key not in columns]
     if requested == "prompt_response" and prompt_key not in columns:
         missing.append(prompt_key)
     if missing:
-        raise DataError(f"{source}: no column {', '.join(repr(m) for m in missing)} (columns found: {list(columns)}); "
-                        + _expected_layouts(chosen_key, rejected_key, prompt_key))
+        raise DataError(
+            f"{source}: no column {', '.join(repr(m) for m in missing)} (columns found: {list(columns)}); "
+            + _expected_layouts(chosen_key, rejected_key, prompt_key)
+        )
     if first_record is None:
         raise DataError(f"{source}: the file is empty (no rows)")
     first_where = first_where or f"{source} row 1"
@@ -237,7 +263,9 @@ def detect_pair_format(columns: Sequence[str], first_record: dict | None, data_c
     kind = requested
     if requested == "auto":
         if has_prompt:
-            starts_with_prompt = response_type == "messages" and _parse_json_list(chosen_value)[0].get("role") != "assistant"
+            starts_with_prompt = (
+                response_type == "messages" and _parse_json_list(chosen_value)[0].get("role") != "assistant"
+            )
             kind = "messages" if starts_with_prompt else "prompt_response"
         else:
             kind = "messages" if response_type == "messages" else "text"
@@ -245,10 +273,16 @@ def detect_pair_format(columns: Sequence[str], first_record: dict | None, data_c
         return PairFormat("messages", chosen_key, rejected_key, None, None, "messages")
     if kind == "text":
         if response_type != "text":
-            raise DataError(f"{first_where} field '{chosen_key}': holds chat messages; data.format=text expects plain text (use messages or prompt_response)")
+            raise DataError(
+                f"{first_where} field '{chosen_key}': holds chat messages; data.format=text expects plain text (use messages or prompt_response)"
+            )
         if has_prompt and not isinstance(first_record.get(prompt_key), str):
-            raise DataError(f"{first_where} field '{prompt_key}': is not text; data.format=text expects a plain-text prompt")
-        return PairFormat("text", chosen_key, rejected_key, prompt_key if has_prompt else None, "text" if has_prompt else None, "text")
+            raise DataError(
+                f"{first_where} field '{prompt_key}': is not text; data.format=text expects a plain-text prompt"
+            )
+        return PairFormat(
+            "text", chosen_key, rejected_key, prompt_key if has_prompt else None, "text" if has_prompt else None, "text"
+        )
     prompt_type = "messages" if _looks_like_messages(first_record.get(prompt_key)) else "text"
     return PairFormat("prompt_response", chosen_key, rejected_key, prompt_key, prompt_type, response_type)
 
@@ -260,8 +294,36 @@ def _parse_json_list(value: Any) -> list:
     return json.loads(value) if isinstance(value, str) else value
 
 
-def parse_messages(value: Any, where: str, *, ends_with_assistant: bool = True, only_role: str | None = None) -> list[dict[str, str]]:
-    """A messages list from a JSON string or a list; `where` names file, row and field."""
+MESSAGE_KEYS = ("role", "content")  # all that verl's reward paths render of a message
+
+
+@dataclass
+class DroppedKeys:
+    """Messages that carried keys other than role/content, and those keys (they are not templated)."""
+
+    messages: int = 0
+    keys: set[str] = field(default_factory=set)
+
+    def describe(self) -> str:
+        return (
+            f"{self.messages} messages carried keys other than role/content ({', '.join(sorted(self.keys))}): dropped, "
+            "as verl's reward paths render role and content only"
+        )
+
+
+def parse_messages(
+    value: Any,
+    where: str,
+    *,
+    ends_with_assistant: bool = True,
+    only_role: str | None = None,
+    dropped_keys: DroppedKeys | None = None,
+) -> list[dict[str, str]]:
+    """A messages list from a JSON string or a list, each message reduced to its role and content.
+
+    `where` names file, row and field; `dropped_keys`, when given, counts the messages that carried
+    other keys (see the module docstring for why they are dropped).
+    """
     import json
 
     value = _decoded(value)
@@ -269,22 +331,40 @@ def parse_messages(value: Any, where: str, *, ends_with_assistant: bool = True, 
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}); expected a JSON list of {{'role', 'content'}} messages") from None
+            raise DataError(
+                f"{where}: not valid JSON ({error.msg} at column {error.colno}); expected a JSON list of {{'role', 'content'}} messages"
+            ) from None
     value = _decoded(value)
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: expected a non-empty list of {{'role', 'content'}} messages, got {type(value).__name__}")
+        raise DataError(
+            f"{where}: expected a non-empty list of {{'role', 'content'}} messages, got {type(value).__name__}"
+        )
     messages = []
     for turn, message in enumerate(value, start=1):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
             raise DataError(f"{where}: message {turn} is not a {{'role': str, 'content': str}} object")
         if only_role is not None and message["role"] != only_role:
-            raise DataError(f"{where}: message {turn} has role {message['role']!r}; with a prompt column this field holds only the response "
-                            f"({only_role} messages); set data.format=messages if it holds whole conversations")
-        messages.append({"role": message["role"], "content": message["content"]})  # extra keys (e.g. tool metadata) are not templated
+            raise DataError(
+                f"{where}: message {turn} has role {message['role']!r}; with a prompt column this field holds only the response "
+                f"({only_role} messages); set data.format=messages if it holds whole conversations"
+            )
+        extra = message.keys() - set(MESSAGE_KEYS)
+        if extra and dropped_keys is not None:
+            dropped_keys.messages += 1
+            dropped_keys.keys.update(extra)
+        messages.append({key: message[key] for key in MESSAGE_KEYS})
     if ends_with_assistant and messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the last message has role {messages[-1]['role']!r}; expected the assistant response being judged")
+        raise DataError(
+            f"{where}: the last message has role {messages[-1]['role']!r}; expected the assistant response being judged"
+        )
     if not ends_with_assistant and messages[-1]["role"] == "assistant":
-        raise DataError(f"{where}: the prompt ends with an assistant message; expected it to end with the turn being answered")
+        raise DataError(
+            f"{where}: the prompt ends with an assistant message; expected it to end with the turn being answered"
+        )
     return messages
 
 
@@ -302,7 +382,11 @@ def _strength(value: Any, where: str) -> int | None:
         return None
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer()))
+    ):
         raise DataError(f"{where}: is {value!r}; expected an integer (or null)")
     return int(value)
 
@@ -314,24 +398,30 @@ class PairRow:
     chosen: list[dict[str, str]] | str
     rejected: list[dict[str, str]] | str
     preference_strength: int | None
-    where: str                 # file and row, e.g. "data/train.parquet row 7"
+    where: str  # file and row, e.g. "data/train.parquet row 7"
     subset: str | None = None  # RewardBench's `subset` column, when the file has one
 
 
-def pair_from_record(record: dict, fmt: PairFormat, where: str) -> PairRow:
-    """One record as a PairRow in format `fmt`; DataError names where, the field and what was expected."""
+def pair_from_record(record: dict, fmt: PairFormat, where: str, dropped_keys: DroppedKeys | None = None) -> PairRow:
+    """One record as a PairRow in format `fmt`; DataError names where, the field and what was expected.
+
+    `dropped_keys` counts the messages whose keys other than role/content were dropped (parse_messages).
+    """
+
     def value_of(key: str) -> Any:
         if key not in record:
             raise DataError(f"{where}: no field '{key}'")
         value = _decoded(record[key])
         if value is None:
-            raise DataError(f"{where} field '{key}': is null; expected {'text' if fmt.response_type == 'text' else 'messages'}")
+            raise DataError(
+                f"{where} field '{key}': is null; expected {'text' if fmt.response_type == 'text' else 'messages'}"
+            )
         return value
 
     chosen_where, rejected_where = f"{where} field '{fmt.chosen_key}'", f"{where} field '{fmt.rejected_key}'"
     if fmt.kind == "messages":
-        chosen = parse_messages(value_of(fmt.chosen_key), chosen_where)
-        rejected = parse_messages(value_of(fmt.rejected_key), rejected_where)
+        chosen = parse_messages(value_of(fmt.chosen_key), chosen_where, dropped_keys=dropped_keys)
+        rejected = parse_messages(value_of(fmt.rejected_key), rejected_where, dropped_keys=dropped_keys)
     elif fmt.kind == "text":
         prompt = _text(value_of(fmt.prompt_key), f"{where} field '{fmt.prompt_key}'") if fmt.prompt_key else ""
         chosen = prompt + _text(value_of(fmt.chosen_key), chosen_where)
@@ -339,13 +429,15 @@ def pair_from_record(record: dict, fmt: PairFormat, where: str) -> PairRow:
     else:  # prompt_response
         prompt_where = f"{where} field '{fmt.prompt_key}'"
         if fmt.prompt_type == "messages":
-            prompt = parse_messages(value_of(fmt.prompt_key), prompt_where, ends_with_assistant=False)
+            prompt = parse_messages(
+                value_of(fmt.prompt_key), prompt_where, ends_with_assistant=False, dropped_keys=dropped_keys
+            )
         else:
             prompt = [{"role": "user", "content": _text(value_of(fmt.prompt_key), prompt_where)}]
 
         def response(key: str, response_where: str) -> list[dict[str, str]]:
             if fmt.response_type == "messages":
-                return parse_messages(value_of(key), response_where, only_role="assistant")
+                return parse_messages(value_of(key), response_where, only_role="assistant", dropped_keys=dropped_keys)
             return [{"role": "assistant", "content": _text(value_of(key), response_where)}]
 
         chosen = prompt + response(fmt.chosen_key, chosen_where)
@@ -360,15 +452,20 @@ class PairRows:
     """What `read_pair_rows` read: the pairs, and what it left out and why."""
 
     rows: list[PairRow]
-    formats: dict[str, PairFormat]   # file -> the format it was read in
-    identical_dropped: int = 0       # pairs whose chosen equals rejected (no preference signal)
+    formats: dict[str, PairFormat]  # file -> the format it was read in
+    identical_dropped: int = 0  # pairs whose chosen equals rejected (no preference signal)
     identical_examples: list[str] = field(default_factory=list)  # where the first few were
+    dropped_keys: DroppedKeys = field(default_factory=DroppedKeys)  # message keys other than role/content
 
     def describe(self) -> str:
         lines = [f"{path}: {fmt.describe()}" for path, fmt in self.formats.items()]
         if self.identical_dropped:
-            lines.append(f"dropped {self.identical_dropped} pairs whose chosen equals rejected (they carry no preference), e.g. "
-                         + ", ".join(self.identical_examples))
+            lines.append(
+                f"dropped {self.identical_dropped} pairs whose chosen equals rejected (they carry no preference), e.g. "
+                + ", ".join(self.identical_examples)
+            )
+        if self.dropped_keys.messages:
+            lines.append(self.dropped_keys.describe())
         return "\n".join(lines)
 
 
@@ -376,8 +473,9 @@ def read_pair_rows(files, data_config, *, drop_identical: bool = True) -> PairRo
     """Every pair of every file, in file then row order, in the format `detect_pair_format` decides per file.
 
     Pairs whose chosen equals rejected are dropped and counted (drop_identical=False keeps them, as
-    RewardBench does: it scores such a tie as wrong). Raises DataError (one line) on the first bad
-    file or row, naming it; an empty file is an error too.
+    RewardBench does: it scores such a tie as wrong). Messages keep their role and content only; the
+    messages that carried other keys are counted (PairRows.dropped_keys). Raises DataError (one
+    line) on the first bad file or row, naming it; an empty file is an error too.
     """
     result = PairRows(rows=[], formats={})
     for name in as_file_list(files):
@@ -386,12 +484,14 @@ def read_pair_rows(files, data_config, *, drop_identical: bool = True) -> PairRo
             raise DataError(f"{name} is a directory; pass the data files themselves, not a directory")
         if not path.is_file():
             raise DataError(f"{name}: no such file")
-        keep = {data_config.get(key, default) for key, default in (("chosen_key", "chosen"), ("rejected_key", "rejected"), ("prompt_key", "prompt"))}
+        keep = {data_config.chosen_key, data_config.rejected_key, data_config.prompt_key}
         columns, locations, records = read_records(path, keep=keep | {STRENGTH_KEY, SUBSET_KEY})
-        fmt = detect_pair_format(columns, records[0] if records else None, data_config, name, locations[0] if locations else None)
+        fmt = detect_pair_format(
+            columns, records[0] if records else None, data_config, name, locations[0] if locations else None
+        )
         result.formats[name] = fmt
-        for where, record in zip(locations, records):
-            row = pair_from_record(record, fmt, where)
+        for where, record in zip(locations, records, strict=True):
+            row = pair_from_record(record, fmt, where, result.dropped_keys)
             if drop_identical and row.chosen == row.rejected:
                 result.identical_dropped += 1
                 if len(result.identical_examples) < 3:
@@ -410,8 +510,13 @@ def count_shared_pairs(train_pairs: Iterable, val_pairs: Iterable) -> int:
     import json
 
     def key(pair) -> str:
-        return json.dumps([list(pair.chosen) if not isinstance(pair.chosen, str) else pair.chosen,
-                           list(pair.rejected) if not isinstance(pair.rejected, str) else pair.rejected], sort_keys=True)
+        return json.dumps(
+            [
+                list(pair.chosen) if not isinstance(pair.chosen, str) else pair.chosen,
+                list(pair.rejected) if not isinstance(pair.rejected, str) else pair.rejected,
+            ],
+            sort_keys=True,
+        )
 
     seen = {key(pair) for pair in train_pairs}
     return sum(key(pair) in seen for pair in val_pairs)

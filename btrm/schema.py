@@ -2,18 +2,27 @@
 
 trainer.yaml is the whole truth: a key it does not define is refused (also when added with Hydra's
 `+`), a key it defines may not be deleted (`~`), and every knob's type and range is checked by its
-rule in KNOB_RULES (which names the allowed values). Nothing heavy is imported here: the launcher
-checks a config in about a second before any rank starts.
+rule in KNOB_RULES (which names the allowed values); rules that involve several knobs (or the
+number of ranks) are in check_combinations. These rules are the config's only checks: the code
+reads each knob as checked here, with no default or check of its own (tests/test_schema.py finds
+reads with a fallback default). Allowed values that another module defines are taken from it (data
+formats from btrm.rows; loss types and the loss section's margin table from bt_loss), unless
+importing it would pull in torch or verl (then a test compares the two).
+
+Nothing heavy is imported here (omegaconf and hydra only inside the functions that need them): the
+launcher checks a config in well under a second before any rank starts.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
+import bt_loss
 from btrm import rows
 
 REPO = Path(__file__).resolve().parent.parent  # trainer.yaml sits beside bt_trainer.py, above this package
@@ -62,20 +71,33 @@ def _is_number(value) -> bool:
 def integer(at_least: int, *, also: tuple = ()) -> Rule:
     """An integer >= at_least, or one of the special values in `also` (e.g. -1 for "all", None for "off")."""
     special = " or ".join(render(v) for v in also)
-    return Rule(f"an integer >= {at_least}" + (f", or {special}" if special else ""),
-                lambda v: (_is_int(v) and v >= at_least) or any(v is s or (_is_int(v) and v == s) for s in also))
+    return Rule(
+        f"an integer >= {at_least}" + (f", or {special}" if special else ""),
+        lambda v: (_is_int(v) and v >= at_least) or any(v is s or (_is_int(v) and v == s) for s in also),
+    )
 
 
 def number(*, above: float | None = None, at_least: float | None = None, at_most: float | None = None) -> Rule:
-    bounds = [f"> {above}" if above is not None else None, f">= {at_least}" if at_least is not None else None,
-              f"<= {at_most}" if at_most is not None else None]
-    return Rule("a number " + " and ".join(b for b in bounds if b),
-                lambda v: _is_number(v) and (above is None or v > above) and (at_least is None or v >= at_least)
-                and (at_most is None or v <= at_most))
+    bounds = [
+        f"> {above}" if above is not None else None,
+        f">= {at_least}" if at_least is not None else None,
+        f"<= {at_most}" if at_most is not None else None,
+    ]
+    return Rule(
+        "a number " + " and ".join(b for b in bounds if b),
+        lambda v: (
+            _is_number(v)
+            and (above is None or v > above)
+            and (at_least is None or v >= at_least)
+            and (at_most is None or v <= at_most)
+        ),
+    )
 
 
 def one_of(*values) -> Rule:
-    return Rule("one of " + " | ".join(render(v) for v in values), lambda v: any(v == x and type(v) is type(x) for x in values))
+    return Rule(
+        "one of " + " | ".join(render(v) for v in values), lambda v: any(v == x and type(v) is type(x) for x in values)
+    )
 
 
 def any_integer() -> Rule:
@@ -87,8 +109,10 @@ def flag() -> Rule:
 
 
 def text(*, nullable: bool = False) -> Rule:
-    return Rule("a non-empty string" + (", or null" if nullable else ""),
-                lambda v: (nullable and v is None) or (isinstance(v, str) and v.strip() != ""))
+    return Rule(
+        "a non-empty string" + (", or null" if nullable else ""),
+        lambda v: (nullable and v is None) or (isinstance(v, str) and v.strip() != ""),
+    )
 
 
 def run_name() -> Rule:
@@ -97,18 +121,28 @@ def run_name() -> Rule:
 
 
 def files() -> Rule:
-    return Rule("a data file, or a [list] of data files",
-                lambda v: (isinstance(v, str) and v != "") or (isinstance(v, list) and v != [] and all(isinstance(f, str) and f for f in v)))
+    return Rule(
+        "a data file, or a [list] of data files",
+        lambda v: (
+            (isinstance(v, str) and v != "")
+            or (isinstance(v, list) and v != [] and all(isinstance(f, str) and f for f in v))
+        ),
+    )
 
 
 def mapping(*, nullable: bool = False) -> Rule:
-    return Rule("a mapping {key: value}" + (", or null" if nullable else ""),
-                lambda v: (nullable and v is None) or isinstance(v, dict), free_form=True)
+    return Rule(
+        "a mapping {key: value}" + (", or null" if nullable else ""),
+        lambda v: (nullable and v is None) or isinstance(v, dict),
+        free_form=True,
+    )
 
 
 def subset(*values, non_empty: bool = False) -> Rule:
-    return Rule(f"a list of {' | '.join(values)}" + (" (at least one)" if non_empty else ""),
-                lambda v: isinstance(v, list) and all(isinstance(x, str) and x in values for x in v) and (v or not non_empty))
+    return Rule(
+        f"a list of {' | '.join(values)}" + (" (at least one)" if non_empty else ""),
+        lambda v: isinstance(v, list) and all(isinstance(x, str) and x in values for x in v) and (v or not non_empty),
+    )
 
 
 def exactly(value, why: str) -> Rule:
@@ -116,21 +150,38 @@ def exactly(value, why: str) -> Rule:
 
 
 def lora_targets() -> Rule:
-    return Rule("all-linear, or a non-empty [list] of module names (not the score head)",
-                lambda v: v == "all-linear" or (isinstance(v, list) and v != [] and all(isinstance(x, str) and x and x != "score" for x in v)))
+    return Rule(
+        "all-linear, or a non-empty [list] of module names (not the score head)",
+        lambda v: (
+            v == "all-linear"
+            or (isinstance(v, list) and v != [] and all(isinstance(x, str) and x and x != "score" for x in v))
+        ),
+    )
 
 
 def betas() -> Rule:
-    return Rule("[beta1, beta2], two numbers >= 0 and < 1",
-                lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v))
+    return Rule(
+        "[beta1, beta2], two numbers >= 0 and < 1",
+        lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
+    )
 
 
-# Every leaf of trainer.yaml has exactly one rule here (a test checks it). Enum values that other
-# modules define are mirrored here so that the launcher need not import torch; tests keep them equal.
-LOSS_TYPES = ("bt", "scaled_bt", "margin")                     # bt_loss.LOSS_TYPES
-PRECISIONS = ("auto", "bf16", "fp32")                          # trainer.yaml; modeling.DTYPES has the dtypes
-MASTER_DTYPES = ("fp32", "bf16")                               # modeling.DTYPES (fp32 recommended)
-TRACKERS = ("console", "file", "tensorboard", "wandb", "mlflow", "swanlab", "vemlp_wandb", "clearml", "trackio")  # verl Tracking
+# Every leaf of trainer.yaml has exactly one rule here (a test checks it). The modules that define
+# these names import torch (btrm.modeling.DTYPES) or verl (Tracking.supported_backend), which the
+# launcher must not: the names are repeated here, and tests check them against their sources.
+PRECISIONS = ("auto", "bf16", "fp32")  # auto, or a key of modeling.DTYPES
+MASTER_DTYPES = ("fp32", "bf16")  # keys of modeling.DTYPES (fp32 recommended)
+TRACKERS = (
+    "console",
+    "file",
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "swanlab",
+    "vemlp_wandb",
+    "clearml",
+    "trackio",
+)  # verl Tracking
 KNOB_RULES: dict[str, Rule] = {
     "data.train_files": files(),
     "data.val_files": files(),
@@ -175,9 +226,11 @@ KNOB_RULES: dict[str, Rule] = {
     "optim.lr_scheduler": one_of("cosine", "wsd", "constant"),
     "optim.clip_grad": number(above=0),
     "optim.override_optimizer_config": mapping(nullable=True),
-    "loss.type": one_of(*LOSS_TYPES),
+    "loss.type": one_of(*bt_loss.LOSS_TYPES),
     "loss.center_rewards_coefficient": number(at_least=0),
-    "loss.margin_by_strength": mapping(nullable=True),  # its keys and values: bt_loss.LossConfig
+    "loss.margin_by_strength": mapping(
+        nullable=True
+    ),  # its keys and values: bt_loss.LossConfig, run by check_combinations
     "loss.max_strength": integer(1),
     "use_remove_padding": flag(),
     "ulysses_sequence_parallel_size": exactly(1, "sequence parallelism is not supported"),
@@ -239,8 +292,10 @@ def _closest(key: str, known: Iterable[str]) -> str:
 
 
 def unknown_key_error(key: str, known: Iterable[str], where: str) -> PreflightError:
-    return PreflightError(f"{where}: unknown key {key}, trainer.yaml has no such knob{_closest(key, known)} "
-                          "(trainer.yaml is the whole config: `+` cannot add keys; see its comments for every knob)")
+    return PreflightError(
+        f"{where}: unknown key {key}, trainer.yaml has no such knob{_closest(key, known)} "
+        "(trainer.yaml is the whole config: `+` cannot add keys; see its comments for every knob)"
+    )
 
 
 def check_knob(key: str, value: Any) -> None:
@@ -262,19 +317,25 @@ def check_config(config, *, world_size: int | None = None) -> dict[str, Any]:
         try:
             config = OmegaConf.to_container(config, resolve=True)
         except OmegaConfBaseException as error:
-            raise PreflightError(f"the config cannot be resolved: {str(error).splitlines()[0]}; check the ${{...}} references you set") from None
+            raise PreflightError(
+                f"the config cannot be resolved: {str(error).splitlines()[0]}; check the ${{...}} references you set"
+            ) from None
     values = knob_values(config)
     known = trainer_yaml_knobs()
     for key, value in values.items():
         if key not in known:
             section = next((k for k in known if k.startswith(key + ".")), None)
             if section is not None:
-                raise PreflightError(f"{key}={render(value)}: expected a section with keys "
-                                     f"{', '.join(k[len(key) + 1:] for k in known if k.startswith(key + '.'))}")
+                raise PreflightError(
+                    f"{key}={render(value)}: expected a section with keys "
+                    f"{', '.join(k[len(key) + 1 :] for k in known if k.startswith(key + '.'))}"
+                )
             raise unknown_key_error(key, known, f"{key}={render(value)}")
     missing = [key for key in known if key not in values]
     if missing:
-        raise PreflightError(f"{missing[0]} is missing from the config; trainer.yaml defines it: set it (e.g. to null) instead of deleting it with ~")
+        raise PreflightError(
+            f"{missing[0]} is missing from the config; trainer.yaml defines it: set it (e.g. to null) instead of deleting it with ~"
+        )
     for key, value in values.items():
         check_knob(key, value)
     check_combinations(values, world_size)
@@ -284,23 +345,37 @@ def check_config(config, *, world_size: int | None = None) -> dict[str, Any]:
 def check_combinations(values: Mapping[str, Any], world_size: int | None) -> None:
     """Rules that involve two knobs (or the number of ranks)."""
     if values["trainer.resume_mode"] == "resume_path" and values["trainer.resume_from_path"] is None:
-        raise PreflightError("trainer.resume_mode=resume_path needs trainer.resume_from_path=.../global_step_N (or use resume_mode=auto)")
+        raise PreflightError(
+            "trainer.resume_mode=resume_path needs trainer.resume_from_path=.../global_step_N (or use resume_mode=auto)"
+        )
     if values["model.lora_rank"] > 0 and values["model.strategy"] != "fsdp2":
-        raise PreflightError(f"model.lora_rank={values['model.lora_rank']} with model.strategy={values['model.strategy']}: "
-                             "LoRA runs on FSDP2 only; use model.strategy=fsdp2")
+        raise PreflightError(
+            f"model.lora_rank={values['model.lora_rank']} with model.strategy={values['model.strategy']}: "
+            "LoRA runs on FSDP2 only; use model.strategy=fsdp2"
+        )
     custom_path, custom_name = values["data.custom_cls.path"], values["data.custom_cls.name"]
     if (custom_path is None) != (custom_name is None):
-        raise PreflightError(f"data.custom_cls.path={render(custom_path)} and data.custom_cls.name={render(custom_name)}: set both (file and class name) or neither")
+        raise PreflightError(
+            f"data.custom_cls.path={render(custom_path)} and data.custom_cls.name={render(custom_name)}: set both (file and class name) or neither"
+        )
     if custom_path is not None and not Path(custom_path).is_file():
         raise PreflightError(f"data.custom_cls.path={custom_path}: no such file")
+    try:  # the margin table: its keys depend on loss.max_strength, and only loss.type=margin reads it
+        bt_loss.LossConfig.from_mapping({name: values[f"loss.{name}"] for name in bt_loss.LOSS_KNOBS})
+    except ValueError as error:
+        raise PreflightError(str(error)) from None
     if world_size:
         batch = values["data.train_batch_size"]
         if batch % world_size:
-            raise PreflightError(f"data.train_batch_size={batch} is not divisible by the {world_size} ranks; use a multiple of {world_size}")
+            raise PreflightError(
+                f"data.train_batch_size={batch} is not divisible by the {world_size} ranks; use a multiple of {world_size}"
+            )
         micro = values["data.micro_batch_size_per_gpu"]
         if values["data.max_tokens_per_micro_batch"] is None and (batch // world_size) % micro:
-            raise PreflightError(f"data.micro_batch_size_per_gpu={micro} does not divide the {batch // world_size} pairs per rank "
-                                 f"(data.train_batch_size={batch} / {world_size} ranks); pick a divisor")
+            raise PreflightError(
+                f"data.micro_batch_size_per_gpu={micro} does not divide the {batch // world_size} pairs per rank "
+                f"(data.train_batch_size={batch} / {world_size} ranks); pick a divisor"
+            )
 
 
 def check_override_keys(overrides: Sequence[str]) -> None:
@@ -315,15 +390,23 @@ def check_override_keys(overrides: Sequence[str]) -> None:
         try:
             override = OverridesParser.create().parse_override(line)
         except HydraException as error:
-            raise PreflightError(f"{line}: not a valid override ({' '.join(str(error).split())}); write key=value, e.g. optim.lr=1e-6") from None
+            raise PreflightError(
+                f"{line}: not a valid override ({' '.join(str(error).split())}); write key=value, e.g. optim.lr=1e-6"
+            ) from None
         key = override.key_or_group
         if key.startswith("hydra"):
             continue
-        is_knob = key in known or any(k.startswith(key + ".") for k in known) or any(key.startswith(f + ".") for f in free_form)
+        is_knob = (
+            key in known
+            or any(k.startswith(key + ".") for k in known)
+            or any(key.startswith(f + ".") for f in free_form)
+        )
         if not is_knob:
             raise unknown_key_error(key, known, line)
         if override.type == OverrideType.DEL and key in known:
-            raise PreflightError(f"{line}: trainer.yaml's knobs cannot be deleted; set {key}=null (where null is allowed) instead")
+            raise PreflightError(
+                f"{line}: trainer.yaml's knobs cannot be deleted; set {key}=null (where null is allowed) instead"
+            )
 
 
 def compose_config(overrides: Sequence[str]):
@@ -338,5 +421,6 @@ def compose_config(overrides: Sequence[str]):
         with initialize_config_dir(config_dir=str(REPO), version_base=None, job_name="bt_trainer"):
             return compose(config_name=CONFIG_FILE.stem, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as error:
-        raise PreflightError(f"the overrides {' '.join(overrides)} do not compose: {' '.join(str(error).split())}") from None
-
+        raise PreflightError(
+            f"the overrides {' '.join(overrides)} do not compose: {' '.join(str(error).split())}"
+        ) from None

@@ -28,10 +28,22 @@ SENTENCES_PER_RESPONSE = 4
 LABEL_NOISE = 0.1  # share of pairs whose label is flipped: the best reachable accuracy is about 0.9
 
 TASKS = [
-    "cook rice", "learn python", "fix a flat tyre", "write a cover letter", "plant tomatoes",
-    "train for a marathon", "save money each month", "clean a cast iron pan", "study for an exam",
-    "set up a home network", "paint a bedroom", "bake bread", "prepare for an interview",
-    "reduce stress", "back up my photos", "start a podcast",
+    "cook rice",
+    "learn python",
+    "fix a flat tyre",
+    "write a cover letter",
+    "plant tomatoes",
+    "train for a marathon",
+    "save money each month",
+    "clean a cast iron pan",
+    "study for an exam",
+    "set up a home network",
+    "paint a bedroom",
+    "bake bread",
+    "prepare for an interview",
+    "reduce stress",
+    "back up my photos",
+    "start a podcast",
 ]
 HELPFUL = [
     "First, gather what you need so that {task} goes smoothly.",
@@ -61,7 +73,12 @@ FOLLOW_UPS = [
     "Is there a faster way?",
     "Could you give me a clearer answer?",
 ]
-OPENERS = ["How do I {task}?", "Can you explain how to {task}?", "What is the best way to {task}?", "I want to {task}. Any advice?"]
+OPENERS = [
+    "How do I {task}?",
+    "Can you explain how to {task}?",
+    "What is the best way to {task}?",
+    "I want to {task}. Any advice?",
+]
 
 
 def make_response(rng: random.Random, task: str, n_helpful: int) -> str:

@@ -29,10 +29,16 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-TINY_QWEN3 = dict(  # a few hundred thousand parameters: trains in minutes on 2 CPU cores
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=False,
-)
+TINY_QWEN3 = {  # a few hundred thousand parameters: trains in minutes on 2 CPU cores
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+}
 
 
 def corpus_texts(data_path: Path = DEMO_DATA) -> list[str]:
@@ -52,14 +58,20 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD_TOKEN, IM_START, IM_END],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token=IM_END,
-        additional_special_tokens=[IM_START, IM_END], chat_template=CHAT_TEMPLATE,
-        padding_side="right", model_max_length=TINY_QWEN3["max_position_embeddings"],
+        tokenizer_object=tokenizer,
+        pad_token=PAD_TOKEN,
+        eos_token=IM_END,
+        additional_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
+        padding_side="right",
+        model_max_length=TINY_QWEN3["max_position_embeddings"],
     )
 
 
@@ -70,8 +82,11 @@ def build_tiny_model(output_dir: Path, seed: int = 0, texts: list[str] | None = 
 
     tokenizer = build_tokenizer(texts if texts is not None else corpus_texts())
     config = Qwen3Config(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None, **{**TINY_QWEN3, **config_overrides},
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **{**TINY_QWEN3, **config_overrides},
     )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)

@@ -32,7 +32,10 @@ def demo_data_dir(tmp_path_factory) -> Path:
     import prepare_helpsteer2
 
     out = tmp_path_factory.mktemp("demo-data")
-    assert prepare_helpsteer2.main(["--input", str(REPO / "demo" / "helpsteer2_demo.jsonl.gz"), "--output-dir", str(out)]) == 0
+    assert (
+        prepare_helpsteer2.main(["--input", str(REPO / "demo" / "helpsteer2_demo.jsonl.gz"), "--output-dir", str(out)])
+        == 0
+    )
     return out
 
 
@@ -42,26 +45,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def closed_loopback_port() -> int:
+    """A loopback port nothing listens on: connecting is refused at once."""
+    return free_port()
+
+
 def trainer_env(tmp_path: Path, model_dir: Path, data_dir: Path, nproc: int, name: str) -> dict:
     """run_bt_rm.sh's environment knobs for a small CPU run writing under tmp_path."""
     return {
         **os.environ,
-        "N_GPUS_PER_NODE": str(nproc), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
-        "MODEL_PATH": str(model_dir), "TRAIN_FILE": str(data_dir / "train.parquet"), "VAL_FILE": str(data_dir / "test.parquet"),
-        "SAVE_PATH": str(tmp_path / "ckpt"), "EXPERIMENT_NAME": name, "VERL_FILE_LOGGER_PATH": str(tmp_path / f"{name}.jsonl"),
-        "TRAIN_BATCH_SIZE": "8", "MICRO_BATCH_SIZE": "2", "LR": "1e-3", "TOTAL_EPOCHS": "1", "MAX_LENGTH": "1024",
+        "N_GPUS_PER_NODE": str(nproc),
+        "MASTER_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "MODEL_PATH": str(model_dir),
+        "TRAIN_FILE": str(data_dir / "train.parquet"),
+        "VAL_FILE": str(data_dir / "test.parquet"),
+        "SAVE_PATH": str(tmp_path / "ckpt"),
+        "EXPERIMENT_NAME": name,
+        "VERL_FILE_LOGGER_PATH": str(tmp_path / f"{name}.jsonl"),
+        "TRAIN_BATCH_SIZE": "8",
+        "MICRO_BATCH_SIZE": "2",
+        "LR": "1e-3",
+        "TOTAL_EPOCHS": "1",
+        "MAX_LENGTH": "1024",
         "CUDA_VISIBLE_DEVICES": "",
     }
 
 
-def run_trainer(tmp_path: Path, model_dir: Path, data_dir: Path, *overrides: str, nproc: int = 2, name: str = "run", timeout: int = 300,
-                expect_success: bool = True, extra_env: dict | None = None):
+def run_trainer(
+    tmp_path: Path,
+    model_dir: Path,
+    data_dir: Path,
+    *overrides: str,
+    nproc: int = 2,
+    name: str = "run",
+    timeout: int = 300,
+    expect_success: bool = True,
+    extra_env: dict | None = None,
+):
     """Launch bt_trainer.py through run_bt_rm.sh on `nproc` CPU ranks; returns (completed process, metrics file)."""
     metrics_file = tmp_path / f"{name}.jsonl"
     env = {**trainer_env(tmp_path, model_dir, data_dir, nproc, name), **(extra_env or {})}
     result = subprocess.run(
         ["bash", str(REPO / "run_bt_rm.sh"), "trainer.logger=[console,file]", "trainer.device=cpu", *overrides],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if expect_success:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

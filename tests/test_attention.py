@@ -10,6 +10,7 @@
 """
 
 import copy
+import itertools
 import subprocess
 import sys
 
@@ -45,26 +46,38 @@ def attention_by_hand(q, k, v, query_positions, key_positions, scale):
     return torch.einsum("hqk,hkd->hqd", scores.softmax(-1), v_s)
 
 
-def emulated_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+def emulated_varlen_attn(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False
+):
     """varlen_attn's documented semantics on CPU, checking every argument the CUDA branch passes.
 
     query [Tq, Hq, D], key/value [Tk, Hkv, D]; segment s is queries cu_seq_q[s]:cu_seq_q[s+1] and
     keys cu_seq_k[s]:cu_seq_k[s+1]; window_size (-1, 0) is causal, aligned bottom-right as
     FlashAttention 2 does for fewer queries than keys.
     """
-    assert cu_seq_q.dtype == torch.int32 and cu_seq_k.dtype == torch.int32  # FlashAttention's cumulative lengths are int32
-    assert query.dim() == key.dim() == value.dim() == 3 and query.is_contiguous() and key.is_contiguous() and value.is_contiguous()
+    assert (
+        cu_seq_q.dtype == torch.int32 and cu_seq_k.dtype == torch.int32
+    )  # FlashAttention's cumulative lengths are int32
+    assert (
+        query.dim() == key.dim() == value.dim() == 3
+        and query.is_contiguous()
+        and key.is_contiguous()
+        and value.is_contiguous()
+    )
     assert window_size == (-1, 0)
     assert enable_gqa == (query.shape[1] != key.shape[1])
     q_bounds, k_bounds = cu_seq_q.tolist(), cu_seq_k.tolist()
     assert q_bounds[0] == 0 == k_bounds[0] and q_bounds[-1] == query.shape[0] and k_bounds[-1] == key.shape[0]
-    assert max_q == max(b - a for a, b in zip(q_bounds, q_bounds[1:])) and max_k == max(b - a for a, b in zip(k_bounds, k_bounds[1:]))
+    assert max_q == max(b - a for a, b in itertools.pairwise(q_bounds)) and max_k == max(
+        b - a for a, b in itertools.pairwise(k_bounds)
+    )
     out = torch.empty_like(query)
     scale = scale if scale is not None else query.shape[-1] ** -0.5
     for s in range(len(q_bounds) - 1):
         qs, ks = list(range(q_bounds[s], q_bounds[s + 1])), list(range(k_bounds[s], k_bounds[s + 1]))
-        out[q_bounds[s] : q_bounds[s + 1]] = attention_by_hand(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
-                                                               qs, ks, scale).transpose(0, 1)
+        out[q_bounds[s] : q_bounds[s + 1]] = attention_by_hand(
+            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), qs, ks, scale
+        ).transpose(0, 1)
     return out
 
 
@@ -86,12 +99,15 @@ def test_segment_layout_of_plain_packing_needs_no_gather():
     assert layout.key_index is None and layout.cu_seq_k.tolist() == [0, 3, 4]
 
 
-@pytest.mark.parametrize("segments, message", [
-    ([((1, 3), [(1, 3)])], "do not continue the row"),                       # a gap before the first segment
-    ([((0, 3), [(0, 3)]), ((4, 5), [(4, 5)])], "do not continue the row"),    # a gap between segments
-    ([((0, 3), [(0, 2)])], "do not end with its queries"),                   # keys stop before the queries end
-    ([((0, 3), [(0, 3)]), ((3, 5), [(0, 2)])], "do not end with its queries"),
-])
+@pytest.mark.parametrize(
+    "segments, message",
+    [
+        ([((1, 3), [(1, 3)])], "do not continue the row"),  # a gap before the first segment
+        ([((0, 3), [(0, 3)]), ((4, 5), [(4, 5)])], "do not continue the row"),  # a gap between segments
+        ([((0, 3), [(0, 2)])], "do not end with its queries"),  # keys stop before the queries end
+        ([((0, 3), [(0, 3)]), ((3, 5), [(0, 2)])], "do not end with its queries"),
+    ],
+)
 def test_segment_layout_refuses_what_the_kernels_cannot_mean(segments, message):
     with pytest.raises(ValueError, match=message):
         attention.SegmentLayout.from_segments(segments)
@@ -100,7 +116,13 @@ def test_segment_layout_refuses_what_the_kernels_cannot_mean(segments, message):
 # ----------------------------------------------------------------------------- the attention function
 
 
-SEGMENTS = [((0, 5), [(0, 5)]), ((5, 8), [(0, 2), (5, 8)]), ((8, 9), [(8, 9)]), ((9, 12), [(9, 12)]), ((12, 15), [(12, 15)])]
+SEGMENTS = [
+    ((0, 5), [(0, 5)]),
+    ((5, 8), [(0, 2), (5, 8)]),
+    ((8, 9), [(8, 9)]),
+    ((9, 12), [(9, 12)]),
+    ((12, 15), [(12, 15)]),
+]
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
@@ -117,13 +139,23 @@ def test_attention_equals_attention_by_hand(kv_heads, branch, monkeypatch):
         monkeypatch.setattr(attention, "varlen_kernel", lambda: emulated_varlen_attn)
     out, weights = attention.segment_attention(None, q, k, v, None, scaling=0.3, attention_segments=layout)
     assert weights is None and out.shape == (1, 15, 4, 8)
-    expected = torch.cat([
-        attention_by_hand(q[0], k[0], v[0], list(range(*queries)), [j for start, end in keys for j in range(start, end)], 0.3)
-        for queries, keys in SEGMENTS], dim=1).transpose(0, 1).unsqueeze(0)
+    expected = (
+        torch.cat(
+            [
+                attention_by_hand(
+                    q[0], k[0], v[0], list(range(*queries)), [j for start, end in keys for j in range(start, end)], 0.3
+                )
+                for queries, keys in SEGMENTS
+            ],
+            dim=1,
+        )
+        .transpose(0, 1)
+        .unsqueeze(0)
+    )
     assert torch.allclose(out, expected, atol=1e-6)
     grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), (q, k, v))
     expected_grads = torch.autograd.grad((expected * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), (q, k, v))
-    for got, want in zip(grads, expected_grads):
+    for got, want in zip(grads, expected_grads, strict=True):
         assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -133,8 +165,10 @@ def test_varlen_branch_is_chosen_only_for_cuda_half_precision():
 
 
 def test_nothing_is_registered_on_import():
-    code = ("import btrm.attention, btrm.batching; from transformers import AttentionInterface; "
-            "assert not [k for k in AttentionInterface._global_mapping if k.startswith('bt_')]")
+    code = (
+        "import btrm.attention, btrm.batching; from transformers import AttentionInterface; "
+        "assert not [k for k in AttentionInterface._global_mapping if k.startswith('bt_')]"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
@@ -153,7 +187,9 @@ def reference_model(request, tiny_model_dir):
 
     torch.manual_seed(3)
     if request.param == "gqa":
-        model = load_value_head_model(str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
+        model = load_value_head_model(
+            str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False
+        )
     else:
         config = AutoConfig.from_pretrained(tiny_model_dir, num_key_value_heads=4, num_labels=1)
         config.classifier_dropout = 0.0  # as load_value_head_model sets it: train mode must not drop activations
@@ -177,6 +213,7 @@ LONG_PROMPT = "Explain, step by step and with care, how to plant tomatoes in a s
 
 def case_pairs(tokenizer, case):
     """Pairs (token lists, after the chat template) of one kind; the shared prefix each case exercises."""
+
     def encode(messages):
         return pair_dataset.encode_conversation(tokenizer, messages)
 
@@ -184,12 +221,19 @@ def case_pairs(tokenizer, case):
         return TokenizedPair(encode(chosen), encode(rejected))
 
     if case == "single_turn":
-        return [pair(conv("Tomatoes?", "Water them daily and check the soil."), conv("Tomatoes?", "No.")),
-                pair(conv("Hi", "Hello! How can I help?"), conv("Hi", "Go away."))]
+        return [
+            pair(conv("Tomatoes?", "Water them daily and check the soil."), conv("Tomatoes?", "No.")),
+            pair(conv("Hi", "Hello! How can I help?"), conv("Hi", "Go away.")),
+        ]
     if case == "multi_turn":
         history = ("How do I start a garden?", "Pick a sunny spot.", "And then?")
-        return [pair(conv(*history, "Prepare the soil with compost."), conv(*history, "Buy seeds.")),
-                pair(conv("Hi", "Hello.", "Tell me a joke", "Why did the tomato blush?"), conv("Hi", "Hello.", "Tell me a joke", "No."))]
+        return [
+            pair(conv(*history, "Prepare the soil with compost."), conv(*history, "Buy seeds.")),
+            pair(
+                conv("Hi", "Hello.", "Tell me a joke", "Why did the tomato blush?"),
+                conv("Hi", "Hello.", "Tell me a joke", "No."),
+            ),
+        ]
     if case == "responses_share_leading_tokens":
         return [pair(conv("What is 2+2?", "The answer is four."), conv("What is 2+2?", "The answer is five, I think."))]
     if case == "one_is_prefix_of_other":
@@ -198,14 +242,24 @@ def case_pairs(tokenizer, case):
         return [pair(short, longer), pair(longer, short), pair(short, short)]  # short: at most len - 1 shared
     if case in ("left_truncation", "right_truncation"):
         mode = case.split("_")[0]
-        chosen, rejected = encode(conv(LONG_PROMPT, "Dig, plant, water.")), encode(conv(LONG_PROMPT, "I would not bother with it at all, honestly."))
+        chosen, rejected = (
+            encode(conv(LONG_PROMPT, "Dig, plant, water.")),
+            encode(conv(LONG_PROMPT, "I would not bother with it at all, honestly.")),
+        )
         fitted = pair_dataset.truncate_pair(chosen, rejected, max(len(chosen), len(rejected)) - 12, mode, "case")
         assert fitted.dropped_tokens > 0
         return [TokenizedPair(fitted.chosen, fitted.rejected)]
     raise ValueError(case)
 
 
-CASES = ["single_turn", "multi_turn", "responses_share_leading_tokens", "one_is_prefix_of_other", "left_truncation", "right_truncation"]
+CASES = [
+    "single_turn",
+    "multi_turn",
+    "responses_share_leading_tokens",
+    "one_is_prefix_of_other",
+    "left_truncation",
+    "right_truncation",
+]
 
 
 def rewards_loss_grads(model, pairs, layout, pad_token_id):
@@ -214,7 +268,11 @@ def rewards_loss_grads(model, pairs, layout, pad_token_id):
     n = len(pairs)
     loss = -F.logsigmoid(rewards[:n] - rewards[n:]).mean()  # the BT loss, written out
     loss.backward()
-    return rewards.detach(), loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return (
+        rewards.detach(),
+        loss.item(),
+        {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+    )
 
 
 def assert_same(candidate, reference):
@@ -249,7 +307,9 @@ def test_all_cases_in_one_micro_batch_with_gradient_checkpointing(reference_mode
 
 
 @pytest.mark.parametrize("layout", ["packed", "shared"])
-def test_cuda_branch_arguments_through_emulated_varlen_attn(reference_model, segment_model, tokenizer, layout, monkeypatch):
+def test_cuda_branch_arguments_through_emulated_varlen_attn(
+    reference_model, segment_model, tokenizer, layout, monkeypatch
+):
     """The varlen_attn branch end to end: its q/k/v packing, key gather, cu_seq and max lengths, fed to the emulation."""
     monkeypatch.setattr(attention, "runs_on_varlen_kernel", lambda query: True)
     calls = []
@@ -273,14 +333,22 @@ def test_padded_forwards_keep_the_models_implementation(tiny_model_dir, tokenize
     from btrm.modeling import load_value_head_model
 
     torch.manual_seed(5)
-    model = load_value_head_model(str(tiny_model_dir), attn_implementation=padded_implementation, torch_dtype=torch.float32, trust_remote_code=False).eval()
+    model = load_value_head_model(
+        str(tiny_model_dir),
+        attn_implementation=padded_implementation,
+        torch_dtype=torch.float32,
+        trust_remote_code=False,
+    ).eval()
     torch.nn.init.normal_(model.score.weight, std=1.0)
     switched = copy.deepcopy(model)
     assert attention.enable_segment_attention(switched) == f"bt_segments_over_{padded_implementation}"
     assert attention.enable_segment_attention(switched) == f"bt_segments_over_{padded_implementation}"  # idempotent
     pairs = case_pairs(tokenizer, "single_turn") + case_pairs(tokenizer, "multi_turn")
     with torch.no_grad():
-        for batch in (batching.collate_pairs(pairs, tokenizer.pad_token_id, "padded"), batching.collate_padded([pairs[0].chosen], tokenizer.pad_token_id)):
+        for batch in (
+            batching.collate_pairs(pairs, tokenizer.pad_token_id, "padded"),
+            batching.collate_padded([pairs[0].chosen], tokenizer.pad_token_id),
+        ):
             assert torch.equal(batching.compute_rewards(switched, batch), batching.compute_rewards(model, batch))
 
 
@@ -288,5 +356,8 @@ def test_packed_rows_need_segment_attention(reference_model, segment_model, toke
     batch = batching.collate_pairs(case_pairs(tokenizer, "single_turn"), tokenizer.pad_token_id, "packed")
     with pytest.raises(ValueError, match="enable_segment_attention"):
         batching.compute_rewards(reference_model, batch)
-    with pytest.raises(ValueError, match="without attention_segments"), torch.no_grad():  # a packed row passed to the model directly
+    with (
+        pytest.raises(ValueError, match="without attention_segments"),
+        torch.no_grad(),
+    ):  # a packed row passed to the model directly
         segment_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)

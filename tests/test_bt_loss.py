@@ -12,7 +12,7 @@ REJECTED = torch.tensor([0.0, 0.5, -1.0, 0.3])
 
 
 def hand_loss(c, r):
-    return sum(math.log1p(math.exp(-(a - b))) for a, b in zip(c, r)) / len(c)
+    return sum(math.log1p(math.exp(-(a - b))) for a, b in zip(c, r, strict=True)) / len(c)
 
 
 def test_loss_matches_hand_formula():
@@ -26,7 +26,7 @@ def test_metrics_match_hand_formulas():
     _, m = bradley_terry_loss(CHOSEN, REJECTED)
     c, r = CHOSEN.tolist(), REJECTED.tolist()
     assert m["accuracy"] == pytest.approx(2 / 4)  # 1>0 and 2>-1; the tie 0.3=0.3 counts as wrong
-    assert m["margin"] == pytest.approx(sum(a - b for a, b in zip(c, r)) / 4)
+    assert m["margin"] == pytest.approx(sum(a - b for a, b in zip(c, r, strict=True)) / 4)
     assert m["chosen_reward"] == pytest.approx(sum(c) / 4)
     assert m["rejected_reward"] == pytest.approx(sum(r) / 4)
     everything = c + r
@@ -79,10 +79,14 @@ def test_matches_trl_reward_trainer_on_same_model_and_batch(tiny_model_dir, toke
     from btrm.modeling import load_value_head_model
 
     torch.manual_seed(0)
-    value_model = load_value_head_model(str(tiny_model_dir), attn_implementation="eager", torch_dtype=torch.float32, trust_remote_code=False)
+    value_model = load_value_head_model(
+        str(tiny_model_dir), attn_implementation="eager", torch_dtype=torch.float32, trust_remote_code=False
+    )
     torch.nn.init.normal_(value_model.score.weight, std=1.0)  # rewards far from 0 so the comparison is not trivial
     value_model.save_pretrained(tmp_path / "vh")
-    trl_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "vh", num_labels=1, attn_implementation="eager")
+    trl_model = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "vh", num_labels=1, attn_implementation="eager"
+    )
     trl_model.config.pad_token_id = tokenizer.pad_token_id
 
     def conv(prompt, answer):
@@ -91,20 +95,29 @@ def test_matches_trl_reward_trainer_on_same_model_and_batch(tiny_model_dir, toke
     pairs = [
         (conv("How do I bake bread?", "First, gather what you need."), conv("How do I bake bread?", "No idea.")),
         (conv("Hi", "Hello! How can I help today?"), conv("Hi", "Whatever.")),
-        (conv("Plant tomatoes?", "Start with the simplest version."), conv("Plant tomatoes?", "Just search for it yourself, really.")),
+        (
+            conv("Plant tomatoes?", "Start with the simplest version."),
+            conv("Plant tomatoes?", "Just search for it yourself, really."),
+        ),
     ]
-    sequences = [pair_dataset.encode_conversation(tokenizer, c) for c, _ in pairs] + [pair_dataset.encode_conversation(tokenizer, r) for _, r in pairs]
+    sequences = [pair_dataset.encode_conversation(tokenizer, c) for c, _ in pairs] + [
+        pair_dataset.encode_conversation(tokenizer, r) for _, r in pairs
+    ]
     batch = batching.collate_padded(sequences, tokenizer.pad_token_id)
 
     rewards = batching.compute_rewards(value_model.eval(), batch)
     ours, _ = bradley_terry_loss(rewards[:3], rewards[3:])
 
     dummy = Dataset.from_dict({"chosen": [p[0] for p in pairs], "rejected": [p[1] for p in pairs]})
-    args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, per_device_train_batch_size=3)
+    args = RewardConfig(
+        output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, per_device_train_batch_size=3
+    )
     trainer = RewardTrainer(model=trl_model, args=args, train_dataset=dummy, processing_class=tokenizer)
     trl_model.eval()
     with torch.no_grad():
-        theirs = trainer.compute_loss(trl_model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+        theirs = trainer.compute_loss(
+            trl_model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        )
     assert abs(ours.item() - 0.6931) > 0.05  # a real, non-trivial loss value
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
 
@@ -118,7 +131,6 @@ from bt_loss import (  # noqa: E402
     STRENGTH_SUM_FIELDS,
     LossConfig,
     RewardStats,
-    json_safe,
     normalize_rewards,
     preference_loss,
     require_strengths,
@@ -140,7 +152,7 @@ def log1p_exp(x):
 
 def hand_objectives(kind, c, r, s, coefficient=0.0, margins=None):
     out = []
-    for a, b, strength in zip(c, r, s):
+    for a, b, strength in zip(c, r, s, strict=True):
         if kind == "bt":
             value = log1p_exp(-(a - b))
         elif kind == "scaled_bt":
@@ -167,9 +179,13 @@ def test_objectives_match_hand_formulas(kind, coefficient):
 
 def test_objectives_differ_from_each_other():
     """Guards the hand-formula tests against an implementation that ignores the type or the strengths."""
-    values = {kind: preference_loss(C6, R6, S6, LossConfig(type=kind)).loss.item() for kind in ("bt", "scaled_bt", "margin")}
+    values = {
+        kind: preference_loss(C6, R6, S6, LossConfig(type=kind)).loss.item() for kind in ("bt", "scaled_bt", "margin")
+    }
     assert len({round(v, 4) for v in values.values()}) == 3
-    assert preference_loss(C6, R6, [1] * 6, LossConfig(type="scaled_bt")).loss.item() == pytest.approx(values["bt"], abs=1e-6)
+    assert preference_loss(C6, R6, [1] * 6, LossConfig(type="scaled_bt")).loss.item() == pytest.approx(
+        values["bt"], abs=1e-6
+    )
 
 
 def test_custom_margin_map():
@@ -221,9 +237,12 @@ def trl_compute_loss(chosen, rejected, margin=None, center_rewards_coefficient=N
     model = RewardsModel()
     identity = lambda tensor: tensor  # noqa: E731  (one process: gathering changes nothing)
     trainer = SimpleNamespace(
-        model=model, args=SimpleNamespace(center_rewards_coefficient=center_rewards_coefficient),
+        model=model,
+        args=SimpleNamespace(center_rewards_coefficient=center_rewards_coefficient),
         accelerator=SimpleNamespace(gather=identity, gather_for_metrics=identity),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
     )
     inputs = {"input_ids": torch.zeros(len(logits), 1, dtype=torch.long)}
     if margin is not None:
@@ -253,7 +272,9 @@ def test_margin_matches_trl(margins):
 
 
 def test_bf16_rewards_give_fp32_objective():
-    out = preference_loss(C6.bfloat16(), R6.bfloat16(), S6, LossConfig(type="scaled_bt", center_rewards_coefficient=0.01))
+    out = preference_loss(
+        C6.bfloat16(), R6.bfloat16(), S6, LossConfig(type="scaled_bt", center_rewards_coefficient=0.01)
+    )
     assert out.loss.dtype == torch.float32 and out.sums.dtype == torch.float64
 
 
@@ -281,13 +302,20 @@ def test_strengths_are_required_and_checked():
 def test_loss_config_validation():
     from omegaconf import OmegaConf
 
-    section = OmegaConf.create({"type": "margin", "center_rewards_coefficient": 0.01, "margin_by_strength": {1: 0.5, 2: 1.0, 3: 1.5}, "max_strength": 3})
+    section = OmegaConf.create(
+        {
+            "type": "margin",
+            "center_rewards_coefficient": 0.01,
+            "margin_by_strength": {1: 0.5, 2: 1.0, 3: 1.5},
+            "max_strength": 3,
+        }
+    )
     config = LossConfig.from_mapping(section)
     assert config.needs_strengths and config.margin_for(-3) == 1.5 and config.center_rewards_coefficient == 0.01
     assert LossConfig.from_mapping(None) == LossConfig() and not LossConfig().needs_strengths
     assert LossConfig(center_rewards_coefficient=None).center_rewards_coefficient == 0.0  # TRL's "off"
     for bad, message in (
-        ({"type": "hinge"}, "loss.type must be one of"),
+        ({"type": "hinge"}, "loss.type=hinge: expected one of bt | scaled_bt | margin"),
         ({"center_rewards_coefficient": -0.1}, ">= 0"),
         ({"typo": 1}, "unknown key"),
         ({"type": "margin", "margin_by_strength": {1: 1.0, 2: 2.0}}, r"no margin for \|strength\| \[3\]"),
@@ -308,7 +336,9 @@ def test_strength_metrics_match_hand_computation():
         members = [i for i, s in enumerate(S6) if abs(s) == k]
         assert metrics[f"pairs_s{k}"] == len(members)
         assert metrics[f"accuracy_s{k}"] == pytest.approx(sum(c[i] > r[i] for i in members) / len(members))
-        assert metrics[f"loss_s{k}"] == pytest.approx(sum(log1p_exp(r[i] - c[i]) for i in members) / len(members), abs=1e-7)
+        assert metrics[f"loss_s{k}"] == pytest.approx(
+            sum(log1p_exp(r[i] - c[i]) for i in members) / len(members), abs=1e-7
+        )
     # By hand: |s|=3 -> pairs 0 (1.5 > 0.5) and 5 (0.1 < 1.2); |s|=2 -> pair 2 is a tie (wrong), pair 3 right.
     assert (metrics["accuracy_s3"], metrics["accuracy_s2"], metrics["accuracy_s1"]) == (0.5, 0.5, 0.5)
 
@@ -317,7 +347,9 @@ def test_strength_sums_have_a_fixed_shape_and_add_up_over_ranks():
     rank0 = strength_sums(C6[:2], R6[:2], S6[:2])  # strengths 3 and 1: no pair of strength 2 here
     rank1 = strength_sums(C6[2:], R6[2:], S6[2:])
     assert rank0.shape == rank1.shape == (3 * len(STRENGTH_SUM_FIELDS),) and rank0.dtype == torch.float64
-    assert strength_metrics_from_sums(rank0 + rank1) == pytest.approx(strength_metrics_from_sums(strength_sums(C6, R6, S6)))
+    assert strength_metrics_from_sums(rank0 + rank1) == pytest.approx(
+        strength_metrics_from_sums(strength_sums(C6, R6, S6))
+    )
     assert "accuracy_s2" not in strength_metrics_from_sums(rank0)  # no pairs: no key, rather than NaN
     assert strength_sums(C6[:0], R6[:0], []).abs().sum() == 0  # an idle rank still contributes the right shape
     assert strength_sums(C6, R6, S6, max_strength=5).numel() == 5 * len(STRENGTH_SUM_FIELDS)
@@ -329,11 +361,6 @@ def test_metrics_with_non_finite_rewards_are_representable():
     sums = pair_sums(torch.tensor([float("nan"), 1.0]), torch.tensor([0.0, 0.0]))
     metrics = metrics_from_sums(sums)  # no exception: a diverged run still logs
     assert math.isnan(metrics["loss"]) and math.isnan(metrics["reward_std"]) and metrics["accuracy"] == 0.5
-    safe = json_safe({**metrics, "inf": float("inf")})
-    assert safe["loss"] is None and safe["inf"] is None and safe["accuracy"] == 0.5
-    import json
-
-    json.loads(json.dumps(safe), parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
     with pytest.raises(ValueError, match="expected a vector of 8 sums"):
         metrics_from_sums(torch.zeros(7, dtype=torch.float64))
 

@@ -27,13 +27,26 @@ def compose(*overrides):
 
 def test_trainer_yaml_defaults_and_overrides():
     config = compose("optim.lr=1e-6", "data.max_length=8192", "trainer.logger=[console,file]")
-    assert config.optim.lr == 1e-6 and config.data.max_length == 8192 and list(config.trainer.logger) == ["console", "file"]
+    assert (
+        config.optim.lr == 1e-6
+        and config.data.max_length == 8192
+        and list(config.trainer.logger) == ["console", "file"]
+    )
     defaults = compose()
     expected = {
-        "data.train_batch_size": 256, "data.micro_batch_size_per_gpu": 1, "data.max_length": 4096, "data.truncation": "left",
-        "model.strategy": "fsdp2", "model.enable_gradient_checkpointing": True, "model.trust_remote_code": False,
-        "optim.lr": 5e-7, "optim.weight_decay": 0.001, "optim.warmup_steps_ratio": 0.03, "optim.clip_grad": 2.0,
-        "optim.lr_scheduler": "cosine", "trainer.total_epochs": 3,
+        "data.train_batch_size": 256,
+        "data.micro_batch_size_per_gpu": 1,
+        "data.max_length": 4096,
+        "data.truncation": "left",
+        "model.strategy": "fsdp2",
+        "model.enable_gradient_checkpointing": True,
+        "model.trust_remote_code": False,
+        "optim.lr": 5e-7,
+        "optim.weight_decay": 0.001,
+        "optim.warmup_steps_ratio": 0.03,
+        "optim.clip_grad": 2.0,
+        "optim.lr_scheduler": "cosine",
+        "trainer.total_epochs": 3,
     }
     assert {key: OmegaConf.select(defaults, key) for key in expected} == expected
     assert defaults.trainer.default_local_dir == "checkpoints/qwen3-32b-helpsteer2"
@@ -50,15 +63,27 @@ def test_run_script_passes_knobs_and_overrides_last(tmp_path):
     recorder = tmp_path / "python"
     recorder.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/argv\n")
     recorder.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(recorder), "N_GPUS_PER_NODE": "3", "WORLD_SIZE": "2", "RANK": "1", "LR": "2e-6",
-           "SAVE_PATH": str(tmp_path / "ck"), "EXPERIMENT_NAME": "x"}
-    subprocess.run(["bash", str(REPO / "run_bt_rm.sh"), "optim.lr=9e-9", "trainer.logger=[console,file]"], env=env, check=True)
+    env = {
+        **os.environ,
+        "PYTHON": str(recorder),
+        "N_GPUS_PER_NODE": "3",
+        "WORLD_SIZE": "2",
+        "RANK": "1",
+        "LR": "2e-6",
+        "SAVE_PATH": str(tmp_path / "ck"),
+        "EXPERIMENT_NAME": "x",
+    }
+    subprocess.run(
+        ["bash", str(REPO / "run_bt_rm.sh"), "optim.lr=9e-9", "trainer.logger=[console,file]"], env=env, check=True
+    )
     argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv[0] == "schema.py"  # checks the config, data and model, then runs torchrun with the rest
+    assert argv[:2] == ["-m", "btrm.launcher"]  # checks the config, data and model, then runs torchrun with the rest
     assert "--nproc_per_node=3" in argv and "--nnodes=2" in argv and "--node_rank=1" in argv
     assert "optim.lr=2e-6" in argv and argv[-2:] == ["optim.lr=9e-9", "trainer.logger=[console,file]"]
     assert argv.index("bt_trainer.py") < argv.index("optim.lr=2e-6")
-    help_text = subprocess.run(["bash", str(REPO / "run_bt_rm.sh"), "--help"], capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        ["bash", str(REPO / "run_bt_rm.sh"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "bash run_bt_rm.sh" in help_text and "MODEL_PATH" in help_text and "set -euo" not in help_text
 
 
@@ -90,14 +115,20 @@ def test_tokenizer_with_pad_equal_to_eos_is_refused(tiny_model_dir):
 
     with pytest.raises(ValueError, match="set data.pad_token"):
         load_tokenizer(str(tiny_model_dir), OmegaConf.create({"pad_token": "<|im_end|>"}), trust_remote_code=False)
-    assert load_tokenizer(str(tiny_model_dir), OmegaConf.create({"pad_token": None}), False).pad_token == "<|endoftext|>"
+    assert (
+        load_tokenizer(str(tiny_model_dir), OmegaConf.create({"pad_token": None}), False).pad_token == "<|endoftext|>"
+    )
 
 
 def test_value_head_from_causal_lm_has_zero_frozen_bias(tiny_model_dir):
     from btrm.modeling import load_value_head_model
 
-    model = load_value_head_model(str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
-    assert type(model).__name__ == "Qwen3ForTokenClassification" and model.config.architectures == ["Qwen3ForTokenClassification"]
+    model = load_value_head_model(
+        str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False
+    )
+    assert type(model).__name__ == "Qwen3ForTokenClassification" and model.config.architectures == [
+        "Qwen3ForTokenClassification"
+    ]
     assert model.score.out_features == 1 and not model.score.bias.requires_grad and model.score.bias.item() == 0.0
 
 
@@ -112,23 +143,41 @@ def test_trainer_micro_batches_accumulate_to_the_hand_written_step_gradient(tiny
     from btrm.modeling import load_value_head_model
 
     torch.manual_seed(0)
-    model = load_value_head_model(str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
+    model = load_value_head_model(
+        str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False
+    )
     torch.nn.init.normal_(model.score.weight, std=1.0)
     if layout != "padded":
         from btrm import attention
 
         attention.enable_segment_attention(model)
-    answers = ["Measure carefully.", "No.", "Start with the simplest version.", "Whatever you do.", "Ask a friend to check.", "Boring.", "First, gather what you need.", "Search it."]
+    answers = [
+        "Measure carefully.",
+        "No.",
+        "Start with the simplest version.",
+        "Whatever you do.",
+        "Ask a friend to check.",
+        "Boring.",
+        "First, gather what you need.",
+        "Search it.",
+    ]
     conversations = [[{"role": "user", "content": "Help?"}, {"role": "assistant", "content": a}] for a in answers]
-    pairs = [pair_dataset.TokenizedPair(*(pair_dataset.encode_conversation(tokenizer, c) for c in conversations[i : i + 2])) for i in range(0, 8, 2)]
+    pairs = [
+        pair_dataset.TokenizedPair(*(pair_dataset.encode_conversation(tokenizer, c) for c in conversations[i : i + 2]))
+        for i in range(0, 8, 2)
+    ]
 
     model.zero_grad()
     reward = lambda ids: model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1, 0]  # noqa: E731
-    hand_loss = torch.stack([-torch.nn.functional.logsigmoid(reward(p.chosen) - reward(p.rejected)) for p in pairs]).mean()
+    hand_loss = torch.stack(
+        [-torch.nn.functional.logsigmoid(reward(p.chosen) - reward(p.rejected)) for p in pairs]
+    ).mean()
     hand_loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    trainer = SimpleNamespace(fsdp_model=model, tokenizer=tokenizer, layout=layout, device_name="cpu", loss_config=LossConfig())
+    trainer = SimpleNamespace(
+        fsdp_model=model, tokenizer=tokenizer, layout=layout, device_name="cpu", loss_config=LossConfig()
+    )
     trainer._collate = lambda micro: BTRewardTrainer._collate(trainer, micro)
     model.zero_grad()
     step_loss = sum(BTRewardTrainer._compute_loss_and_backward(trainer, [p], step_pairs=4).loss.item() for p in pairs)
@@ -138,12 +187,198 @@ def test_trainer_micro_batches_accumulate_to_the_hand_written_step_gradient(tiny
         assert torch.allclose(got, grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item()), name
 
 
+# ---- the trainer's guards, on trainer objects built without running verl's __init__ (one gloo rank for the collectives)
+
+
+@pytest.fixture()
+def one_rank_group():
+    import torch.distributed as dist
+
+    from conftest import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def bare_trainer(**attributes):
+    from bt_trainer import BTRewardTrainer
+
+    trainer = BTRewardTrainer.__new__(BTRewardTrainer)
+    for name, value in attributes.items():
+        setattr(trainer, name, value)
+    return trainer
+
+
+def test_a_step_with_a_non_finite_gradient_norm_changes_nothing_and_is_counted():
+    import copy
+
+    from btrm.checkpoint import TrainerState
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    trainer = bare_trainer(
+        fsdp_model=model,
+        optimizer=optimizer,
+        state=TrainerState(),
+        config=OmegaConf.create({"model": {"strategy": "fsdp2"}, "optim": {"clip_grad": 1.0}}),
+    )
+    inputs = torch.ones(2, 4)
+    model(inputs).sum().backward()
+    trainer._clip_and_step()  # a taken update first: the optimizer has moments and a step count to keep
+    weights, optimizer_state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+
+    model.zero_grad()
+    (model(inputs) * float("inf")).sum().backward()
+    assert not torch.isfinite(trainer._clip_and_step())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    for index, moments in optimizer.state_dict()["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(value, optimizer_state["state"][index][key]), (index, key)
+    assert (trainer.state.skipped_steps, trainer.state.consecutive_skipped_steps) == (1, 1)
+
+    model(inputs).sum().backward()  # the next finite step is taken again and ends the streak
+    assert torch.isfinite(trainer._clip_and_step())
+    assert not torch.equal(model.weight, weights["weight"])
+    assert (trainer.state.skipped_steps, trainer.state.consecutive_skipped_steps) == (1, 0)
+
+
+def saving_trainer(model, root):
+    """A trainer whose checkpoint manager writes the one rank's model shard, as verl's does."""
+    from types import SimpleNamespace
+
+    from btrm.checkpoint import TrainerState
+
+    def save_shards(local_path, global_step, max_ckpt_to_keep):
+        torch.save(model.state_dict(), f"{local_path}/model_world_size_1_rank_0.pt")
+
+    config = OmegaConf.create(
+        {
+            "trainer": {
+                "default_local_dir": str(root),
+                "checkpoint": {"save_contents": ["model"]},
+                "max_ckpt_to_keep": None,
+                "default_hdfs_dir": None,
+            }
+        }
+    )
+    return bare_trainer(
+        config=config,
+        fsdp_model=model,
+        device_name="cpu",
+        device_mesh=SimpleNamespace(get_rank=lambda: 0, size=lambda: 1),
+        checkpoint_manager=SimpleNamespace(save_checkpoint=save_shards),
+        lora_settings=None,
+        state=TrainerState(step=3),
+        train_dataloader=SimpleNamespace(state_dict=lambda: {"batches_yielded": 3}),
+    )
+
+
+def test_weights_that_are_not_finite_are_never_saved(one_rank_group, tmp_path):
+    from bt_trainer import TrainingDiverged
+
+    model = torch.nn.Linear(4, 1)
+    saving_trainer(model, tmp_path).save_checkpoint(step=3)  # finite: a complete checkpoint
+    assert (tmp_path / "global_step_3" / "bt_state.json").is_file()
+    with torch.no_grad():
+        model.weight[0, 2] = float("nan")
+    with pytest.raises(
+        TrainingDiverged, match=f"weights are not finite at step 6; .* last good checkpoint is {tmp_path}/global_step_3"
+    ):
+        saving_trainer(model, tmp_path).save_checkpoint(step=6)
+    assert not (tmp_path / "global_step_6").exists()
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "3"
+
+
+class Payload:
+    """Pickles to a call of os.system: what a tampered checkpoint shard could carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("planted", [None, "model", "optim"])
+def test_resume_loads_shards_as_plain_tensors_and_never_runs_a_planted_payload(one_rank_group, tmp_path, planted):
+    """A complete checkpoint (shards, data.pt, bt_state.json, tracker) read by verl's own checkpoint manager."""
+    from types import SimpleNamespace
+
+    from verl.utils.checkpoint.fsdp_checkpoint_manager import FSDPCheckpointManager
+
+    from btrm import checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    directory = tmp_path / "global_step_4"
+    directory.mkdir()
+    saved_weights = {name: value.clone() for name, value in model.state_dict().items()}
+    torch.save(model.state_dict(), directory / "model_world_size_1_rank_0.pt")
+    torch.save(optimizer.state_dict(), directory / "optim_world_size_1_rank_0.pt")
+    torch.save({}, directory / "data.pt")
+    marker = tmp_path / "payload-ran"
+    if planted:
+        torch.save({"state": Payload(marker)}, directory / f"{planted}_world_size_1_rank_0.pt")
+    checkpoint.mark_complete(
+        directory,
+        step=4,
+        world_size=1,
+        save_contents=["model", "optimizer"],
+        trainer_state={"skipped_steps": 1, "consecutive_skipped_steps": 0, "lora": None},
+    )
+    checkpoint.write_tracker(tmp_path, 4)
+
+    with torch.no_grad():
+        model.weight.zero_()
+    contents = {"load_contents": ["model", "optimizer"], "save_contents": ["model", "optimizer"]}
+    manager = FSDPCheckpointManager(model=model, optimizer=optimizer, checkpoint_config=OmegaConf.create(contents))
+    config = OmegaConf.create(
+        {
+            "trainer": {
+                "default_local_dir": str(tmp_path),
+                "resume_mode": "auto",
+                "resume_from_path": None,
+                "checkpoint": {"load_contents": ["model", "optimizer"]},
+            }
+        }
+    )
+    trainer = bare_trainer(
+        config=config,
+        device_mesh=SimpleNamespace(size=lambda: 1),
+        lora_settings=None,
+        checkpoint_manager=manager,
+        steps_per_epoch=4,
+    )
+    if planted is None:
+        assert trainer.load_checkpoint() == 4 and trainer.state.skipped_steps == 1
+        assert torch.equal(model.weight, saved_weights["weight"])
+        return
+    with pytest.raises(
+        checkpoint.CheckpointError, match=f"{planted}_world_size_1_rank_0.pt: cannot be loaded as plain tensors"
+    ):
+        trainer.load_checkpoint()
+    assert not marker.exists()
+
+
 # ---- real runs: torchrun, 2 CPU ranks, gloo, FSDP2
 
 
 def test_two_rank_run_learns_and_writes_hf_checkpoint(tmp_path, tiny_model_dir, demo_data_dir):
-    result, metrics_file = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, "trainer.total_training_steps=40", "trainer.test_freq=5",
-                                       "optim.warmup_steps_ratio=0.05", name="learn")
+    result, metrics_file = run_trainer(
+        tmp_path,
+        tiny_model_dir,
+        demo_data_dir,
+        "trainer.total_training_steps=40",
+        "trainer.test_freq=5",
+        "optim.warmup_steps_ratio=0.05",
+        name="learn",
+    )
     metrics = read_metrics(metrics_file)
     val_accuracy = {step: m["val/accuracy"] for step, m in metrics.items() if "val/accuracy" in m}
     # untrained: rewards near 0, loss ln 2 (chance); trained: far above chance (the data's ceiling is about 0.9,
@@ -174,7 +409,9 @@ def test_two_rank_run_learns_and_writes_hf_checkpoint(tmp_path, tiny_model_dir, 
     with torch.no_grad():
         for column in ("chosen", "rejected"):
             for conversation in pq.read_table(demo_data_dir / "test.parquet").column(column).to_pylist():
-                ids = tokenizer(tokenizer.apply_chat_template(json.loads(conversation), tokenize=False), add_special_tokens=False)["input_ids"]
+                ids = tokenizer(
+                    tokenizer.apply_chat_template(json.loads(conversation), tokenize=False), add_special_tokens=False
+                )["input_ids"]
                 rewards.append(model(input_ids=torch.tensor([ids])).logits[0, 0].item())
     stored = config["reward_normalization"]
     assert stored["count"] == len(rewards) and stored["step"] == 40
@@ -185,7 +422,12 @@ def test_two_rank_run_learns_and_writes_hf_checkpoint(tmp_path, tiny_model_dir, 
 def test_micro_batching_and_layouts_do_not_change_training(tmp_path, tiny_model_dir, demo_data_dir):
     """Same steps, loss and gradient norm: padded 4 micro-batches of 1 pair (the reference), padded 1 of 4,
     packed token-budget micro-batches and the shared-prompt layout."""
-    common = ("trainer.total_training_steps=3", "trainer.test_freq=3", "data.max_samples=64", "trainer.checkpoint.save_contents=[model]")
+    common = (
+        "trainer.total_training_steps=3",
+        "trainer.test_freq=3",
+        "data.max_samples=64",
+        "trainer.checkpoint.save_contents=[model]",
+    )
     padded = ("use_remove_padding=false", "data.max_tokens_per_micro_batch=null")
     variants = {
         "micro1": (*padded, "data.micro_batch_size_per_gpu=1"),
@@ -193,11 +435,19 @@ def test_micro_batching_and_layouts_do_not_change_training(tmp_path, tiny_model_
         "packed": ("use_remove_padding=true", "data.share_prompt=false", "data.max_tokens_per_micro_batch=700"),
         "shared": ("use_remove_padding=true", "data.share_prompt=true", "data.max_tokens_per_micro_batch=700"),
     }
-    runs = {name: read_metrics(run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *extra, *common, name=name)[1]) for name, extra in variants.items()}
+    runs = {
+        name: read_metrics(run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *extra, *common, name=name)[1])
+        for name, extra in variants.items()
+    }
     for name in ("micro4", "packed", "shared"):
         for step in (1, 2, 3):
-            assert runs[name][step]["train/loss"] == pytest.approx(runs["micro1"][step]["train/loss"], abs=1e-5), (name, step)
-            assert runs[name][step]["train/grad_norm"] == pytest.approx(runs["micro1"][step]["train/grad_norm"], rel=1e-4), (name, step)
+            assert runs[name][step]["train/loss"] == pytest.approx(runs["micro1"][step]["train/loss"], abs=1e-5), (
+                name,
+                step,
+            )
+            assert runs[name][step]["train/grad_norm"] == pytest.approx(
+                runs["micro1"][step]["train/grad_norm"], rel=1e-4
+            ), (name, step)
         assert runs[name][3]["val/loss"] == pytest.approx(runs["micro1"][3]["val/loss"], abs=1e-5), name
     assert runs["packed"][1]["train/real_token_share"] == 1.0 > runs["micro4"][1]["train/real_token_share"]
     assert runs["packed"][1]["train/micro_batches"] >= 2  # 4 pairs of ~300-700 tokens do not fit one 700-token budget
@@ -207,9 +457,19 @@ def test_micro_batching_and_layouts_do_not_change_training(tmp_path, tiny_model_
 
 def test_two_rank_packed_run_learns(tmp_path, tiny_model_dir, demo_data_dir):
     """Packing without the shared prompt learns (the default shared layout learns in the test above)."""
-    _, metrics_file = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, "use_remove_padding=true", "data.share_prompt=false",
-                                  "data.max_tokens_per_micro_batch=2048", "trainer.total_training_steps=40", "trainer.test_freq=40",
-                                  "optim.warmup_steps_ratio=0.05", "trainer.checkpoint.save_contents=[model]", name="packed_learn")
+    _, metrics_file = run_trainer(
+        tmp_path,
+        tiny_model_dir,
+        demo_data_dir,
+        "use_remove_padding=true",
+        "data.share_prompt=false",
+        "data.max_tokens_per_micro_batch=2048",
+        "trainer.total_training_steps=40",
+        "trainer.test_freq=40",
+        "optim.warmup_steps_ratio=0.05",
+        "trainer.checkpoint.save_contents=[model]",
+        name="packed_learn",
+    )
     metrics = read_metrics(metrics_file)
     assert metrics[1]["train/loss"] == pytest.approx(math.log(2), abs=0.02)
     assert metrics[40]["val/accuracy"] >= 0.75 and metrics[40]["val/loss"] < math.log(2) - 0.1
@@ -219,8 +479,13 @@ def test_two_rank_packed_run_learns(tmp_path, tiny_model_dir, demo_data_dir):
 # ---- reliability: resume from any step, retention, divergence, metrics over all ranks
 # One reference run (2 epochs of 6 steps, checkpoints every 3 steps) serves every comparison below.
 
-REFERENCE = ("data.max_samples=48", "trainer.total_epochs=2", "trainer.test_freq=3", "trainer.save_freq=3",
-             "trainer.checkpoint.save_contents=[model,optimizer,extra]")
+REFERENCE = (
+    "data.max_samples=48",
+    "trainer.total_epochs=2",
+    "trainer.test_freq=3",
+    "trainer.save_freq=3",
+    "trainer.checkpoint.save_contents=[model,optimizer,extra]",
+)
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +501,9 @@ def history(tmp_path, name):
 
 
 def without_timings(metrics):
-    return {k: v for k, v in metrics.items() if k not in ("train/time(s)", "train/pairs_per_s", "train/real_tokens_per_s")}
+    return {
+        k: v for k, v in metrics.items() if k not in ("train/time(s)", "train/pairs_per_s", "train/real_tokens_per_s")
+    }
 
 
 def test_logged_step_metrics_are_over_all_ranks_pairs(reference_run, tiny_model_dir, demo_data_dir):
@@ -245,7 +512,6 @@ def test_logged_step_metrics_are_over_all_ranks_pairs(reference_run, tiny_model_
     The rewards come from transformers run one conversation at a time (no bt_data batching), on the
     model the trainer starts from (seeded score head), for the pairs DistributedSampler gives each rank.
     """
-    from omegaconf import OmegaConf
     from torch.utils.data import DistributedSampler
     from transformers import AutoTokenizer
 
@@ -253,8 +519,7 @@ def test_logged_step_metrics_are_over_all_ranks_pairs(reference_run, tiny_model_
 
     _, _, metrics = reference_run
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = OmegaConf.create({"chosen_key": "chosen", "rejected_key": "rejected", "max_length": 1024, "truncation": "left",
-                               "apply_chat_template_kwargs": {}})
+    config = compose("data.max_length=1024").data  # what the run reads: trainer.yaml with MAX_LENGTH=1024 (conftest)
     dataset = pair_dataset.PairDataset([str(demo_data_dir / "train.parquet")], tokenizer, config, max_samples=48)
     step_pairs = []
     for rank in range(2):
@@ -262,7 +527,9 @@ def test_logged_step_metrics_are_over_all_ranks_pairs(reference_run, tiny_model_
         sampler.set_epoch(0)
         step_pairs += [dataset[i] for i in list(sampler)[:4]]
     seed_everything(42)
-    model = load_value_head_model(str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False).eval()
+    model = load_value_head_model(
+        str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False
+    ).eval()
     with torch.no_grad():
         reward = lambda ids: model(input_ids=torch.tensor([ids])).logits[0, -1, 0].item()  # noqa: E731
         chosen = torch.tensor([reward(p.chosen) for p in step_pairs], dtype=torch.float64)
@@ -278,13 +545,36 @@ def test_logged_step_metrics_are_over_all_ranks_pairs(reference_run, tiny_model_
     assert abs(rank0 - hand_loss) > 1e-5
 
 
+def test_per_strength_validation_metrics_cover_every_validation_pair(reference_run, demo_data_dir):
+    """On 2 ranks each rank scores half the validation set: the val/*_sK counts add up to the whole set (48 pairs),
+    split by |preference_strength| as the data file has it, and their pair-weighted accuracy is val/accuracy."""
+    import collections
+
+    import pyarrow.parquet as pq
+
+    _, _, metrics = reference_run
+    strengths = pq.read_table(demo_data_dir / "test.parquet").slice(0, 48).column("preference_strength").to_pylist()
+    expected_counts = collections.Counter(abs(s) for s in strengths)
+    for step in (3, 6, 9, 12):
+        logged = metrics[step]
+        counts = {k: logged[f"val/pairs_s{k}"] for k in (1, 2, 3) if f"val/pairs_s{k}" in logged}
+        assert counts == dict(expected_counts), step
+        weighted = sum(logged[f"val/accuracy_s{k}"] * n for k, n in counts.items()) / sum(counts.values())
+        assert weighted == pytest.approx(logged["val/accuracy"], abs=1e-12), step
+
+
 def test_startup_summary_reports_the_runs_numbers(reference_run, tiny_model_dir, demo_data_dir):
     """The start-up table's counts == the data and model counted here independently."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, result, _ = reference_run
-    rows = dict(re.match(r"(\S+(?: \S+)?)\s{2,}(.*)", line).groups() for line in result.stdout.splitlines()
-                if re.match(r"(device|model|parameters|train data|val data|tokens|truncated|schedule|batch|resume|output)\s{2,}", line))
+    rows = dict(
+        re.match(r"(\S+(?: \S+)?)\s{2,}(.*)", line).groups()
+        for line in result.stdout.splitlines()
+        if re.match(
+            r"(device|model|parameters|train data|val data|tokens|truncated|schedule|batch|resume|output)\s{2,}", line
+        )
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     lengths = []
     for split in ("train", "test"):
@@ -292,7 +582,10 @@ def test_startup_summary_reports_the_runs_numbers(reference_run, tiny_model_dir,
 
         table = pq.read_table(demo_data_dir / f"{split}.parquet").slice(0, 48)
         for column in ("chosen", "rejected"):
-            lengths += [len(tokenizer.apply_chat_template(json.loads(c), tokenize=True)) for c in table.column(column).to_pylist()]
+            lengths += [
+                len(tokenizer.apply_chat_template(json.loads(c), tokenize=True))
+                for c in table.column(column).to_pylist()
+            ]
     causal_lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     backbone = sum(p.numel() for name, p in causal_lm.named_parameters() if not name.startswith("lm_head"))
     hidden = causal_lm.config.hidden_size
@@ -309,7 +602,9 @@ def test_startup_summary_reports_the_runs_numbers(reference_run, tiny_model_dir,
     assert rows["resume"].startswith("fresh start")
 
 
-def test_resume_from_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path, reference_run, tiny_model_dir, demo_data_dir):
+def test_resume_from_an_epoch_boundary_equals_the_uninterrupted_run(
+    tmp_path, reference_run, tiny_model_dir, demo_data_dir
+):
     _, _, full = reference_run
     assert sorted(full) == list(range(1, 13))
     run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, "trainer.total_training_steps=6", name="boundary")
@@ -334,13 +629,17 @@ def test_kill_during_save_and_retention_still_resumes_exactly(tmp_path, referenc
     assert sorted(p.name for p in root.glob("global_step_*")) == ["global_step_4"]
     cut_save = root / "global_step_6"
     cut_save.mkdir()
-    (cut_save / "model_world_size_2_rank_0.pt").write_bytes((root / "global_step_4" / "model_world_size_2_rank_0.pt").read_bytes()[:100])
+    (cut_save / "model_world_size_2_rank_0.pt").write_bytes(
+        (root / "global_step_4" / "model_world_size_2_rank_0.pt").read_bytes()[:100]
+    )
     (root / ".removing-global_step_2").mkdir()
     (root / ".removing-global_step_2" / "optim_world_size_2_rank_1.pt").write_bytes(b"partial")
     second, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *keep_one, name="killed")
     assert "resumed from" in second.stdout and "global_step_4" in second.stdout
     got = history(tmp_path, "killed")
-    got[4] = {k: v for k, v in got[4].items() if not k.startswith("val/")}  # the stopped launch validated at its last step
+    got[4] = {
+        k: v for k, v in got[4].items() if not k.startswith("val/")
+    }  # the stopped launch validated at its last step
     assert got == full
     assert sorted(p.name for p in root.iterdir() if "global_step" in p.name) == ["global_step_12"]
     assert (root / "global_step_12" / "bt_state.json").is_file()
@@ -360,14 +659,27 @@ def test_missing_data_state_stops_instead_of_replaying(tmp_path, reference_run, 
 
 
 def test_diverged_run_stops_without_saving_non_finite_state(tmp_path, tiny_model_dir, demo_data_dir):
-    result, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, "data.max_samples=48", "trainer.total_epochs=2", "optim.lr=1e6",
-                            "trainer.save_freq=1", "trainer.max_consecutive_skipped_steps=2", "trainer.test_freq=-1",
-                            "trainer.checkpoint.save_contents=[model,optimizer,extra]", name="diverged", expect_success=False)
+    result, _ = run_trainer(
+        tmp_path,
+        tiny_model_dir,
+        demo_data_dir,
+        "data.max_samples=48",
+        "trainer.total_epochs=2",
+        "optim.lr=1e6",
+        "trainer.save_freq=1",
+        "trainer.max_consecutive_skipped_steps=2",
+        "trainer.test_freq=-1",
+        "trainer.checkpoint.save_contents=[model,optimizer,extra]",
+        name="diverged",
+        expect_success=False,
+    )
     assert result.returncode != 0
     assert "2 consecutive steps had non-finite gradients" in result.stdout + result.stderr
     root = tmp_path / "ckpt" / "diverged"
     lines = (root / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in the history")) for line in lines]
+    records = [
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in the history")) for line in lines
+    ]
     skipped = [r["data"]["train/skipped_steps"] for r in records]
     assert skipped[-2:] == [skipped[-3] + 1, skipped[-3] + 2] and records[-1]["data"]["train/grad_norm"] is None
     tracked = int((root / "latest_checkpointed_iteration.txt").read_text())
@@ -388,11 +700,24 @@ def test_multi_node_launch_equals_one_two_rank_launch(tmp_path, reference_run, t
     """The README's multi-node form: two run_bt_rm.sh launches (WORLD_SIZE=2, RANK=0/1), one rank each."""
     from conftest import free_port, trainer_env
 
-    env = {**trainer_env(tmp_path, tiny_model_dir, demo_data_dir, 1, "nodes"), "WORLD_SIZE": "2", "MASTER_PORT": str(free_port()),
-           "MASTER_ADDR": "127.0.0.1"}
+    env = {
+        **trainer_env(tmp_path, tiny_model_dir, demo_data_dir, 1, "nodes"),
+        "WORLD_SIZE": "2",
+        "MASTER_PORT": str(free_port()),
+        "MASTER_ADDR": "127.0.0.1",
+    }
     command = ["bash", str(REPO / "run_bt_rm.sh"), "trainer.device=cpu", *REFERENCE]
-    nodes = [subprocess.Popen(command, env={**env, "RANK": str(rank)}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            command,
+            env={**env, "RANK": str(rank)},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert history(tmp_path, "nodes") == reference_run[2]
@@ -400,8 +725,16 @@ def test_multi_node_launch_equals_one_two_rank_launch(tmp_path, reference_run, t
 
 def test_memory_knobs_do_not_change_training(tmp_path, reference_run, tiny_model_dir, demo_data_dir):
     """Gradient checkpointing off and FSDP2 CPU offload give the reference run's steps."""
-    run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, "trainer.total_training_steps=3",
-                "model.enable_gradient_checkpointing=false", "model.fsdp_config.cpu_offload=true", name="knobs")
+    run_trainer(
+        tmp_path,
+        tiny_model_dir,
+        demo_data_dir,
+        *REFERENCE,
+        "trainer.total_training_steps=3",
+        "model.enable_gradient_checkpointing=false",
+        "model.fsdp_config.cpu_offload=true",
+        name="knobs",
+    )
     got, full = history(tmp_path, "knobs"), reference_run[2]
     for step in (1, 2, 3):
         for key, value in full[step].items():
@@ -416,18 +749,34 @@ def test_tied_embeddings_model_trains_and_exports(tmp_path, tiny_model_dir, demo
 
     tied_dir = build_tiny_model(tmp_path / "tied-qwen3", seed=0, tie_word_embeddings=True)
     assert json.loads((tied_dir / "config.json").read_text())["tie_word_embeddings"] is True
-    _, metrics_file = run_trainer(tmp_path, tied_dir, demo_data_dir, "data.max_samples=48", "trainer.total_training_steps=3",
-                                  "trainer.test_freq=3", name="tied")
+    _, metrics_file = run_trainer(
+        tmp_path,
+        tied_dir,
+        demo_data_dir,
+        "data.max_samples=48",
+        "trainer.total_training_steps=3",
+        "trainer.test_freq=3",
+        name="tied",
+    )
     metrics = read_metrics(metrics_file)
     assert metrics[1]["train/loss"] == pytest.approx(math.log(2), abs=0.02) and math.isfinite(metrics[3]["val/loss"])
-    exported = AutoModelForTokenClassification.from_pretrained(tmp_path / "ckpt" / "tied" / "global_step_3" / "huggingface")
+    exported = AutoModelForTokenClassification.from_pretrained(
+        tmp_path / "ckpt" / "tied" / "global_step_3" / "huggingface"
+    )
     assert exported.score.weight.abs().sum() > 0
 
 
 # ---- LoRA: one 2-rank run (adapters on every block linear, bf16 frozen backbone) serves these tests
 
-LORA = ("model.lora_rank=8", "model.lora_alpha=16", "data.train_batch_size=16", "trainer.total_training_steps=24",
-        "trainer.test_freq=12", "trainer.save_freq=12", "optim.warmup_steps_ratio=0.05")
+LORA = (
+    "model.lora_rank=8",
+    "model.lora_alpha=16",
+    "data.train_batch_size=16",
+    "trainer.total_training_steps=24",
+    "trainer.test_freq=12",
+    "trainer.save_freq=12",
+    "optim.warmup_steps_ratio=0.05",
+)
 
 
 @pytest.fixture(scope="module")
@@ -445,13 +794,21 @@ def test_lora_run_learns_and_trains_only_adapters_and_head(lora_run, tiny_model_
     assert metrics[1]["train/loss"] == pytest.approx(math.log(2), abs=0.02)
     assert metrics[24]["val/accuracy"] >= 0.75 and metrics[24]["val/loss"] < math.log(2) - 0.1
     step_dir = tmp_path / "ckpt" / "lora" / "global_step_24"
-    original = {k: v for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items() if not k.startswith("lm_head")}
+    original = {
+        k: v
+        for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items()
+        if not k.startswith("lm_head")
+    }
     merged = load_file(step_dir / "huggingface" / "model.safetensors")
     adapter = load_file(step_dir / "lora_adapter" / "adapter_model.safetensors")
     config = json.loads((step_dir / "lora_adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["modules_to_save"] == ["score"] and len(config["target_modules"]) == 7
     scaling = config["lora_alpha"] / config["r"]
-    lora_a = {k.replace(".lora_A.weight", ".weight").replace("base_model.model.", ""): v for k, v in adapter.items() if ".lora_A." in k}
+    lora_a = {
+        k.replace(".lora_A.weight", ".weight").replace("base_model.model.", ""): v
+        for k, v in adapter.items()
+        if ".lora_A." in k
+    }
     assert len(lora_a) == 7 * 2  # 7 linear layers in each of the tiny model's 2 blocks
     # base weights untouched: every merged weight is the original (kept in bf16) plus, where adapted, scaling * B @ A
     for key, weight in original.items():
@@ -465,7 +822,10 @@ def test_lora_run_learns_and_trains_only_adapters_and_head(lora_run, tiny_model_
     assert set(merged) == set(original) | {"score.weight"}  # a plain value-head checkpoint: no peft keys, no bias
     # per adapted layer r * (in + out), plus the score weight: what the optimizer holds state for (over both
     # ranks' shards) and what the start-up line reports
-    trainable = sum(8 * (a.shape[1] + adapter["base_model.model." + k.replace(".weight", ".lora_B.weight")].shape[0]) for k, a in lora_a.items())
+    trainable = sum(
+        8 * (a.shape[1] + adapter["base_model.model." + k.replace(".weight", ".lora_B.weight")].shape[0])
+        for k, a in lora_a.items()
+    )
     trainable += merged["score.weight"].numel()
     from btrm.checkpoint import weights_only_loading
 
@@ -473,10 +833,15 @@ def test_lora_run_learns_and_trains_only_adapters_and_head(lora_run, tiny_model_
     for rank in (0, 1):
         with weights_only_loading():
             state = torch.load(step_dir / f"optim_world_size_2_rank_{rank}.pt")["state"]
-        optimizer_numel += sum((s["exp_avg"].to_local() if hasattr(s["exp_avg"], "to_local") else s["exp_avg"]).numel() for s in state.values())
+        optimizer_numel += sum(
+            (s["exp_avg"].to_local() if hasattr(s["exp_avg"], "to_local") else s["exp_avg"]).numel()
+            for s in state.values()
+        )
         with weights_only_loading():
             groups = torch.load(step_dir / f"optim_world_size_2_rank_{rank}.pt")["param_groups"]
-        assert sum(len(group["params"]) for group in groups) == 2 * len(lora_a) + 1  # A and B of each layer, the score weight
+        assert (
+            sum(len(group["params"]) for group in groups) == 2 * len(lora_a) + 1
+        )  # A and B of each layer, the score weight
     assert optimizer_numel == trainable
     parameters_row = next(line for line in result.stdout.splitlines() if line.startswith("parameters"))
     assert f"({trainable / 1e3:.3g} k trainable)" in parameters_row
@@ -495,8 +860,12 @@ def test_lora_merged_export_scores_like_the_in_training_model(lora_run, demo_dat
     table = pq.read_table(demo_data_dir / "test.parquet")
     with torch.no_grad():
         for column in ("chosen", "rejected"):
-            rewards = [model(input_ids=torch.tensor([tokenizer.apply_chat_template(json.loads(c), tokenize=True)])).logits[0, 0].item()
-                       for c in table.column(column).to_pylist()]
+            rewards = [
+                model(input_ids=torch.tensor([tokenizer.apply_chat_template(json.loads(c), tokenize=True)]))
+                .logits[0, 0]
+                .item()
+                for c in table.column(column).to_pylist()
+            ]
             assert sum(rewards) / len(rewards) == pytest.approx(metrics[24][f"val/{column}_reward"], abs=1e-5), column
 
 
@@ -509,13 +878,22 @@ def test_lora_resume_equals_the_uninterrupted_run(tmp_path, lora_run, tiny_model
     root.mkdir(parents=True)
     shutil.copytree(reference_dir / "ckpt" / "lora" / "global_step_12", root / "global_step_12")
     (root / "latest_checkpointed_iteration.txt").write_text("12")
-    kept = [line for line in (reference_dir / "ckpt" / "lora" / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 12]
+    kept = [
+        line
+        for line in (reference_dir / "ckpt" / "lora" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["step"] <= 12
+    ]
     (root / "metrics.jsonl").write_text("\n".join(kept) + "\n")
     result, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *LORA, name="lora_resumed")
     assert "resumed from" in result.stdout and "global_step_12 (step 12)" in result.stdout
     assert history(tmp_path, "lora_resumed") == full
     # the same directory without LoRA: one line naming the checkpoint, not a key mismatch deep in verl
     full_fine_tune = [arg for arg in LORA if not arg.startswith("model.lora")]
-    refused, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *full_fine_tune, name="lora_resumed", expect_success=False)
+    refused, _ = run_trainer(
+        tmp_path, tiny_model_dir, demo_data_dir, *full_fine_tune, name="lora_resumed", expect_success=False
+    )
     assert refused.returncode == 2
-    assert f"{root}/global_step_24: saved with LoRA {{'rank': 8" in refused.stderr and "this run has LoRA off (full fine-tune)" in refused.stderr
+    assert (
+        f"{root}/global_step_24: saved with LoRA {{'rank': 8" in refused.stderr
+        and "this run has LoRA off (full fine-tune)" in refused.stderr
+    )

@@ -47,7 +47,9 @@ def verl_reward_module(hf_dir, dtype=torch.float32):
     model_config = AutoConfig.from_pretrained(hf_dir)
     model_config.num_labels = 1
     model_config.classifier_dropout = 0.0
-    model = AutoModelForTokenClassification.from_pretrained(hf_dir, config=model_config, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForTokenClassification.from_pretrained(
+        hf_dir, config=model_config, dtype=dtype, attn_implementation="sdpa"
+    )
     return model.to(dtype).eval()
 
 
@@ -64,11 +66,19 @@ def ppo_batch(checkpoint, tmp_path_factory):
 
     _, tokenizer = checkpoint
     tmp = tmp_path_factory.mktemp("ppo-data")
-    pd.DataFrame({"prompt": [c[:-1] for c in CONVERSATIONS], "data_source": ["test"] * len(CONVERSATIONS)}).to_parquet(tmp / "prompts.parquet")
-    config = OmegaConf.create({
-        "prompt_key": "prompt", "max_prompt_length": MAX_PROMPT_LENGTH, "return_raw_chat": True, "truncation": "error",
-        "filter_overlong_prompts": False, "cache_dir": str(tmp / "verl-cache"),
-    })
+    pd.DataFrame({"prompt": [c[:-1] for c in CONVERSATIONS], "data_source": ["test"] * len(CONVERSATIONS)}).to_parquet(
+        tmp / "prompts.parquet"
+    )
+    config = OmegaConf.create(
+        {
+            "prompt_key": "prompt",
+            "max_prompt_length": MAX_PROMPT_LENGTH,
+            "return_raw_chat": True,
+            "truncation": "error",
+            "filter_overlong_prompts": False,
+            "cache_dir": str(tmp / "verl-cache"),
+        }
+    )
     with pytest.MonkeyPatch.context() as patch:  # keep the datasets cache out of $HOME
         patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp / "hf-datasets"))
         dataset = RLHFDataset(str(tmp / "prompts.parquet"), tokenizer, config)
@@ -77,16 +87,27 @@ def ppo_batch(checkpoint, tmp_path_factory):
     # vLLMRollout.generate_sequences (verl/workers/rollout/vllm_rollout/vllm_rollout_spmd.py): what the
     # policy generated is the assistant turn's tokens followed by eos, right-padded to response_length.
     idx, attention_mask, position_ids = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
-    generated = [tokenizer(c[-1]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in CONVERSATIONS]
+    generated = [
+        tokenizer(c[-1]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for c in CONVERSATIONS
+    ]
     assert max(map(len, generated)) <= RESPONSE_LENGTH  # as vLLM's max_tokens guarantees
     response = pad_2d_list_to_length(generated, tokenizer.pad_token_id, max_length=RESPONSE_LENGTH)
     batch_size, response_length = idx.size(0), response.size(1)
     delta_position_id = torch.arange(1, response_length + 1).unsqueeze(0).expand(batch_size, -1)
     position_ids = torch.cat([position_ids, position_ids[..., -1:] + delta_position_id], dim=-1)
-    response_attention_mask = get_response_mask(response_id=response, eos_token=tokenizer.eos_token_id, dtype=attention_mask.dtype)
+    response_attention_mask = get_response_mask(
+        response_id=response, eos_token=tokenizer.eos_token_id, dtype=attention_mask.dtype
+    )
     attention_mask = torch.cat((attention_mask, response_attention_mask), dim=-1)
     tensors = TensorDict(
-        {"prompts": idx, "responses": response, "input_ids": torch.cat([idx, response], dim=-1), "attention_mask": attention_mask, "position_ids": position_ids},
+        {
+            "prompts": idx,
+            "responses": response,
+            "input_ids": torch.cat([idx, response], dim=-1),
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        },
         batch_size=batch_size,
     )
     data = DataProto(batch=tensors, non_tensor_batch={k: v for k, v in batch.items() if isinstance(v, np.ndarray)})
@@ -108,7 +129,9 @@ def stand_in_worker(model, tokenizer, *, switch_template: bool, use_remove_paddi
         _expand_to_token_level = RewardModelWorker._expand_to_token_level
 
     worker = RewardModelWorkerStandIn()
-    worker.config = OmegaConf.create({"micro_batch_size_per_gpu": micro_batch_size, "use_dynamic_bsz": False, "max_length": None})
+    worker.config = OmegaConf.create(
+        {"micro_batch_size_per_gpu": micro_batch_size, "use_dynamic_bsz": False, "max_length": None}
+    )
     worker.rank, worker.world_size = 0, 1
     worker.reward_module = model
     worker.use_remove_padding = use_remove_padding
@@ -136,7 +159,11 @@ def run_compute_rm_score(worker, data, *, fp32: bool = True) -> tuple[torch.Tens
         return real_autocast(device_type, dtype=dtype, enabled=False)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(attention_utils, "_get_attention_functions", lambda: ((lambda x, indices: x[indices]), _pad_input, rearrange, _unpad_input))
+        patch.setattr(
+            attention_utils,
+            "_get_attention_functions",
+            lambda: ((lambda x, indices: x[indices]), _pad_input, rearrange, _unpad_input),
+        )
         if fp32:
             patch.setattr(torch, "autocast", autocast_off)
         output = worker.compute_rm_score(data)
@@ -152,7 +179,9 @@ def test_ppo_with_input_tokenizer_scores_exactly_as_training(checkpoint, ppo_bat
     rewards, token_scores = run_compute_rm_score(worker, ppo_batch)
     expected = torch.tensor(batching.score(export.load_reward_model(hf_dir)[0], tokenizer, CONVERSATIONS))
     difference = (rewards - expected).abs().max().item()
-    print(f"verl compute_rm_score (input_tokenizer set, use_remove_padding={use_remove_padding}) vs score(): max |diff| {difference:.3g}")
+    print(
+        f"verl compute_rm_score (input_tokenizer set, use_remove_padding={use_remove_padding}) vs score(): max |diff| {difference:.3g}"
+    )
     assert difference < TOL
     # the reward sits on the response's last valid token (its eos), zeros elsewhere, as PPO consumes it
     valid = ppo_batch.batch["attention_mask"][:, -RESPONSE_LENGTH:].sum(-1)
@@ -163,7 +192,9 @@ def test_ppo_with_null_input_tokenizer_reads_im_end(checkpoint, ppo_batch):
     """input_tokenizer=null scores the policy's raw tokens: the reward of `<|im_end|>`, not of the template's last token."""
     hf_dir, tokenizer = checkpoint
     model = verl_reward_module(hf_dir)
-    rewards, _ = run_compute_rm_score(stand_in_worker(model, tokenizer, switch_template=False, use_remove_padding=False), ppo_batch)
+    rewards, _ = run_compute_rm_score(
+        stand_in_worker(model, tokenizer, switch_template=False, use_remove_padding=False), ppo_batch
+    )
 
     trained = torch.tensor(batching.score(model, tokenizer, CONVERSATIONS))
     at_im_end = []
@@ -175,7 +206,9 @@ def test_ppo_with_null_input_tokenizer_reads_im_end(checkpoint, ppo_batch):
         at_im_end.append(logits[-2].item())
     assert (rewards - torch.tensor(at_im_end)).abs().max().item() < TOL
     difference = (rewards - trained).abs()
-    print(f"verl compute_rm_score (input_tokenizer=null) vs score(): max |diff| {difference.max():.3g}, mean {difference.mean():.3g}")
+    print(
+        f"verl compute_rm_score (input_tokenizer=null) vs score(): max |diff| {difference.max():.3g}, mean {difference.mean():.3g}"
+    )
     assert difference.max() > 100 * TOL  # a different token, a different reward
 
 
@@ -183,10 +216,14 @@ def test_ppo_in_bf16_as_verl_computes(checkpoint, ppo_batch):
     """verl's worker as it runs: bf16 weights and its own bf16 autocast (reported; bf16 rounding only)."""
     hf_dir, tokenizer = checkpoint
     model = verl_reward_module(hf_dir, dtype=torch.bfloat16)
-    rewards, _ = run_compute_rm_score(stand_in_worker(model, tokenizer, switch_template=True, use_remove_padding=True), ppo_batch, fp32=False)
+    rewards, _ = run_compute_rm_score(
+        stand_in_worker(model, tokenizer, switch_template=True, use_remove_padding=True), ppo_batch, fp32=False
+    )
     trained = torch.tensor(batching.score(export.load_reward_model(hf_dir)[0], tokenizer, CONVERSATIONS))
     difference = (rewards - trained).abs().max().item()
-    print(f"verl compute_rm_score in bf16 (input_tokenizer set) vs fp32 score(): max |diff| {difference:.3g} (rewards up to {trained.abs().max():.3g})")
+    print(
+        f"verl compute_rm_score in bf16 (input_tokenizer set) vs fp32 score(): max |diff| {difference:.3g} (rewards up to {trained.abs().max():.3g})"
+    )
     assert difference < 0.02 * (1 + trained.abs().max().item())
 
 

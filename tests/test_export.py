@@ -1,4 +1,4 @@
-"""bt_export: verl's HF export becomes one checkpoint every reader loads cleanly and scores the same.
+"""btrm.export: verl's HF export becomes one checkpoint every reader loads cleanly and scores the same.
 
 The checkpoint is built as the trainer's export is: the TokenClassification value head of
 `modeling.load_value_head_model` (score bias zero and frozen, pad_token_id set, a random score head
@@ -25,26 +25,42 @@ from btrm import batching, export, modeling, pair_dataset
 TOL = 1e-5
 
 CONVERSATIONS = [
-    [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "First, gather flour, water, salt and yeast."}],
-    [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Just search for it yourself."}],
+    [
+        {"role": "user", "content": "How do I bake bread?"},
+        {"role": "assistant", "content": "First, gather flour, water, salt and yeast."},
+    ],
+    [
+        {"role": "user", "content": "How do I bake bread?"},
+        {"role": "assistant", "content": "Just search for it yourself."},
+    ],
     [
         {"role": "system", "content": "You are a concise assistant."},
         {"role": "user", "content": "Name a colour."},
         {"role": "assistant", "content": "Blue."},
         {"role": "user", "content": "Another one, and why?"},
-        {"role": "assistant", "content": "Green: it is the colour of most leaves, because chlorophyll reflects green light."},
+        {
+            "role": "assistant",
+            "content": "Green: it is the colour of most leaves, because chlorophyll reflects green light.",
+        },
     ],
-    [{"role": "user", "content": "Übersetze: «bonjour» 🙂"}, {"role": "assistant", "content": "Hallo! (wörtlich: guten Tag)"}],
+    [
+        {"role": "user", "content": "Übersetze: «bonjour» 🙂"},
+        {"role": "assistant", "content": "Hallo! (wörtlich: guten Tag)"},
+    ],
     [{"role": "user", "content": "Say nothing."}, {"role": "assistant", "content": "."}],
 ]
 
 
-def make_value_head_export(base_dir: Path, out_dir: Path, *, seed: int = 0, max_shard_size: str | None = None, bias: float = 0.0):
+def make_value_head_export(
+    base_dir: Path, out_dir: Path, *, seed: int = 0, max_shard_size: str | None = None, bias: float = 0.0
+):
     """(in-memory TokenClassification model, export dir) as the trainer + verl's checkpoint manager write it."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = modeling.load_value_head_model(str(base_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
+    model = modeling.load_value_head_model(
+        str(base_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False
+    )
     model.config.pad_token_id = tokenizer.pad_token_id  # as BTRewardTrainer._build_model_optimizer does
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -94,7 +110,9 @@ def verl_rule_rewards(model, tokenizer, conversations) -> list[float]:
         attention_mask[row, : len(ids)] = 1
     position_ids = compute_position_id_with_mask(attention_mask)
     with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits.squeeze(-1)
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits.squeeze(-1)
     return logits[torch.arange(len(sequences)), torch.argmax(position_ids * attention_mask, dim=-1)].tolist()
 
 
@@ -105,7 +123,12 @@ def rewardbench_runner_rewards(model, tokenizer_path: str, texts: list[str]) -> 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     tokenizer.padding_side = "left"
     reward_pipeline_kwargs = {
-        "batch_size": 8, "truncation": False, "padding": True, "max_length": 512, "function_to_apply": "none", "return_token_type_ids": False,
+        "batch_size": 8,
+        "truncation": False,
+        "padding": True,
+        "max_length": 512,
+        "function_to_apply": "none",
+        "return_token_type_ids": False,
     }
     reward_pipe = pipeline("text-classification", model=model, tokenizer=tokenizer)
     return [result["score"] for result in reward_pipe(texts, **reward_pipeline_kwargs)]
@@ -149,11 +172,53 @@ def test_loading_as_the_declared_class_reports_nothing(exported):
 
     _, _, hf_dir, _ = exported
     with captured_loading_messages() as messages:
-        model, info = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            hf_dir, dtype=torch.float32, output_loading_info=True
+        )
     assert type(model).__name__ == AutoConfig.from_pretrained(hf_dir).architectures[0]
     assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     assert messages == []
     export.load_reward_model(hf_dir)  # the project's loader refuses anything else
+
+
+def test_the_project_loader_reads_the_value_head_as_verl_does_and_refuses_anything_else(
+    exported, tiny_model_dir, tmp_path
+):
+    """export.load_reward_model (evaluate_rm.py's loader): verl's class, the dtype asked for, no notice, zero bias."""
+    reference_model, tokenizer, hf_dir, _ = exported
+    with captured_loading_messages() as messages:
+        model, loaded_tokenizer = export.load_reward_model(hf_dir, dtype=torch.bfloat16)
+    assert messages == []  # transformers' "newly initialized score.bias" notice is expected, hence silenced
+    assert (
+        type(model).__name__ == "Qwen3ForTokenClassification" and model.num_labels == 1
+    )  # verl 0.6.1 RewardModelWorker's class
+    assert (
+        model.dtype == torch.bfloat16
+        and not model.training
+        and torch.equal(model.score.bias, torch.zeros(1, dtype=torch.bfloat16))
+    )
+    assert loaded_tokenizer.pad_token_id == tokenizer.pad_token_id
+    fp32, _ = export.load_reward_model(hf_dir)
+    assert fp32.dtype == torch.float32
+    difference = (
+        (
+            torch.tensor(batching.score(fp32, tokenizer, CONVERSATIONS))
+            - torch.tensor(batching.score(reference_model, tokenizer, CONVERSATIONS))
+        )
+        .abs()
+        .max()
+    )
+    assert difference < TOL
+
+    _, unexported = make_value_head_export(
+        tiny_model_dir, tmp_path / "unexported", bias=0.25
+    )  # the trainer's head, bias kept
+    assert export.load_reward_model(unexported)[0].score.bias.item() == 0.25
+    with pytest.raises(
+        export.ExportError,
+        match=r"not a value-head checkpoint \(loading as Qwen3ForTokenClassification: missing \['score.bias', 'score.weight'\], unexpected \['lm_head.weight'\]",
+    ):
+        export.load_reward_model(tiny_model_dir)  # the base causal LM
 
 
 def test_token_classification_loader_zero_initialises_the_dropped_bias(exported):
@@ -164,7 +229,9 @@ def test_token_classification_loader_zero_initialises_the_dropped_bias(exported)
     config = AutoConfig.from_pretrained(hf_dir)
     config.num_labels, config.classifier_dropout = 1, 0.0
     with captured_loading_messages() as messages:
-        model, info = AutoModelForTokenClassification.from_pretrained(hf_dir, config=config, dtype=torch.float32, output_loading_info=True)
+        model, info = AutoModelForTokenClassification.from_pretrained(
+            hf_dir, config=config, dtype=torch.float32, output_loading_info=True
+        )
     assert info["missing_keys"] == ["score.bias"] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
     assert torch.equal(model.score.bias, torch.zeros(1))
     assert len(messages) == 1 and "score.bias" in messages[0] and "newly initialized" in messages[0]
@@ -185,9 +252,15 @@ def test_every_reader_gives_the_trained_rewards(exported):
     readers = {
         "score(SequenceClassification)": batching.score(seq_cls, tokenizer, CONVERSATIONS),
         "score(TokenClassification)": batching.score(tok_cls, tokenizer, CONVERSATIONS),
-        "SequenceClassification batch forward": seq_cls(**tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")).logits.squeeze(-1).tolist(),
+        "SequenceClassification batch forward": seq_cls(
+            **tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+        )
+        .logits.squeeze(-1)
+        .tolist(),
         "verl 0.6.1 reading rule": verl_rule_rewards(tok_cls, tokenizer, CONVERSATIONS),
-        'pipeline(function_to_apply="none")': [o["score"] for o in pipe(texts, function_to_apply="none", add_special_tokens=False)],
+        'pipeline(function_to_apply="none")': [
+            o["score"] for o in pipe(texts, function_to_apply="none", add_special_tokens=False)
+        ],
         "pipeline default (problem_type regression)": [o["score"] for o in pipe(texts, add_special_tokens=False)],
         "RewardBench runner's pipeline call": rewardbench_runner_rewards(seq_cls, str(hf_dir), texts),
     }
@@ -205,19 +278,32 @@ def test_sharded_export_updates_the_index(tiny_model_dir, tmp_path):
     assert len(set(index_before["weight_map"].values())) > 1 and "score.bias" in index_before["weight_map"]
     result = export.export_reward_model(hf_dir)
     assert result.dropped == ["score.bias"]
-    assert set(result.written) == {index_before["weight_map"]["score.bias"], "model.safetensors.index.json", "config.json"}
+    assert set(result.written) == {
+        index_before["weight_map"]["score.bias"],
+        "model.safetensors.index.json",
+        "config.json",
+    }
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     assert "score.bias" not in index["weight_map"]
     total = 0
     for name in set(index["weight_map"].values()):
         with safe_open(str(hf_dir / name), framework="pt") as handle:
             assert {k for k, v in index["weight_map"].items() if v == name} == set(handle.keys())
-            total += sum(handle.get_tensor(k).nbytes for k in handle.keys())
+            total += sum(handle.get_tensor(k).nbytes for k in handle.keys())  # noqa: SIM118 (safe_open is not iterable)
     assert index["metadata"]["total_size"] == total
-    loaded, info = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
+    loaded, info = AutoModelForSequenceClassification.from_pretrained(
+        hf_dir, dtype=torch.float32, output_loading_info=True
+    )
     assert not any(info.values())
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    difference = (torch.tensor(batching.score(loaded, tokenizer, CONVERSATIONS)) - torch.tensor(batching.score(model, tokenizer, CONVERSATIONS))).abs().max()
+    difference = (
+        (
+            torch.tensor(batching.score(loaded, tokenizer, CONVERSATIONS))
+            - torch.tensor(batching.score(model, tokenizer, CONVERSATIONS))
+        )
+        .abs()
+        .max()
+    )
     assert difference < TOL
     assert not export.export_reward_model(hf_dir).changed
 
@@ -309,8 +395,17 @@ def test_tied_embeddings_model_exports_cleanly(tmp_path):
     tied_dir = build_tiny_model(tmp_path / "tied-qwen3", seed=0, tie_word_embeddings=True)
     model, hf_dir = make_value_head_export(tied_dir, tmp_path / "huggingface", seed=2)
     assert export.export_reward_model(hf_dir).dropped == ["score.bias"]
-    loaded, info = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
+    loaded, info = AutoModelForSequenceClassification.from_pretrained(
+        hf_dir, dtype=torch.float32, output_loading_info=True
+    )
     assert not any(info.values())
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    difference = (torch.tensor(batching.score(loaded, tokenizer, CONVERSATIONS)) - torch.tensor(batching.score(model, tokenizer, CONVERSATIONS))).abs().max()
+    difference = (
+        (
+            torch.tensor(batching.score(loaded, tokenizer, CONVERSATIONS))
+            - torch.tensor(batching.score(model, tokenizer, CONVERSATIONS))
+        )
+        .abs()
+        .max()
+    )
     assert difference < TOL

@@ -11,7 +11,9 @@ from btrm.modeling import load_value_head_model
 @pytest.fixture()
 def value_head_model(tiny_model_dir):
     torch.manual_seed(0)
-    return load_value_head_model(str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
+    return load_value_head_model(
+        str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False
+    )
 
 
 def lora_model(model, targets="all-linear", rank=4, alpha=8.0, base_dtype=None):
@@ -26,7 +28,10 @@ def lora_model(model, targets="all-linear", rank=4, alpha=8.0, base_dtype=None):
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
-    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue, like the sky on a clear day."}],
+    [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue, like the sky on a clear day."},
+    ],
 ]
 
 
@@ -80,16 +85,24 @@ def test_merge_equals_peft_merge_and_unload(value_head_model, tokenizer):
     for key in reference:
         torch.testing.assert_close(merged[key], reference[key], rtol=0, atol=1e-6, msg=key)
     # and the merged weights give the adapter model's rewards (fresh model, merged weights loaded strictly)
-    plain = load_value_head_model(str(value_head_model.config._name_or_path), attn_implementation="sdpa",
-                                  torch_dtype=torch.float32, trust_remote_code=False)
+    plain = load_value_head_model(
+        str(value_head_model.config._name_or_path),
+        attn_implementation="sdpa",
+        torch_dtype=torch.float32,
+        trust_remote_code=False,
+    )
     plain.load_state_dict(merged, strict=True)
     torch.testing.assert_close(last_token_rewards(plain.eval(), tokenizer), lora_rewards, rtol=0, atol=1e-5)
 
 
 def test_merge_by_hand_on_a_two_layer_state_dict():
     a, b, w = torch.ones(2, 3), torch.full((4, 2), 0.5), torch.zeros(4, 3)
-    state = {"base_model.model.layers.0.q.base_layer.weight": w, "base_model.model.layers.0.q.lora_A.default.weight": a,
-             "base_model.model.layers.0.q.lora_B.default.weight": b, "base_model.model.score.weight": torch.ones(1, 4)}
+    state = {
+        "base_model.model.layers.0.q.base_layer.weight": w,
+        "base_model.model.layers.0.q.lora_A.default.weight": a,
+        "base_model.model.layers.0.q.lora_B.default.weight": b,
+        "base_model.model.score.weight": torch.ones(1, 4),
+    }
     merged = lora.merge_lora_state_dict(state, scaling=3.0)
     assert set(merged) == {"layers.0.q.weight", "score.weight"}
     assert torch.equal(merged["layers.0.q.weight"], torch.full((4, 3), 3.0))  # 3 * (0.5 * 1 + 0.5 * 1)
@@ -103,16 +116,24 @@ def test_saved_adapter_loads_in_peft_with_the_trained_head(value_head_model, tok
         model.get_base_model().score.weight.normal_(0, 0.1)
     expected = last_token_rewards(model, tokenizer)
     lora.save_adapter(tmp_path / "adapter", model.state_dict(), settings, base_model=str(tiny_model_dir))
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     torch.manual_seed(123)  # a different random head in the base: the adapter must bring its own
-    base = load_value_head_model(str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False)
+    base = load_value_head_model(
+        str(tiny_model_dir), attn_implementation="sdpa", torch_dtype=torch.float32, trust_remote_code=False
+    )
     loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     torch.testing.assert_close(last_token_rewards(loaded, tokenizer), expected, rtol=0, atol=1e-5)
 
 
 def test_merge_refuses_lora_weights_without_a_base_layer():
-    state = {"base_model.model.layers.0.q.weight": torch.zeros(4, 3), "base_model.model.layers.0.q.lora_A.default.weight": torch.ones(2, 3),
-             "base_model.model.layers.0.q.lora_B.default.weight": torch.ones(4, 2)}
+    state = {
+        "base_model.model.layers.0.q.weight": torch.zeros(4, 3),
+        "base_model.model.layers.0.q.lora_A.default.weight": torch.ones(2, 3),
+        "base_model.model.layers.0.q.lora_B.default.weight": torch.ones(4, 2),
+    }
     with pytest.raises(ValueError, match="without a base layer"):
         lora.merge_lora_state_dict(state, scaling=1.0)
 
@@ -129,15 +150,29 @@ def bare_trainer(lora_settings, base_dtype="bf16"):
 
     trainer = BTRewardTrainer.__new__(BTRewardTrainer)
     trainer.lora_settings = lora_settings
-    trainer.config = OmegaConf.create({"model": {"lora_base_dtype": base_dtype}, "trainer": {
-        "default_local_dir": "unused", "resume_mode": "auto", "resume_from_path": None, "checkpoint": {"load_contents": ["model"]}}})
+    trainer.config = OmegaConf.create(
+        {
+            "model": {"lora_base_dtype": base_dtype},
+            "trainer": {
+                "default_local_dir": "unused",
+                "resume_mode": "auto",
+                "resume_from_path": None,
+                "checkpoint": {"load_contents": ["model"]},
+            },
+        }
+    )
     trainer.device_mesh = SimpleNamespace(size=lambda: 2)
     return trainer
 
 
 def test_lora_description_names_everything_the_shards_depend_on():
     settings = lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))
-    assert bare_trainer(settings).lora_description() == {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"], "base_dtype": "bf16"}
+    assert bare_trainer(settings).lora_description() == {
+        "rank": 8,
+        "alpha": 16.0,
+        "target_modules": ["q_proj", "v_proj"],
+        "base_dtype": "bf16",
+    }
     assert bare_trainer(None).lora_description() is None
 
 
@@ -158,16 +193,30 @@ def test_verls_manager_does_not_write_the_hf_model_under_lora(monkeypatch):
     assert without.checkpoint_manager.checkpoint_save_contents == ["model", "optimizer", "extra", "hf_model"]
 
 
-@pytest.mark.parametrize("saved, current", [
-    (None, lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))),                    # full fine-tune checkpoint, LoRA run
-    ({"rank": 8, "alpha": 16.0, "target_modules": ["q_proj"], "base_dtype": "bf16"},  # other targets
-     lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))),
-    ({"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"], "base_dtype": "fp32"},  # other backbone dtype
-     lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))),
-])
+@pytest.mark.parametrize(
+    "saved, current",
+    [
+        (None, lora.LoraSettings(8, 16.0, ("q_proj", "v_proj"))),  # full fine-tune checkpoint, LoRA run
+        (
+            {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj"], "base_dtype": "bf16"},  # other targets
+            lora.LoraSettings(8, 16.0, ("q_proj", "v_proj")),
+        ),
+        (
+            {
+                "rank": 8,
+                "alpha": 16.0,
+                "target_modules": ["q_proj", "v_proj"],
+                "base_dtype": "fp32",
+            },  # other backbone dtype
+            lora.LoraSettings(8, 16.0, ("q_proj", "v_proj")),
+        ),
+    ],
+)
 def test_resume_refuses_a_checkpoint_with_other_lora_settings(monkeypatch, tmp_path, saved, current):
     from btrm import checkpoint
 
-    monkeypatch.setattr(checkpoint, "find_resume_checkpoint", lambda *a, **k: (tmp_path, {"step": 4, "trainer": {"lora": saved}}))
+    monkeypatch.setattr(
+        checkpoint, "find_resume_checkpoint", lambda *a, **k: (tmp_path, {"step": 4, "trainer": {"lora": saved}})
+    )
     with pytest.raises(checkpoint.CheckpointError, match=f"^{tmp_path}: saved with LoRA"):
         bare_trainer(current).load_checkpoint()

@@ -17,10 +17,24 @@ def write_metrics(path, records):
 
 
 def demo_records():
-    records = [(s, {"train/loss": 0.7 - 0.02 * s + (0.05 if s % 2 else -0.05), "train/accuracy": 0.5 + 0.02 * s}) for s in range(1, 13)]
+    records = [
+        (s, {"train/loss": 0.7 - 0.02 * s + (0.05 if s % 2 else -0.05), "train/accuracy": 0.5 + 0.02 * s})
+        for s in range(1, 13)
+    ]
     for s in (4, 8, 12):
-        records.append((s, {"val/loss": 0.7 - 0.02 * s, "val/accuracy": 0.5 + 0.02 * s,
-                            "val/accuracy_s1": 0.5 + 0.01 * s, "val/loss_s1": 0.69, "val/accuracy_s3": 0.6 + 0.02 * s, "val/loss_s3": 0.6}))
+        records.append(
+            (
+                s,
+                {
+                    "val/loss": 0.7 - 0.02 * s,
+                    "val/accuracy": 0.5 + 0.02 * s,
+                    "val/accuracy_s1": 0.5 + 0.01 * s,
+                    "val/loss_s1": 0.69,
+                    "val/accuracy_s3": 0.6 + 0.02 * s,
+                    "val/loss_s3": 0.6,
+                },
+            )
+        )
     return records
 
 
@@ -71,7 +85,9 @@ def test_figure_has_smoothed_train_raw_train_val_and_per_strength_lines(tmp_path
         running = 0.5 * running + 0.5 * value
         expected.append(running / (1 - 0.5**t))
     assert list(smoothed.get_ydata()) == pytest.approx(expected)
-    assert list(accuracy_axis.lines[4].get_ydata()) == pytest.approx([0.68, 0.76, 0.84])  # val/accuracy_s3 at steps 4, 8, 12
+    assert list(accuracy_axis.lines[4].get_ydata()) == pytest.approx(
+        [0.68, 0.76, 0.84]
+    )  # val/accuracy_s3 at steps 4, 8, 12
     assert [line.get_label() for line in plot_curves.build_figure(history, smoothing=0).axes[0].lines][0] == "train"
 
 

@@ -41,8 +41,18 @@ def write_jsonl(path: Path, rows, raw_lines=()):
 
 def run_cli(input_path: Path, output_dir: Path, *extra):
     return subprocess.run(
-        [sys.executable, str(REPO / "prepare_helpsteer2.py"), "--input", str(input_path), "--output-dir", str(output_dir), *extra],
-        capture_output=True, text=True, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "prepare_helpsteer2.py"),
+            "--input",
+            str(input_path),
+            "--output-dir",
+            str(output_dir),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
 
 
@@ -81,7 +91,9 @@ def test_multi_turn_prompt_becomes_alternating_messages(tmp_path):
 
 @pytest.mark.parametrize("strength", [-3, -2, -1, 1, 2, 3])
 def test_direction_for_every_strength(tmp_path, strength):
-    src = write_jsonl(tmp_path / "in.jsonl", [hs2_row(preference_strength=strength, response_1="ONE", response_2="TWO")])
+    src = write_jsonl(
+        tmp_path / "in.jsonl", [hs2_row(preference_strength=strength, response_1="ONE", response_2="TWO")]
+    )
     assert run_cli(src, tmp_path / "out").returncode == 0
     [row] = read_rows(tmp_path / "out" / "train.parquet")
     chosen = json.loads(row["chosen"])[-1]["content"]
@@ -95,7 +107,14 @@ def test_ties_dropped_and_min_strength_filters(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     result = run_cli(src, tmp_path / "out1")
     assert result.returncode == 0
-    assert sorted(r["preference_strength"] for r in read_rows(tmp_path / "out1" / "train.parquet")) == [-3, -2, -1, 1, 2, 3]
+    assert sorted(r["preference_strength"] for r in read_rows(tmp_path / "out1" / "train.parquet")) == [
+        -3,
+        -2,
+        -1,
+        1,
+        2,
+        3,
+    ]
     result = run_cli(src, tmp_path / "out2", "--min-strength", "2")
     assert result.returncode == 0
     assert sorted(r["preference_strength"] for r in read_rows(tmp_path / "out2" / "train.parquet")) == [-3, -2, 2, 3]
@@ -105,7 +124,11 @@ def test_ties_dropped_and_min_strength_filters(tmp_path):
 
 
 def test_split_routing(tmp_path):
-    rows = [hs2_row(split="train", prompt="a"), hs2_row(split="val", prompt="b"), hs2_row(split="validation", prompt="c")]
+    rows = [
+        hs2_row(split="train", prompt="a"),
+        hs2_row(split="val", prompt="b"),
+        hs2_row(split="validation", prompt="c"),
+    ]
     src = write_jsonl(tmp_path / "in.jsonl.gz", rows)
     assert run_cli(src, tmp_path / "out").returncode == 0
     first_prompt = lambda r: json.loads(r["chosen"])[0]["content"]  # noqa: E731
@@ -124,14 +147,29 @@ def test_parquet_input_matches_jsonl_input(tmp_path):
 
 BAD_CASES = {
     "malformed_json": ([], ['{"split": "train", "prompt": '], "line 2", "malformed JSON"),
-    "missing_field": ([{k: v for k, v in hs2_row().items() if k != "response_2"}], [], "line 2", "'response_2' is missing"),
-    "strength_not_integer": ([hs2_row(preference_strength=1.5)], [], "line 2", "'preference_strength' is 1.5; expected an integer in -3..3"),
+    "missing_field": (
+        [{k: v for k, v in hs2_row().items() if k != "response_2"}],
+        [],
+        "line 2",
+        "'response_2' is missing",
+    ),
+    "strength_not_integer": (
+        [hs2_row(preference_strength=1.5)],
+        [],
+        "line 2",
+        "'preference_strength' is 1.5; expected an integer in -3..3",
+    ),
     "strength_out_of_range": ([hs2_row(preference_strength=4)], [], "line 2", "'preference_strength' is 4"),
     "strength_is_string": ([hs2_row(preference_strength="2")], [], "line 2", "'preference_strength' is '2'"),
     "unknown_split": ([hs2_row(split="dev")], [], "line 2", "'split' is 'dev'"),
     "empty_prompt": ([hs2_row(prompt="  ")], [], "line 2", "'prompt' is empty"),
     "empty_response": ([hs2_row(response_2="")], [], "line 2", "'response_2' is empty"),
-    "empty_turn_in_prompt": ([hs2_row(prompt="hi\n<extra_id_1>Assistant\n\n<extra_id_1>User\nmore")], [], "line 2", "turn 2 (assistant) is empty"),
+    "empty_turn_in_prompt": (
+        [hs2_row(prompt="hi\n<extra_id_1>Assistant\n\n<extra_id_1>User\nmore")],
+        [],
+        "line 2",
+        "turn 2 (assistant) is empty",
+    ),
     "non_alternating_turns": ([hs2_row(prompt="hi\n<extra_id_1>User\nagain")], [], "line 2", "expected alternating"),
 }
 
@@ -213,10 +251,18 @@ def test_outputs_follow_the_umask(tmp_path, mask, mode):
 
     previous = os.umask(mask)
     try:
-        assert prep.main(["--input", str(write_jsonl(tmp_path / "in.jsonl", [hs2_row()])), "--output-dir", str(tmp_path / "out")]) == 0
+        assert (
+            prep.main(
+                ["--input", str(write_jsonl(tmp_path / "in.jsonl", [hs2_row()])), "--output-dir", str(tmp_path / "out")]
+            )
+            == 0
+        )
     finally:
         os.umask(previous)
-    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {"train.parquet": mode, "test.parquet": mode}
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {
+        "train.parquet": mode,
+        "test.parquet": mode,
+    }
 
 
 def test_bad_paths_are_one_line(tmp_path, capsys):
@@ -224,9 +270,15 @@ def test_bad_paths_are_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     src = write_jsonl(tmp_path / "in.jsonl", [hs2_row()])
     cases = [
-        (["--input", str(tmp_path / "dir")], f"error: --input {tmp_path / 'dir'} is a directory; pass the data file itself"),
+        (
+            ["--input", str(tmp_path / "dir")],
+            f"error: --input {tmp_path / 'dir'} is a directory; pass the data file itself",
+        ),
         (["--input", str(tmp_path / "nope.jsonl")], f"error: --input {tmp_path / 'nope.jsonl'}: no such file"),
-        (["--input", str(src), "--output-dir", str(tmp_path / "file")], f"error: --output-dir {tmp_path / 'file'} is a file"),
+        (
+            ["--input", str(src), "--output-dir", str(tmp_path / "file")],
+            f"error: --output-dir {tmp_path / 'file'} is a file",
+        ),
     ]
     for argv, message in cases:
         if "--output-dir" not in argv:

@@ -1,8 +1,7 @@
-"""rows.py: atomic outputs and their mode, data paths, and the pair formats every reader shares."""
+"""btrm.rows: data paths, the pair formats every reader shares, the rows read from them and their messages."""
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from btrm import atomic, pair_dataset, rows
+from btrm import rows
 from btrm.rows import DataError
 
 
@@ -19,8 +18,17 @@ def conv(prompt, answer):
 
 
 def data_config(**overrides):
-    base = {"chosen_key": "chosen", "rejected_key": "rejected", "prompt_key": "prompt", "format": "auto",
-            "max_length": 4096, "truncation": "error", "apply_chat_template_kwargs": {}}
+    """Every data.* key PairDataset and rows read, with trainer.yaml's values but truncation=error."""
+    base = {
+        "chosen_key": "chosen",
+        "rejected_key": "rejected",
+        "prompt_key": "prompt",
+        "format": "auto",
+        "drop_identical_pairs": True,
+        "max_length": 4096,
+        "truncation": "error",
+        "apply_chat_template_kwargs": {},
+    }
     return OmegaConf.create({**base, **overrides})
 
 
@@ -38,57 +46,15 @@ def write_jsonl(path: Path, records, blank_lines_after_first: int = 0) -> Path:
     return path
 
 
-@pytest.fixture
-def umask():
-    """Set the process umask for one test; the previous one is put back afterwards."""
-    previous = os.umask(0o022)
-    os.umask(previous)
-    yield lambda mask: os.umask(mask)
-    os.umask(previous)
-
-
-# ----------------------------------------------------------------------------- atomic outputs
-
-
-def test_a_failed_second_write_keeps_every_old_output_byte_identical_and_leaves_no_temp_files(tmp_path):
-    first, second = tmp_path / "train.parquet", tmp_path / "test.parquet"
-    first.write_bytes(b"old train")
-    second.write_bytes(b"old test")
-    with pytest.raises(OSError, match="disk full"):
-        with atomic.atomic_outputs([first, second]) as (first_temp, second_temp):
-            first_temp.write_bytes(b"new train, complete")
-            second_temp.write_bytes(b"new te")  # half written, then the failure
-            raise OSError("disk full")
-    assert first.read_bytes() == b"old train" and second.read_bytes() == b"old test"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.parquet", "train.parquet"]
-
-
-def test_a_complete_write_replaces_every_output(tmp_path):
-    first, second = tmp_path / "a.txt", tmp_path / "sub" / "b.txt"
-    first.write_text("old")
-    with atomic.atomic_outputs([first, second]) as (first_temp, second_temp):
-        first_temp.write_text("new a")
-        second_temp.write_text("new b")
-        assert first.read_text() == "old"  # nothing is visible before the block completes
-    assert first.read_text() == "new a" and second.read_text() == "new b"
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "b.txt", "sub"]
-
-
-@pytest.mark.parametrize("mask, expected_mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
-def test_outputs_get_the_mode_a_plain_open_would_give(tmp_path, umask, mask, expected_mode):
-    umask(mask)
-    written = atomic.atomic_write_text(tmp_path / "scores.jsonl", "x\n")
-    with open(tmp_path / "plain.txt", "w") as plain:  # the reference: what open() itself does under this umask
-        plain.write("x\n")
-    assert written.stat().st_mode & 0o777 == expected_mode == (tmp_path / "plain.txt").stat().st_mode & 0o777
-    assert atomic.current_umask() == mask  # reading the umask leaves it unchanged
-
-
 # ----------------------------------------------------------------------------- data paths
 
 
 def pair_record(prompt="Q", good="good", bad="bad", strength=2):
-    return {"chosen": json.dumps(conv(prompt, good)), "rejected": json.dumps(conv(prompt, bad)), "preference_strength": strength}
+    return {
+        "chosen": json.dumps(conv(prompt, good)),
+        "rejected": json.dumps(conv(prompt, bad)),
+        "preference_strength": strength,
+    }
 
 
 def test_check_data_files_refuses_paths_that_would_train_on_the_wrong_data(tmp_path):
@@ -97,8 +63,14 @@ def test_check_data_files_refuses_paths_that_would_train_on_the_wrong_data(tmp_p
     assert rows.check_data_files(str(train), [str(val)]) == ([str(train)], [str(val)])
 
     cases = {
-        "directory": ((str(tmp_path), [str(val)]), f"data.train_files: {tmp_path} is a directory; pass the data files themselves"),
-        "missing": ((str(tmp_path / "nope.parquet"), None), f"data.train_files: {tmp_path / 'nope.parquet'}: no such file"),
+        "directory": (
+            (str(tmp_path), [str(val)]),
+            f"data.train_files: {tmp_path} is a directory; pass the data files themselves",
+        ),
+        "missing": (
+            (str(tmp_path / "nope.parquet"), None),
+            f"data.train_files: {tmp_path / 'nope.parquet'}: no such file",
+        ),
         # the same file under another spelling is still the same file
         "both": (([str(train)], [str(tmp_path / "sub" / ".." / "train.parquet")]), "is given as both training"),
         "twice": (([str(train), f"{tmp_path}/./train.parquet"], [str(val)]), "is listed twice"),
@@ -134,15 +106,22 @@ def test_count_shared_pairs_counts_validation_pairs_also_in_training():
             self.chosen, self.rejected = chosen, rejected
 
     train = [Pair([1, 2], [3]), Pair([4], [5, 6]), Pair([7], [8])]
-    val = [Pair([1, 2], [3]),   # shared
-           Pair([3], [1, 2]),   # swapped: not the same pair
-           Pair([4], [5, 6]),   # shared
-           Pair([4], [5, 6]),   # shared again (each validation pair counts)
-           Pair([9], [8])]
+    val = [
+        Pair([1, 2], [3]),  # shared
+        Pair([3], [1, 2]),  # swapped: not the same pair
+        Pair([4], [5, 6]),  # shared
+        Pair([4], [5, 6]),  # shared again (each validation pair counts)
+        Pair([9], [8]),
+    ]
     assert rows.count_shared_pairs(train, val) == 3
     assert rows.count_shared_pairs(train, []) == 0
     # rows (messages lists, texts) compare by content too
-    assert rows.count_shared_pairs([Pair(conv("q", "a"), conv("q", "b"))], [Pair(conv("q", "a"), conv("q", "b")), Pair("a", "b")]) == 1
+    assert (
+        rows.count_shared_pairs(
+            [Pair(conv("q", "a"), conv("q", "b"))], [Pair(conv("q", "a"), conv("q", "b")), Pair("a", "b")]
+        )
+        == 1
+    )
 
 
 # ----------------------------------------------------------------------------- formats
@@ -159,15 +138,25 @@ def test_messages_format_from_parquet_json_strings_and_jsonl_lists_is_the_same(t
     from_jsonl = read(write_jsonl(tmp_path / "d.jsonl.gz", as_lists, blank_lines_after_first=2))
     for result in (from_parquet, from_jsonl):
         assert [(r.chosen, r.rejected, r.preference_strength) for r in result.rows] == [
-            (conv("Q1", "g1"), conv("Q1", "b1"), -3), (conv("Q2", "g2"), conv("Q2", "b2"), None)]
+            (conv("Q1", "g1"), conv("Q1", "b1"), -3),
+            (conv("Q2", "g2"), conv("Q2", "b2"), None),
+        ]
         assert [fmt.kind for fmt in result.formats.values()] == ["messages"]
-    assert [r.where for r in from_parquet.rows] == [f"{tmp_path / 'd.parquet'} row 1", f"{tmp_path / 'd.parquet'} row 2"]
-    assert [r.where for r in from_jsonl.rows] == [f"{tmp_path / 'd.jsonl.gz'} line 1", f"{tmp_path / 'd.jsonl.gz'} line 4"]
+    assert [r.where for r in from_parquet.rows] == [
+        f"{tmp_path / 'd.parquet'} row 1",
+        f"{tmp_path / 'd.parquet'} row 2",
+    ]
+    assert [r.where for r in from_jsonl.rows] == [
+        f"{tmp_path / 'd.jsonl.gz'} line 1",
+        f"{tmp_path / 'd.jsonl.gz'} line 4",
+    ]
 
 
 def test_explicit_prompt_with_text_responses_becomes_user_and_assistant_messages(tmp_path):
     # TRL's "standard" explicit-prompt layout, and RewardBench's: prompt, chosen, rejected as text
-    path = write_jsonl(tmp_path / "rb.jsonl", [{"prompt": "Say hi", "chosen": "Hi!", "rejected": "No.", "subset": "alpacaeval-easy"}])
+    path = write_jsonl(
+        tmp_path / "rb.jsonl", [{"prompt": "Say hi", "chosen": "Hi!", "rejected": "No.", "subset": "alpacaeval-easy"}]
+    )
     [row] = read(path).rows
     assert row.chosen == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi!"}]
     assert row.rejected == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "No."}]
@@ -177,9 +166,17 @@ def test_explicit_prompt_with_text_responses_becomes_user_and_assistant_messages
 
 def test_explicit_prompt_with_messages_is_prompt_plus_response(tmp_path):
     # TRL's conversational explicit-prompt layout: the prompt messages, then the response messages
-    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-              {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye?"}]
-    record = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "Bye!"}], "rejected": [{"role": "assistant", "content": "What?"}]}
+    prompt = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye?"},
+    ]
+    record = {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "Bye!"}],
+        "rejected": [{"role": "assistant", "content": "What?"}],
+    }
     path = write_parquet(tmp_path / "trl.parquet", [record])
     [row] = read(path).rows
     assert row.chosen == prompt + [{"role": "assistant", "content": "Bye!"}]
@@ -194,7 +191,9 @@ def test_a_prompt_column_next_to_whole_conversations_is_not_prepended_twice(tmp_
     path = write_jsonl(tmp_path / "whole.jsonl", [record])
     result = read(path)
     assert result.formats[str(path)].kind == "messages" and result.rows[0].chosen == conv("Q", "good")
-    with pytest.raises(DataError, match=r"whole.jsonl line 1 field 'chosen': message 1 has role 'user'; with a prompt column"):
+    with pytest.raises(
+        DataError, match=r"whole.jsonl line 1 field 'chosen': message 1 has role 'user'; with a prompt column"
+    ):
         read(path, format="prompt_response")
 
 
@@ -203,7 +202,9 @@ def test_plain_text_pairs_are_kept_as_text_with_the_prompt_prepended_as_is(tmp_p
     [row] = read(no_prompt).rows
     assert (row.chosen, row.rejected) == ("The sky is blue.", "The sky is green.")
     assert read(no_prompt).formats[str(no_prompt)].kind == "text"
-    with_prompt = write_jsonl(tmp_path / "tp.jsonl", [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}])
+    with_prompt = write_jsonl(
+        tmp_path / "tp.jsonl", [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}]
+    )
     [row] = read(with_prompt, format="text").rows
     assert (row.chosen, row.rejected) == ("The sky is blue.", "The sky is green.")
 
@@ -216,22 +217,37 @@ def test_a_file_matching_no_format_names_the_columns_found_and_expected(tmp_path
     assert f"{path}: no column 'chosen', 'rejected' (columns found: ['question', 'answer_a', 'answer_b'])" in message
     assert "expected 'chosen' + 'rejected'" in message and "'prompt'" in message and "data.chosen_key" in message
     assert "\n" not in message
-    with pytest.raises(DataError, match=r"no column 'prompt' \(columns found: \['chosen', 'rejected', 'preference_strength'\]\)"):
+    with pytest.raises(
+        DataError, match=r"no column 'prompt' \(columns found: \['chosen', 'rejected', 'preference_strength'\]\)"
+    ):
         read(write_parquet(tmp_path / "m.parquet", [pair_record()]), format="prompt_response")
     with pytest.raises(DataError, match=r"data.format is 'csv'; expected one of auto, messages, prompt_response, text"):
         read(path, format="csv")
-    with pytest.raises(DataError, match=r"m.parquet row 1 field 'chosen': holds chat messages; data.format=text expects plain text"):
+    with pytest.raises(
+        DataError, match=r"m.parquet row 1 field 'chosen': holds chat messages; data.format=text expects plain text"
+    ):
         read(tmp_path / "m.parquet", format="text")
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"chosen": json.dumps(conv("q", "a")), "rejected": None}, r"row 2 field 'rejected': is null"),
-    ({"chosen": json.dumps(conv("q", "a")), "rejected": "{oops"}, r"row 2 field 'rejected': not valid JSON"),
-    ({"chosen": json.dumps(conv("q", "a")), "rejected": json.dumps([{"role": "user", "content": "q"}])},
-     r"row 2 field 'rejected': the last message has role 'user'"),
-    ({**pair_record(), "preference_strength": "2"}, r"row 2 field 'preference_strength': is '2'; expected an integer"),
-    ({**pair_record(), "preference_strength": 1.5}, r"row 2 field 'preference_strength': is 1.5; expected an integer"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"chosen": json.dumps(conv("q", "a")), "rejected": None}, r"row 2 field 'rejected': is null"),
+        ({"chosen": json.dumps(conv("q", "a")), "rejected": "{oops"}, r"row 2 field 'rejected': not valid JSON"),
+        (
+            {"chosen": json.dumps(conv("q", "a")), "rejected": json.dumps([{"role": "user", "content": "q"}])},
+            r"row 2 field 'rejected': the last message has role 'user'",
+        ),
+        (
+            {**pair_record(), "preference_strength": "2"},
+            r"row 2 field 'preference_strength': is '2'; expected an integer",
+        ),
+        (
+            {**pair_record(), "preference_strength": 1.5},
+            r"row 2 field 'preference_strength': is 1.5; expected an integer",
+        ),
+    ],
+)
 def test_a_bad_row_is_named_by_file_row_and_field(tmp_path, record, message):
     path = tmp_path / "bad.jsonl"
     write_jsonl(path, [pair_record(), record])
@@ -243,9 +259,13 @@ def test_a_bad_row_is_named_by_file_row_and_field(tmp_path, record, message):
 
 
 def test_strengths_read_as_integers_with_null_kept(tmp_path):
-    rows = read(write_parquet(tmp_path / "s.parquet", [pair_record(strength=2.0), pair_record(strength=None), pair_record(strength=-1.0)])).rows
-    assert [r.preference_strength for r in rows] == [2, None, -1]
-    assert all(type(r.preference_strength) in (int, type(None)) for r in rows)
+    pairs = read(
+        write_parquet(
+            tmp_path / "s.parquet", [pair_record(strength=2.0), pair_record(strength=None), pair_record(strength=-1.0)]
+        )
+    ).rows
+    assert [r.preference_strength for r in pairs] == [2, None, -1]
+    assert all(type(r.preference_strength) in (int, type(None)) for r in pairs)
 
 
 def test_pairs_whose_chosen_equals_rejected_are_dropped_and_counted(tmp_path):
@@ -255,7 +275,9 @@ def test_pairs_whose_chosen_equals_rejected_are_dropped_and_counted(tmp_path):
     assert [r.chosen[0]["content"] for r in result.rows] == ["A", "B"]
     assert result.identical_dropped == 2
     assert "dropped 2 pairs whose chosen equals rejected" in result.describe() and f"{path} row 2" in result.describe()
-    kept = rows.read_pair_rows([str(path)], data_config(), drop_identical=False)  # RewardBench keeps them (a tie is wrong)
+    kept = rows.read_pair_rows(
+        [str(path)], data_config(), drop_identical=False
+    )  # RewardBench keeps them (a tie is wrong)
     assert len(kept.rows) == 4 and kept.identical_dropped == 0
 
 
@@ -267,38 +289,51 @@ def test_json_array_files_are_read(tmp_path):
     assert row.where == f"{path} item 1"
 
 
-# ----------------------------------------------------------------------------- PairDataset uses them
+# ----------------------------------------------------------------------------- messages
 
 
-def test_pair_dataset_tokenizes_every_format_like_its_reference(tokenizer, tmp_path):
-    pair_conversations = (conv("Say hi", "Hi there!"), conv("Say hi", "Go away."))
-    messages = write_parquet(tmp_path / "m.parquet", [{"chosen": json.dumps(pair_conversations[0]), "rejected": json.dumps(pair_conversations[1])}])
-    explicit = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Say hi", "chosen": "Hi there!", "rejected": "Go away.", "subset": "s1"}])
-    datasets = [pair_dataset.PairDataset([str(p)], tokenizer, data_config()) for p in (messages, explicit)]
-    expected = [pair_dataset.encode_conversation(tokenizer, c) for c in pair_conversations]
-    for dataset in datasets:
-        assert (dataset[0].chosen, dataset[0].rejected) == tuple(expected)
-    assert datasets[1].subsets == ["s1"] and datasets[1].sources == [f"{explicit} line 1"]
-
-    # plain text: TRL's rule, written out independently: append the eos string, then tokenize as the tokenizer does
-    text = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}])
-    dataset = pair_dataset.PairDataset([str(text)], tokenizer, data_config(format="text"))
-    assert dataset[0].chosen == tokenizer("The sky is blue." + tokenizer.eos_token)["input_ids"]
-    assert dataset[0].rejected == tokenizer("The sky is green." + tokenizer.eos_token)["input_ids"]
-    assert dataset[0].chosen[-1] == tokenizer.eos_token_id != tokenizer.pad_token_id
-    already = write_jsonl(tmp_path / "t2.jsonl", [{"chosen": "blue." + tokenizer.eos_token, "rejected": "green."}])
-    assert pair_dataset.PairDataset([str(already)], tokenizer, data_config())[0].chosen == tokenizer("blue." + tokenizer.eos_token)["input_ids"]
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("not json", "not valid JSON"),
+        (json.dumps([]), "non-empty list"),
+        (json.dumps([{"role": "user"}]), "message 1 is not"),
+        (json.dumps([{"role": "user", "content": "hi"}]), "expected the assistant response"),
+    ],
+)
+def test_parse_messages_errors_name_the_place(bad, message):
+    with pytest.raises(DataError, match=message) as error:
+        rows.parse_messages(bad, "f.parquet row 3 field 'chosen'")
+    assert str(error.value).startswith("f.parquet row 3 field 'chosen'")
 
 
-def test_pair_dataset_reports_reading_errors_as_its_data_error(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q"}])
-    with pytest.raises(pair_dataset.DataError, match=r"odd.jsonl: no column 'chosen', 'rejected'"):
-        pair_dataset.PairDataset([str(path)], tokenizer, data_config())
-
-
-def test_pair_dataset_counts_dropped_identical_pairs_and_honours_max_samples(tokenizer, tmp_path):
-    path = write_parquet(tmp_path / "d.parquet", [pair_record("A"), pair_record("Q", "x", "x"), pair_record("B"), pair_record("C")])
-    dataset = pair_dataset.PairDataset([str(path)], tokenizer, data_config(), max_samples=2)
-    assert len(dataset) == 2 and dataset.identical_pairs_dropped == 1
-    assert dataset.sources == [f"{path} row 1", f"{path} row 3"]
-    assert dataset[1].chosen == pair_dataset.encode_conversation(tokenizer, conv("B", "good"))
+def test_messages_keep_role_and_content_only_and_the_report_counts_the_dropped_keys(tmp_path):
+    """verl's reward paths render role and content only: every other key is dropped, visibly."""
+    prompt = [{"role": "system", "content": "Be brief.", "name": "policy"}, {"role": "user", "content": "Weather?"}]
+    chosen = [
+        {
+            "role": "assistant",
+            "content": "Sunny.",
+            "reasoning_content": "Check first.",
+            "tool_calls": [{"name": "weather"}],
+        }
+    ]
+    rejected = [{"role": "assistant", "content": "No idea."}]
+    explicit = write_jsonl(tmp_path / "p.jsonl", [{"prompt": prompt, "chosen": chosen, "rejected": rejected}])
+    whole = write_jsonl(tmp_path / "m.jsonl", [{"chosen": prompt + chosen, "rejected": prompt + rejected}])
+    for path, carried in ((explicit, 2), (whole, 3)):  # a whole conversation repeats the prompt in chosen and rejected
+        result = read(path)
+        [row] = result.rows
+        assert row.chosen == [{"role": m["role"], "content": m["content"]} for m in prompt + chosen]
+        assert row.rejected == [{"role": m["role"], "content": m["content"]} for m in prompt + rejected]
+        assert (result.dropped_keys.messages, result.dropped_keys.keys) == (
+            carried,
+            {"name", "reasoning_content", "tool_calls"},
+        )
+        assert (
+            f"{carried} messages carried keys other than role/content (name, reasoning_content, tool_calls): dropped"
+            in result.describe().splitlines()[-1]
+        )
+    plain = read(write_jsonl(tmp_path / "plain.jsonl", [{"chosen": conv("q", "a"), "rejected": conv("q", "b")}]))
+    assert plain.dropped_keys.messages == 0 and "role/content" not in plain.describe()
+    assert rows.parse_messages(json.dumps(prompt + chosen), "x") == row.chosen  # no counter given: dropped all the same

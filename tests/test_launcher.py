@@ -1,0 +1,304 @@
+"""btrm.launcher and run_bt_rm.sh: each mistake is one line, printed once, before or after the ranks start.
+
+Each mistake of issue 13 goes through the launcher's entry point in this process (no rank
+starts: `launch` is replaced by a failure). Three real launches check what the console shows: a
+mistake the launcher finds, one the ranks find, and one a plain torchrun launch (no launcher) finds.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from btrm import launcher
+from btrm.schema import PreflightError
+from conftest import REPO, closed_loopback_port, free_port, trainer_env
+
+LAUNCHER = ["--nnodes=1", "--nproc_per_node=2", "bt_trainer.py"]
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error: ")]
+
+
+@pytest.fixture()
+def data_files(tmp_path):
+    """Two small valid data files (JSON lines, messages format)."""
+    import json
+
+    def pair(i):
+        prompt = [{"role": "user", "content": f"question {i}"}]
+        return {
+            "chosen": json.dumps(prompt + [{"role": "assistant", "content": "good"}]),
+            "rejected": json.dumps(prompt + [{"role": "assistant", "content": "bad"}]),
+        }
+
+    for name in ("train.jsonl", "test.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps(pair(i)) + "\n" for i in range(4)))
+    return tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+
+
+# ---- each mistake of the issue through the launcher's entry point: one line, exit status 2, no rank started
+
+
+@pytest.fixture()
+def launch_error(tmp_path, data_files, monkeypatch, capsys):
+    """launcher.main() with valid data, a valid stand-in model directory, and ranks that must not start."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_loopback_port()}")
+    monkeypatch.setattr(launcher, "launch", lambda argv: pytest.fail("the ranks were started"))
+    knobs = [
+        f"model.partial_pretrain={model}",
+        f"data.train_files={data_files[0]}",
+        f"data.val_files={data_files[1]}",
+        f"trainer.save_path={tmp_path / 'ckpt'}",
+        "trainer.experiment_name=run",
+        "data.train_batch_size=8",
+    ]
+
+    def run(*overrides: str) -> str:
+        capsys.readouterr()
+        started = time.monotonic()
+        assert launcher.main(LAUNCHER + knobs + list(overrides)) == launcher.EXIT_REPORTED
+        assert time.monotonic() - started < 5
+        output = capsys.readouterr()
+        assert output.out == "" and len(output.err.splitlines()) == 1, output
+        return output.err.strip()
+
+    return run
+
+
+def test_each_mistake_of_the_issue_gives_one_line(launch_error, tmp_path, data_files):
+    assert launch_error("model.partial_pretrain=/no/such/dir") == (
+        "error: model.partial_pretrain=/no/such/dir: this path does not exist; "
+        "pass an existing model directory (with config.json) or a hub id such as Qwen/Qwen3-32B"
+    )
+    assert "model.partial_pretrain=demo/tiny-qwen4: this path does not exist" in launch_error(
+        "model.partial_pretrain=demo/tiny-qwen4"
+    )
+    missing = tmp_path / "no-such.parquet"
+    assert launch_error(f"data.train_files={missing}").startswith(
+        f"error: data.train_files: {missing}: no such file; pass existing files"
+    )
+    assert launch_error(f"data.train_files={tmp_path}").startswith(
+        f"error: data.train_files: {tmp_path} is a directory; pass the data files themselves"
+    )
+    assert launch_error("optim.lrr=1e-6").startswith("error: optim.lrr=1e-6: unknown key optim.lrr")
+    assert launch_error("+optim.lrr=1e-6").startswith("error: +optim.lrr=1e-6: unknown key optim.lrr")
+    assert (
+        launch_error("data.micro_batch_size_per_gpu=0")
+        == "error: data.micro_batch_size_per_gpu=0: expected an integer >= 1"
+    )
+    assert launch_error("data.max_length=0") == "error: data.max_length=0: expected an integer >= 2"
+    assert (
+        launch_error("data.max_tokens_per_micro_batch=0")
+        == "error: data.max_tokens_per_micro_batch=0: expected an integer >= 2, or null"
+    )
+    assert launch_error("trainer.total_epochs=0") == "error: trainer.total_epochs=0: expected an integer >= 1"
+    assert "is a Hugging Face hub id, but the hub cannot be reached" in launch_error(
+        "model.partial_pretrain=bt-rm-tests/no-such-model"
+    )
+    logged = (tmp_path / "ckpt" / "run" / "errors.log").read_text().splitlines()
+    assert len(logged) == 11 and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d error: ", line) for line in logged)
+
+
+def test_the_launcher_checks_a_config_without_importing_torch():
+    """The check before any rank starts stays light (well under a second): torch, verl and transformers are the ranks' imports."""
+    code = (
+        "import sys; from btrm import launcher, schema; "
+        "schema.check_config(schema.compose_config(['loss.type=margin', 'loss.margin_by_strength={1:1,2:2,3:3}']), world_size=2); "
+        "print(sorted({name.split('.')[0] for name in sys.modules} & {'torch', 'verl', 'transformers'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_debug_switch_shows_the_traceback(launch_error, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BT_DEBUG", "1")
+    capsys.readouterr()
+    assert launcher.main(LAUNCHER + [f"trainer.save_path={tmp_path}", "data.max_length=0"]) == launcher.EXIT_REPORTED
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.rstrip().endswith(
+        "error: data.max_length=0: expected an integer >= 2"
+    )
+
+
+def test_error_line_says_where_a_foreign_error_came_from():
+    assert launcher.error_line(PreflightError("x=1: expected\n  more")) == "error: x=1: expected more"
+    try:
+        import json
+
+        json.loads("{")
+    except ValueError as error:
+        line = launcher.error_line(error)
+    assert (
+        line.startswith("error: Expecting property name")
+        and "(JSONDecodeError in decoder.py:" in line
+        and "BT_DEBUG=1" in line
+    )
+
+
+# ---- run_bt_rm.sh
+
+
+@pytest.fixture()
+def script_copy(tmp_path):
+    """run_bt_rm.sh in a directory whose .venv/bin/python records its arguments."""
+    (tmp_path / "run_bt_rm.sh").write_text((REPO / "run_bt_rm.sh").read_text())
+    recorder = tmp_path / ".venv" / "bin" / "python"
+    recorder.parent.mkdir(parents=True)
+    recorder.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/argv\n")
+    recorder.chmod(0o755)
+    return tmp_path
+
+
+def test_script_uses_the_venv_and_defaults_to_the_visible_gpus(script_copy):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "N_GPUS_PER_NODE", "WORLD_SIZE", "RANK")}
+    result = subprocess.run(
+        ["bash", str(script_copy / "run_bt_rm.sh")],
+        env={**env, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    argv = (script_copy / "argv").read_text().splitlines()
+    assert argv[:2] == ["-m", "btrm.launcher"] and "--nproc_per_node=2" in argv
+    assert result.stderr.splitlines() == [
+        "run_bt_rm.sh: no GPU visible: training on 2 CPU processes (gloo); set N_GPUS_PER_NODE to change"
+    ]
+    result = subprocess.run(
+        ["bash", str(script_copy / "run_bt_rm.sh")],
+        env={**env, "CUDA_VISIBLE_DEVICES": "0,1,3"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--nproc_per_node=3" in (script_copy / "argv").read_text().splitlines() and result.stderr == ""
+
+
+def test_script_help_lists_every_knob_with_its_default():
+    help_text = subprocess.run(
+        ["bash", str(REPO / "run_bt_rm.sh"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "set -euo" not in help_text
+    knobs = re.findall(r"^([A-Z_]+)=\$\{[A-Z_]+:-(.*?)\}\s+#", (REPO / "run_bt_rm.sh").read_text(), flags=re.M)
+    assert len(knobs) >= 15
+    for knob, default in knobs:
+        line = next((line for line in help_text.splitlines() if line.startswith(f"  {knob} ")), None)
+        assert line is not None, knob
+        assert (default if "$" not in default else default.split(":-")[1].rstrip("}")) in line, line
+
+
+# ---- real launches: the console shows the one line once, not once per rank
+
+
+def launch(tmp_path, model_dir, data_dir, *overrides, env_extra=None, command=None):
+    env = {**trainer_env(tmp_path, model_dir, data_dir, 2, "mistake"), **(env_extra or {})}
+    started = time.monotonic()
+    result = subprocess.run(
+        command or ["bash", str(REPO / "run_bt_rm.sh"), "trainer.device=cpu", *overrides],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    return result, time.monotonic() - started
+
+
+def test_launch_with_a_missing_model_stops_before_any_rank(tmp_path, demo_data_dir):
+    result, seconds = launch(tmp_path, Path("/no/such/dir"), demo_data_dir)
+    assert result.returncode == launcher.EXIT_REPORTED and seconds < 10
+    assert result.stdout == "" and error_lines(result.stderr) == [
+        "error: model.partial_pretrain=/no/such/dir: this path does not exist; "
+        "pass an existing model directory (with config.json) or a hub id such as Qwen/Qwen3-32B"
+    ]
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_error_found_by_the_ranks_is_one_line_in_console_and_logs(tmp_path, tiny_model_dir, demo_data_dir):
+    """Over-long pairs with data.truncation=error: found while tokenizing, on every rank, before any model is built."""
+    result, seconds = launch(tmp_path, tiny_model_dir, demo_data_dir, "data.max_length=16", "data.truncation=error")
+    output = result.stdout + result.stderr
+    assert result.returncode == launcher.EXIT_REPORTED, output[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "data.max_length is 16" in lines[0], output[-3000:]
+    assert "Traceback" not in output and "ChildFailedError" not in output and "elastic" not in output
+    root = tmp_path / "ckpt" / "mistake"
+    assert (root / "errors.log").read_text().count(lines[0]) == 1
+    assert any(lines[0] in log.read_text() for log in root.glob("hydra/*/bt_trainer.log"))
+    assert not list(root.glob("global_step_*"))
+
+
+def test_plain_torchrun_launch_refuses_a_plus_key_once(tmp_path, tiny_model_dir, demo_data_dir):
+    """Without the launcher, each rank checks the composed config; rank 0 alone says so."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(REPO / "bt_trainer.py"),
+        f"model.partial_pretrain={tiny_model_dir}",
+        f"data.train_files={demo_data_dir / 'train.parquet'}",
+        f"data.val_files={demo_data_dir / 'test.parquet'}",
+        f"trainer.save_path={tmp_path / 'ckpt'}",
+        "trainer.device=cpu",
+        "+optim.lrr=1e-6",
+    ]
+    result, _ = launch(tmp_path, tiny_model_dir, demo_data_dir, command=command)
+    assert result.returncode != 0
+    assert error_lines(result.stdout + result.stderr) == [
+        "error: optim.lrr=1e-06: unknown key optim.lrr, trainer.yaml has no such knob; did you mean optim.lr? "
+        "(trainer.yaml is the whole config: `+` cannot add keys; see its comments for every knob)"
+    ]
+
+
+def test_a_python_without_the_requirements_is_one_line(monkeypatch, capsys):
+    def compose_without_hydra(overrides):
+        raise ModuleNotFoundError("No module named 'hydra'", name="hydra")
+
+    monkeypatch.setattr(launcher, "compose_config", compose_without_hydra)
+    assert launcher.main(LAUNCHER) == launcher.EXIT_REPORTED
+    assert capsys.readouterr().err == (
+        f"error: {sys.executable} cannot import hydra (a requirement of this project); run `bash setup.sh` "
+        "to create .venv (run_bt_rm.sh then uses it), or set PYTHON to an interpreter with requirements.txt installed\n"
+    )
+
+
+def test_launcher_reports_a_rank_failure_once(tmp_path, monkeypatch, capsys):
+    """Rank 0 has printed its line: nothing more. Only another rank reported: its line, from its error file. A crash: torchrun's report."""
+    import json
+
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def failure(rank, exitcode, message=None):
+        error_file = tmp_path / f"error_{rank}.json"
+        if message:
+            error_file.write_text(json.dumps({"message": message, "timestamp": 0}))
+        return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(error_file))
+
+    def failing_with(failures):
+        def run(args):
+            raise ChildFailedError("bt_trainer.py", failures)
+
+        return run
+
+    line = "error: data.max_length is 16"
+    monkeypatch.setattr(torchrun, "run", failing_with({0: failure(0, 2, line), 1: failure(1, -15, line)}))
+    assert launcher.launch(LAUNCHER) == launcher.EXIT_REPORTED and capsys.readouterr().err == ""
+    monkeypatch.setattr(torchrun, "run", failing_with({1: failure(1, 2, line), 0: failure(0, -15)}))
+    assert launcher.launch(LAUNCHER) == launcher.EXIT_REPORTED and capsys.readouterr().err == line + "\n"
+    monkeypatch.setattr(torchrun, "run", failing_with({0: failure(0, 1), 1: failure(1, 2, line)}))
+    with pytest.raises(ChildFailedError):
+        launcher.launch(LAUNCHER)
