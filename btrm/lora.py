@@ -78,21 +78,28 @@ def resolve_settings(
     return LoraSettings(rank=rank, alpha=float(alpha), target_modules=targets)
 
 
-def add_lora(model: torch.nn.Module, settings: LoraSettings, base_dtype: torch.dtype | None = None):
-    """The value-head model wrapped in a peft LoRA model: adapters + score weight trainable, all else frozen.
+def peft_config(settings: LoraSettings, **extra):
+    """peft's LoraConfig for these settings; no dropout: a step is a deterministic function of the batch."""
+    from peft import LoraConfig
 
-    `base_dtype` (e.g. bf16): the frozen weights are stored in it; trainable ones stay in the model's dtype.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
+    return LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
         target_modules=list(settings.target_modules),
         lora_dropout=0.0,
         bias="none",
-    )  # no dropout: a step is a deterministic function of the batch
-    model = get_peft_model(model, config)  # freezes every non-LoRA parameter
+        **extra,
+    )
+
+
+def add_lora(model: torch.nn.Module, settings: LoraSettings, base_dtype: torch.dtype | None = None):
+    """The value-head model wrapped in a peft LoRA model: adapters + score weight trainable, all else frozen.
+
+    `base_dtype` (e.g. bf16): the frozen weights are stored in it; trainable ones stay in the model's dtype.
+    """
+    from peft import get_peft_model
+
+    model = get_peft_model(model, peft_config(settings))  # freezes every non-LoRA parameter
     head = model.get_base_model().get_submodule(SCORE_HEAD)
     head.weight.requires_grad_(True)
     if base_dtype is not None:
@@ -160,22 +167,13 @@ def save_adapter(
     directory: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], settings: LoraSettings, base_model: str
 ) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` (peft's format) to directory, atomically each."""
-    from peft import LoraConfig
     from safetensors.torch import save_file
 
     from btrm import atomic
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        target_modules=list(settings.target_modules),
-        lora_dropout=0.0,
-        bias="none",
-        modules_to_save=[SCORE_HEAD],
-        base_model_name_or_path=base_model,
-    )
+    config = peft_config(settings, modules_to_save=[SCORE_HEAD], base_model_name_or_path=base_model)
     config_dict = config.to_dict()
     config_dict["target_modules"] = sorted(config_dict["target_modules"])
     weights = {key: value.detach().contiguous().cpu() for key, value in adapter_state_dict(state_dict).items()}
