@@ -509,7 +509,7 @@ def without_timings(metrics):
 def test_logged_step_metrics_are_over_all_ranks_pairs(reference_run, tiny_model_dir, demo_data_dir):
     """Step 1's train loss/accuracy/rewards == a hand computation over both ranks' 4 pairs each.
 
-    The rewards come from transformers run one conversation at a time (no bt_data batching), on the
+    The rewards come from transformers run one conversation at a time (no btrm.batching), on the
     model the trainer starts from (seeded score head), for the pairs DistributedSampler gives each rank.
     """
     from torch.utils.data import DistributedSampler
