@@ -314,9 +314,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.fsdp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=self.device_name)
-        tokens = torch.zeros(
-            4, dtype=torch.float64, device=self.device_name
-        )  # real, computed, micro-batches, conversation
+        # real, computed, micro-batches, conversation
+        tokens = torch.zeros(4, dtype=torch.float64, device=self.device_name)
         for indices in self.plan_step(pairs, balance_ranks=True):
             result = self._compute_loss_and_backward([pairs[i] for i in indices], step_pairs=len(pairs))
             sums += result.sums

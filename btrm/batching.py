@@ -142,9 +142,8 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, layout: str
         return collate_packed(pair_sequences(pairs))
     if layout == "shared":
         batch = collate_shared([(p.chosen, p.rejected) for p in pairs])
-        batch["reward_index"] = (
-            batch["reward_index"].view(-1, 2).t().reshape(-1)
-        )  # (c1, r1, c2, r2...) -> (c1, c2..., r1, r2...)
+        # (c1, r1, c2, r2...) -> (c1, c2..., r1, r2...)
+        batch["reward_index"] = batch["reward_index"].view(-1, 2).t().reshape(-1)
         return batch
     raise ValueError(f"layout is {layout!r}; expected one of {LAYOUTS}")
 

@@ -49,9 +49,8 @@ class TrainerState:
     step: int = 0  # optimizer steps taken (skipped ones included)
     skipped_steps: int = 0  # steps whose gradient norm was not finite, over the whole run
     consecutive_skipped_steps: int = 0
-    lora: dict | None = (
-        None  # the LoRA settings the shards' keys depend on (None: full fine-tune); resume needs the same
-    )
+    # the LoRA settings the shards' keys depend on (None: full fine-tune); resume needs the same
+    lora: dict | None = None
 
     def record_update(self, finite: bool) -> None:
         """Count a step whose update was taken (finite gradient norm) or skipped."""

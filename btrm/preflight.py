@@ -60,9 +60,8 @@ def check_data(values: Mapping[str, Any]) -> None:
         raise rows.DataError(message) from None
 
 
-HUB_REPO_ID = re.compile(
-    r"(?:[\w.-]+/)?[\w.-]{1,96}"
-)  # huggingface_hub's validate_repo_id, without its length and '--' details
+# huggingface_hub's validate_repo_id, without its length and '--' details
+HUB_REPO_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]{1,96}")
 
 
 def looks_like_local_path(value: str) -> bool:
