@@ -31,6 +31,8 @@ stays available on the same model, e.g. for the start-up check. Nothing is regis
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import sys
 from collections.abc import Sequence
@@ -173,7 +175,12 @@ def varlen_attention(query, key, value, segments: SegmentLayout, scaling: float 
             "segment attention with varlen_attn has no attention dropout; set the model's attention_dropout to 0"
         )
     q, k, v = varlen_kernel_inputs(query, key, value, segments)
-    out = varlen_kernel()(
+    kernel = varlen_kernel()
+    # torch 2.13 asks for enable_gqa when key/value have fewer heads; torch 2.11 has no such argument
+    # (its flash kernel takes fewer key/value heads natively) and raises TypeError if given one.
+    gqa = {"enable_gqa": q.shape[1] != k.shape[1]} if takes_enable_gqa(kernel) else {}
+    # window_size (-1, 0): causal, aligned bottom-right
+    out = kernel(
         q,
         k,
         v,
@@ -183,9 +190,15 @@ def varlen_attention(query, key, value, segments: SegmentLayout, scaling: float 
         segments.max_k,
         scale=scaling,
         window_size=(-1, 0),
-        enable_gqa=q.shape[1] != k.shape[1],  # (-1, 0): causal
+        **gqa,
     )
     return out.unsqueeze(0)
+
+
+@functools.cache
+def takes_enable_gqa(kernel) -> bool:
+    """Whether this torch's varlen_attn has the enable_gqa argument (torch >= 2.13; 2.11 has not)."""
+    return "enable_gqa" in inspect.signature(kernel).parameters
 
 
 def bottom_right_causal_mask(query_length: int, key_length: int, device) -> torch.Tensor:

@@ -81,6 +81,35 @@ def emulated_varlen_attn(
     return out
 
 
+def emulated_varlen_attn_torch_2_11(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)
+):
+    """torch 2.11's signature: no enable_gqa (passing it raises TypeError); fewer key/value heads are taken as GQA."""
+    return emulated_varlen_attn(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        scale=scale,
+        window_size=window_size,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+
+
+VARLEN_SIGNATURES = {"torch-2.13": emulated_varlen_attn, "torch-2.11": emulated_varlen_attn_torch_2_11}
+
+
+def test_installed_varlen_attn_signature_is_one_the_cuda_branch_knows():
+    from torch.nn.attention.varlen import varlen_attn
+
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    assert attention.takes_enable_gqa(varlen_attn) == (version >= (2, 13))
+    assert not attention.takes_enable_gqa(emulated_varlen_attn_torch_2_11)
+
+
 # ----------------------------------------------------------------------------- the segment description
 
 
@@ -306,17 +335,19 @@ def test_all_cases_in_one_micro_batch_with_gradient_checkpointing(reference_mode
         assert_same(rewards_loss_grads(model, pairs, layout, tokenizer.pad_token_id), reference)
 
 
+@pytest.mark.parametrize("torch_signature", sorted(VARLEN_SIGNATURES))
 @pytest.mark.parametrize("layout", ["packed", "shared"])
 def test_cuda_branch_arguments_through_emulated_varlen_attn(
-    reference_model, segment_model, tokenizer, layout, monkeypatch
+    reference_model, segment_model, tokenizer, layout, torch_signature, monkeypatch
 ):
-    """The varlen_attn branch end to end: its q/k/v packing, key gather, cu_seq and max lengths, fed to the emulation."""
+    """The varlen_attn branch end to end: its q/k/v packing, key gather, cu_seq and max lengths, fed to the emulation
+    of varlen_attn as each supported torch defines it (2.11 has no enable_gqa argument)."""
     monkeypatch.setattr(attention, "runs_on_varlen_kernel", lambda query: True)
     calls = []
 
     def recording_kernel():
         calls.append(1)
-        return emulated_varlen_attn
+        return VARLEN_SIGNATURES[torch_signature]
 
     monkeypatch.setattr(attention, "varlen_kernel", recording_kernel)
     pairs = [p for case in CASES for p in case_pairs(tokenizer, case)]
