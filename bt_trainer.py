@@ -125,6 +125,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     layout: str  # batching.LAYOUTS
     layout_checked: bool  # the start-up layout check has run, or is not needed
+    token_budget: batching.TokenBudget  # data.max_tokens_per_micro_batch resolved (auto: by device / memory plan)
     lora_settings: lora.LoraSettings | None
     checkpoint_manager: FSDPCheckpointManager
     loss_config: LossConfig
@@ -157,6 +158,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
                     self.val_dataset,
                     device=self.device_name,
                     world_size=self.device_mesh.size(),
+                    token_budget=self.token_budget,
                     steps_per_epoch=self.steps_per_epoch,
                     total_steps=self.total_steps,
                     last_step=self.last_step(),
@@ -188,7 +190,13 @@ class BTRewardTrainer(FSDPSFTTrainer):
 
     def _normalize_config_bsz(self):
         # btrm.schema has checked that the batch divides over the ranks and into micro-batches.
-        self.pairs_per_rank = self.config.data.train_batch_size // self.device_mesh.size()
+        data, world_size = self.config.data, self.device_mesh.size()
+        self.pairs_per_rank = data.train_batch_size // world_size
+        self.token_budget = batching.resolve_token_budget(
+            data.max_tokens_per_micro_batch,
+            self.device_name,
+            planned=lambda: planned_token_budget(self.config, world_size),
+        )
 
     def _build_dataloader(self, train_dataset, val_dataset):
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
@@ -262,16 +270,12 @@ class BTRewardTrainer(FSDPSFTTrainer):
 
     def plan_step(self, pairs: list[TokenizedPair], balance_ranks: bool) -> list[list[int]]:
         """Micro-batches of this rank's pairs; with a token budget, every rank gets the same count."""
-        data = self.config.data
-        plan = batching.plan_micro_batches(
-            pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu, layout=self.layout
-        )
-        if data.max_tokens_per_micro_batch is None or not balance_ranks:
+        budget, max_pairs = self.token_budget.tokens, self.config.data.micro_batch_size_per_gpu
+        plan = batching.plan_micro_batches(pairs, budget, max_pairs, layout=self.layout)
+        if budget is None or not balance_ranks:
             return plan
         count = int(self._all_reduce(torch.tensor(len(plan), device=self.device_name), dist.ReduceOp.MAX))
-        return batching.plan_micro_batches(
-            pairs, data.max_tokens_per_micro_batch, data.micro_batch_size_per_gpu, min_count=count, layout=self.layout
-        )
+        return batching.plan_micro_batches(pairs, budget, max_pairs, min_count=count, layout=self.layout)
 
     def _collate(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
         return batching.move_to(
@@ -279,12 +283,14 @@ class BTRewardTrainer(FSDPSFTTrainer):
         )
 
     def _check_layout(self, pairs: list[TokenizedPair]) -> None:
-        """Start-up check (trainer.check_layout) on this rank's first micro-batch; collective, so all ranks stop together."""
+        """Start-up check (trainer.check_layout) on this rank's two shortest pairs: two segments or more per
+        pair, and a segment boundary between pairs, at a small share of the first step's cost; collective,
+        so all ranks stop together."""
         self.layout_checked = True
-        first = [pairs[i] for i in self.plan_step(pairs, balance_ranks=False)[0]]
+        sample = sorted(pairs, key=lambda pair: pair.num_tokens)[:2]
         check_layout_on_every_rank(
             self.fsdp_model,
-            first,
+            sample,
             self.tokenizer.pad_token_id,
             self.layout,
             self.device_name,
@@ -585,11 +591,23 @@ def step_metrics(
     }
 
 
+def planned_token_budget(config: DictConfig, world_size: int) -> batching.TokenBudget:
+    """data.max_tokens_per_micro_batch=auto on a GPU: the largest budget the memory plan says fits (btrm.plan),
+    as the launcher planned it before starting the ranks, else planned now on rank 0 for all."""
+    from btrm import launcher, plan
+
+    handed_over = launcher.planned_budget_from_environment()
+    if handed_over is not None:
+        return handed_over
+    return launcher.checked_on_rank0(lambda: plan.auto_token_budget(config, world_size))
+
+
 def check_layout_on_every_rank(
     model, pairs: list[TokenizedPair], pad_token_id: int, layout: str, device: str, dtype: torch.dtype
 ) -> None:
-    """The micro-batch's rewards in `layout` vs padded (two forwards on every rank, so FSDP's collectives pair up);
+    """The pairs' rewards in `layout` vs padded (two forwards on every rank, so FSDP's collectives pair up);
     the worst ratio to the dtype's tolerance is all-reduced, so every rank passes or raises together."""
+    start = time.perf_counter()
     check = batching.check_layout(model, pairs, pad_token_id, layout, device, dtype)
     worst = torch.tensor(check.ratio, dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -597,14 +615,14 @@ def check_layout_on_every_rank(
     if not worst <= 1.0:  # NaN fails too
         raise RuntimeError(
             f"start-up layout check failed: rewards of the {layout} layout differ from the padded layout's by {worst:.3g}x the "
-            f"{dtype} tolerance on the first micro-batch (this rank: max |difference| {check.max_difference:.3g}, tolerance "
+            f"{dtype} tolerance on the sample (this rank: max |difference| {check.max_difference:.3g}, tolerance "
             f"{check.tolerance:.3g}). Segment attention is not exact on this hardware/kernel: train padded with use_remove_padding=false, "
             "or skip the check with trainer.check_layout=false"
         )
-    if dist.get_rank() == 0:
-        print(
-            f"layout check: {layout} rewards equal the padded layout's on the first micro-batch "
-            f"(worst difference {worst:.2g}x the {dtype} tolerance)"
+    if dist.get_rank() == 0:  # the progress bar is on screen: write above it
+        tqdm.write(
+            f"layout check: {layout} rewards equal the padded layout's on each rank's {len(pairs)} shortest pairs "
+            f"(worst difference {worst:.2g}x the {dtype} tolerance; {time.perf_counter() - start:.2f} s)"
         )
 
 

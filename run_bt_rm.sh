@@ -2,6 +2,7 @@
 # Train a Bradley-Terry reward model: btrm.launcher checks, then torchrun -> bt_trainer.py with trainer.yaml.
 #
 #   bash run_bt_rm.sh [hydra overrides...]
+#   bash run_bt_rm.sh --plan [--gpus N] [--gpu-memory GIB] [hydra overrides...]   # will it fit? (btrm.plan)
 #
 # Knobs are environment variables (listed below with their defaults); any extra argument is passed
 # through as a Hydra override, last, so it wins:  bash run_bt_rm.sh trainer.logger=[console,file] optim.lr=1e-6
@@ -22,7 +23,7 @@ MODEL_PATH=${MODEL_PATH:-Qwen/Qwen3-32B}           # causal LM to start from: lo
 TRAIN_FILE=${TRAIN_FILE:-data/helpsteer2/train.parquet}  # training pairs (files, not directories; relative to the repo root)
 VAL_FILE=${VAL_FILE:-data/helpsteer2/test.parquet}  # validation pairs
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-256}          # pairs per optimizer step, over all ranks
-MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}            # pairs per forward/backward per rank (data.micro_batch_size_per_gpu)
+MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-}             # caps the pairs of a micro-batch (data.micro_batch_size_per_gpu); unset: trainer.yaml's (null: the token budget alone)
 MAX_LENGTH=${MAX_LENGTH:-4096}                     # max tokens of one conversation
 LR=${LR:-5e-7}                                     # peak learning rate
 TOTAL_EPOCHS=${TOTAL_EPOCHS:-3}                    # epochs
@@ -39,6 +40,7 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
   sed -nE 's/^([A-Z_]+)=\$\{[A-Z_]+:-(.*)\}[[:space:]]+# (.*)$/\1|\2|\3/p' "$0" |
     while IFS='|' read -r knob default meaning; do
       default=$(sed -E 's/\$\{([A-Z_]+):-([^}]*)\}/$\1, else \2/' <<<"$default")
+      default=${default:-(unset)}
       printf '  %-17s %-31s %s\n' "$knob" "$default" "$meaning"
     done
   exit 0
@@ -64,6 +66,31 @@ count_visible_gpus() {
     echo 0
   fi
 }
+KNOB_OVERRIDES=(
+  model.partial_pretrain="$MODEL_PATH"
+  data.train_files="$TRAIN_FILE"
+  data.val_files="$VAL_FILE"
+  data.train_batch_size="$TRAIN_BATCH_SIZE"
+  data.max_length="$MAX_LENGTH"
+  optim.lr="$LR"
+  trainer.total_epochs="$TOTAL_EPOCHS"
+  trainer.save_path="$SAVE_PATH"
+  trainer.project_name="$PROJECT_NAME"
+  trainer.experiment_name="$EXPERIMENT_NAME"
+  ${MICRO_BATCH_SIZE:+data.micro_batch_size_per_gpu="$MICRO_BATCH_SIZE"}
+)
+
+# --plan: the memory plan of this configuration (btrm.plan, fake tensors, no weights, no GPU needed) for
+# NNODES x N_GPUS_PER_NODE GPUs (N_GPUS_PER_NODE=auto without a visible GPU: btrm.plan's default, 8).
+if [[ "${1:-}" == "--plan" ]]; then
+  shift
+  GPUS_PER_NODE=$N_GPUS_PER_NODE
+  [[ "$GPUS_PER_NODE" == auto ]] && GPUS_PER_NODE=$(count_visible_gpus)
+  GPUS=()
+  (( GPUS_PER_NODE > 0 )) && GPUS=(--gpus=$((NNODES * GPUS_PER_NODE)))
+  exec "$PYTHON" -m btrm.plan "${GPUS[@]}" "${KNOB_OVERRIDES[@]}" "$@"
+fi
+
 if [[ "$N_GPUS_PER_NODE" == auto ]]; then
   N_GPUS_PER_NODE=$(count_visible_gpus)
   if (( N_GPUS_PER_NODE == 0 )); then
@@ -76,16 +103,4 @@ fi
 exec "$PYTHON" -m btrm.launcher \
   --nnodes="$NNODES" --nproc_per_node="$N_GPUS_PER_NODE" --node_rank="$NODE_RANK" \
   --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
-  bt_trainer.py \
-  model.partial_pretrain="$MODEL_PATH" \
-  data.train_files="$TRAIN_FILE" \
-  data.val_files="$VAL_FILE" \
-  data.train_batch_size="$TRAIN_BATCH_SIZE" \
-  data.micro_batch_size_per_gpu="$MICRO_BATCH_SIZE" \
-  data.max_length="$MAX_LENGTH" \
-  optim.lr="$LR" \
-  trainer.total_epochs="$TOTAL_EPOCHS" \
-  trainer.save_path="$SAVE_PATH" \
-  trainer.project_name="$PROJECT_NAME" \
-  trainer.experiment_name="$EXPERIMENT_NAME" \
-  "$@"
+  bt_trainer.py "${KNOB_OVERRIDES[@]}" "$@"

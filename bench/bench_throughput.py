@@ -144,7 +144,7 @@ def plan(mode: str, pairs, args) -> list[list[int]]:
     from btrm import batching
 
     if mode in PACKED_MODES:
-        return batching.plan_micro_batches(pairs, args.max_tokens, args.micro_batch_pairs, layout=mode)
+        return batching.plan_micro_batches(pairs, args.max_tokens, None, layout=mode)
     return batching.fixed_size_micro_batches(len(pairs), args.micro_batch_pairs)
 
 

@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -174,6 +174,35 @@ def token_counts(batch: dict[str, torch.Tensor]) -> TokenCounts:
 # ----------------------------------------------------------------------------- micro-batches
 
 
+# data.max_tokens_per_micro_batch=auto on CPU: on the 2-core CPU bench (2 ranks, Qwen3 hidden 256, HelpSteer2-like
+# pairs) a 4,096-token budget ran faster per pair than 8,192, and memory is rarely what limits a CPU run.
+CPU_AUTO_TOKEN_BUDGET = 4096
+
+
+class TokenBudget(NamedTuple):
+    tokens: int | None  # computed tokens per micro-batch; None: fixed-size micro-batches
+    source: str  # where the value came from, for the start-up summary
+
+
+def resolve_token_budget(setting: int | str | None, device: str, planned: Callable[[], TokenBudget]) -> TokenBudget:
+    """data.max_tokens_per_micro_batch as a number: the user's value, or for `auto` the CPU default or,
+    on a GPU, what `planned()` (the memory plan, btrm.plan) says fits."""
+    if setting != "auto":
+        return TokenBudget(setting, "set by data.max_tokens_per_micro_batch")
+    if device == "cpu":
+        return TokenBudget(CPU_AUTO_TOKEN_BUDGET, "auto: the CPU default")
+    return planned()
+
+
+def describe_micro_batches(budget: TokenBudget, max_pairs: int | None) -> str:
+    """How a rank's step is cut, for the start-up summary: both limits and where the budget came from."""
+    pairs = None if max_pairs is None else f"{max_pairs} pair{'s' * (max_pairs != 1)}"
+    if budget.tokens is None:
+        return f"micro-batches of {pairs} (data.micro_batch_size_per_gpu)"
+    cap = f", at most {pairs} (data.micro_batch_size_per_gpu)" if pairs else ""
+    return f"micro-batches of <= {budget.tokens:,} computed tokens ({budget.source}){cap}"
+
+
 def fixed_size_micro_batches(num_pairs: int, pairs_per_micro_batch: int) -> list[list[int]]:
     return [
         list(range(start, min(start + pairs_per_micro_batch, num_pairs)))
@@ -181,58 +210,92 @@ def fixed_size_micro_batches(num_pairs: int, pairs_per_micro_batch: int) -> list
     ]
 
 
-def token_budget_micro_batches(pair_tokens: Sequence[int], max_tokens: int, min_count: int = 1) -> list[list[int]]:
-    """Group pair indices into micro-batches of at most max_tokens tokens each, whole pairs only.
+def token_budget_micro_batches(
+    pair_tokens: Sequence[int],
+    max_tokens: int,
+    min_count: int = 1,
+    max_pairs: int | None = None,
+    pad_to_longest: bool = False,
+) -> list[list[int]]:
+    """Group pair indices into micro-batches of at most max_tokens tokens (and max_pairs pairs) each, whole pairs only.
 
-    First-fit decreasing gives few, full micro-batches; a pair over the budget on its own runs
-    alone. Then, until there are `min_count` micro-batches (so that every data-parallel rank runs
-    the same number), the heaviest splittable one is split in two halves of similar token count:
-    splitting never breaks the budget. Within a micro-batch, indices keep the data order.
+    A micro-batch's load is the sum of its pairs' tokens, or, with pad_to_longest (the padded
+    layout, where every pair is padded to the micro-batch's longest), its pair count times its
+    largest pair_tokens. First-fit decreasing gives few, full micro-batches; a pair over the
+    budget on its own runs alone. Then, until there are `min_count` micro-batches (so that every
+    data-parallel rank runs the same number), the heaviest splittable one is split in two halves of
+    similar token count: splitting never breaks the budget nor the pair cap. Within a micro-batch,
+    indices keep the data order.
     """
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     if not 1 <= min_count <= max(len(pair_tokens), 1):
         raise ValueError(f"cannot make {min_count} micro-batches out of {len(pair_tokens)} pairs")
+
+    def load(count: int, total: int, largest: int) -> int:
+        return count * largest if pad_to_longest else total
+
     bins: list[list[int]] = []
-    loads: list[int] = []
+    stats: list[tuple[int, int, int]] = []  # per micro-batch: pairs, tokens, largest pair
     for index in sorted(range(len(pair_tokens)), key=lambda i: (-pair_tokens[i], i)):
         tokens = pair_tokens[index]
-        target = next((b for b, load in enumerate(loads) if load + tokens <= max_tokens), None)
+        target = next(
+            (
+                b
+                for b, (count, total, largest) in enumerate(stats)
+                if (max_pairs is None or count < max_pairs)
+                and load(count + 1, total + tokens, max(largest, tokens)) <= max_tokens
+            ),
+            None,
+        )
         if target is None:
             bins.append([index])
-            loads.append(tokens)
+            stats.append((1, tokens, tokens))
         else:
+            count, total, largest = stats[target]
             bins[target].append(index)
-            loads[target] += tokens
+            stats[target] = (count + 1, total + tokens, max(largest, tokens))
     while len(bins) < min_count:
-        heaviest = max((b for b in range(len(bins)) if len(bins[b]) > 1), key=lambda b: loads[b])
-        members = sorted(bins[heaviest], key=lambda i: (-pair_tokens[i], i))
+        heaviest = max((b for b in range(len(bins)) if len(bins[b]) > 1), key=lambda b: load(*stats[b]))
         halves: tuple[list[int], list[int]] = ([], [])
-        half_loads = [0, 0]
-        for index in members:  # greedy: next-heaviest pair to the lighter half
-            lighter = 0 if half_loads[0] <= half_loads[1] else 1
+        half_stats = [(0, 0, 0), (0, 0, 0)]
+        for index in sorted(bins[heaviest], key=lambda i: (-pair_tokens[i], i)):  # next-heaviest to the lighter half
+            lighter = 0 if load(*half_stats[0]) <= load(*half_stats[1]) else 1
+            count, total, largest = half_stats[lighter]
             halves[lighter].append(index)
-            half_loads[lighter] += pair_tokens[index]
-        bins[heaviest], loads[heaviest] = halves[0], half_loads[0]
+            half_stats[lighter] = (count + 1, total + pair_tokens[index], max(largest, pair_tokens[index]))
+        bins[heaviest], stats[heaviest] = halves[0], half_stats[0]
         bins.append(halves[1])
-        loads.append(half_loads[1])
+        stats.append(half_stats[1])
     return [sorted(b) for b in bins]
 
 
 def plan_micro_batches(
     pairs: Sequence[TokenizedPair],
     max_tokens: int | None,
-    pairs_per_micro_batch: int,
+    max_pairs: int | None,
     min_count: int = 1,
     layout: str = "padded",
 ) -> list[list[int]]:
-    """Micro-batches of a step: by token budget when max_tokens is set, else fixed-size.
+    """Micro-batches of a step: by token budget when max_tokens is set (at most max_pairs pairs each when
+    that is set too), else fixed-size micro-batches of max_pairs pairs.
 
-    The budget counts the tokens the layout computes: in `shared`, a pair's prefix once.
+    The budget counts the tokens the layout computes: in `shared`, a pair's prefix once; in
+    `padded`, every sequence padded to the micro-batch's longest.
     """
     if max_tokens is None:
-        return fixed_size_micro_batches(len(pairs), pairs_per_micro_batch)
-    return token_budget_micro_batches([p.computed_tokens(layout) for p in pairs], max_tokens, min_count)
+        if max_pairs is None:
+            raise ValueError("micro-batches need a token budget or a pair count")
+        return fixed_size_micro_batches(len(pairs), max_pairs)
+    if layout == "padded":
+        return token_budget_micro_batches(
+            [2 * max(len(p.chosen), len(p.rejected)) for p in pairs],
+            max_tokens,
+            min_count,
+            max_pairs,
+            pad_to_longest=True,
+        )
+    return token_budget_micro_batches([p.computed_tokens(layout) for p in pairs], max_tokens, min_count, max_pairs)
 
 
 # ----------------------------------------------------------------------------- rewards

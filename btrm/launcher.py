@@ -18,6 +18,7 @@ BT_DEBUG=1 prints the tracebacks of expected errors too.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import signal
@@ -221,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not any(arg.startswith("-") for arg in overrides):  # Hydra's own flags (--cfg, -m, ...): left to the ranks
             config = compose_config(overrides)
             check_inputs(check_config(config, world_size=world_size), world_size)
+            check_gpu_memory(config, world_size)
     except ModuleNotFoundError as error:
         return missing_requirement(error)
     except EXPECTED_ERRORS as error:
@@ -234,6 +236,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         return launch(torchrun_args + overrides)
     except ModuleNotFoundError as error:  # torch itself (the ranks' own import errors stay in the ranks)
         return missing_requirement(error)
+
+
+# The launcher's plan of an `auto` token budget, handed to the ranks ("tokens|source") so they need not plan again.
+PLANNED_BUDGET_ENV = "BTRM_PLANNED_TOKEN_BUDGET"
+
+
+def planned_budget_from_environment():
+    """The batching.TokenBudget the launcher planned for this launch, or None."""
+    from btrm.batching import TokenBudget
+
+    handed_over = os.environ.get(PLANNED_BUDGET_ENV)
+    if not handed_over:
+        return None
+    tokens, source = handed_over.split("|", 1)
+    return TokenBudget(int(tokens), source)
+
+
+def gpu_device_files_exist() -> bool:
+    """A cheap sign of a GPU before torch is imported (run_bt_rm.sh counts GPUs the same way)."""
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or Path("/dev/kfd").exists()
+
+
+def check_gpu_memory(config, world_size: int | None) -> None:
+    """On GPUs, before any weights load: the memory plan (btrm.plan) of this run. An `auto` budget is planned
+    once here and handed to the ranks; a run that cannot fit even one pair is refused (plan.auto_token_budget's
+    line); an explicit budget over what fits gets a warning with the largest that does."""
+    if config.trainer.device == "cpu" or not gpu_device_files_exist() or not world_size:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from btrm import plan
+
+    setting = config.data.max_tokens_per_micro_batch
+    if setting == "auto":
+        budget = plan.auto_token_budget(config, world_size)
+        os.environ[PLANNED_BUDGET_ENV] = f"{budget.tokens}|{budget.source}"
+        print(f"memory plan: data.max_tokens_per_micro_batch=auto -> {budget.tokens:,} ({budget.source})", flush=True)
+        return
+    fitting = plan.largest_fitting_budget(config, gpus=world_size, device="cuda")
+    if fitting is None:
+        plan.auto_token_budget(config, world_size)  # raises its one-line refusal with what would fit
+    if setting is not None and fitting is not None and setting > fitting:
+        print(
+            f"WARNING: the memory plan fits {fitting:,} tokens per micro-batch on these GPUs, less than "
+            f"data.max_tokens_per_micro_batch={setting:,}; expect out-of-memory (bash run_bt_rm.sh --plan shows why)",
+            flush=True,
+        )
 
 
 def missing_requirement(error: ModuleNotFoundError) -> int:

@@ -3,7 +3,9 @@
 A scalar value head (`*ForTokenClassification`, num_labels=1, what verl's RewardModelWorker loads)
 on a causal LM; the score bias is zeroed and frozen so every consumer's loader scores the same.
 `build_model` makes everything the trainer trains, in one call: value head, attention layout,
-LoRA, gradient checkpointing, FSDP2 (or FSDP1 on GPU) wrapping, optimizer and LR schedule.
+LoRA, gradient checkpointing, FSDP2 (or FSDP1 on GPU) wrapping, optimizer and LR schedule. Its steps
+(`value_head_config`, `adapt_model`, `fsdp2_kwargs`; `value_head_model_from_config` in place of loading the
+weights) are also what btrm.plan builds on fake tensors, so a plan measures the model the trainer trains.
 """
 
 from __future__ import annotations
@@ -65,6 +67,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def value_head_config(model_path: str, *, trust_remote_code: bool):
+    """The causal LM's transformers config (config.json only, no weights) set up for a value head: num_labels=1."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    config.num_labels = 1
+    config.classifier_dropout = 0.0
+    return config
+
+
+def finish_value_head(model):
+    """Declare the value-head class in config.architectures; zero and freeze the score bias (see load_value_head_model)."""
+    model.config.architectures = [type(model).__name__]
+    if model.score.bias is not None:
+        if model.score.bias.device.type != "meta":
+            with torch.no_grad():
+                model.score.bias.zero_()
+        model.score.bias.requires_grad_(False)
+    return model
+
+
 def load_value_head_model(
     model_path: str, *, attn_implementation: str, torch_dtype: torch.dtype, trust_remote_code: bool
 ):
@@ -76,11 +99,9 @@ def load_value_head_model(
     bias) disagree. `config.architectures` is set to the value-head class so the exported
     checkpoint declares what it is.
     """
-    from transformers import AutoConfig, AutoModelForTokenClassification
+    from transformers import AutoModelForTokenClassification
 
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    config.num_labels = 1
-    config.classifier_dropout = 0.0
+    config = value_head_config(model_path, trust_remote_code=trust_remote_code)
     # transformers warns at length that the score head is "newly initialized ... TRAIN this model":
     # expected here, so the warning is silenced and the caller reports it in one line.
     with quiet_transformers():
@@ -93,13 +114,26 @@ def load_value_head_model(
             output_loading_info=True,
         )
     model.newly_initialized = sorted(loading_info["missing_keys"])
-    model.config.architectures = [type(model).__name__]
-    if model.score.bias is not None:
-        if model.score.bias.device.type != "meta":
-            with torch.no_grad():
-                model.score.bias.zero_()
-        model.score.bias.requires_grad_(False)
-    return model
+    return finish_value_head(model)
+
+
+def value_head_model_from_config(
+    config, *, attn_implementation: str, torch_dtype: torch.dtype, trust_remote_code: bool
+):
+    """The value-head model of `value_head_config(...)` with fresh weights (no checkpoint read), in `torch_dtype`.
+
+    For btrm.plan, which builds the model on fake tensors. config.dtype is set too: from_config builds the
+    inner backbone in config.dtype (the checkpoint's, e.g. bf16) whatever `dtype` says, where
+    from_pretrained(dtype=...) gives every weight that dtype.
+    """
+    from transformers import AutoModelForTokenClassification
+
+    config.dtype = torch_dtype
+    with quiet_transformers():
+        model = AutoModelForTokenClassification.from_config(
+            config, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+    return finish_value_head(model)
 
 
 def build_lr_scheduler(optimizer, optim_config, total_steps: int):
@@ -164,24 +198,8 @@ def build_model(
     seed_everything(config.trainer.seed)
     model = load_sharding_ready_model(model_config, device_mesh)
     model.config.pad_token_id = pad_token_id
-    # Layout (batching.LAYOUTS): packed and shared rows are attended per segment (btrm.attention, no flash-attn
-    # needed); padded batches keep model.attn_implementation, also on a model switched to segments.
-    layout = batching.layout_for(use_remove_padding, config.data.share_prompt)
-    if layout != "padded":
-        attention.enable_segment_attention(model)
-    value_head_config, newly_initialized, class_name = model.config, model.newly_initialized, type(model).__name__
-    lora_settings = None
-    if model_config.lora_rank > 0:  # peft before FSDP, as verl does; the score head stays fully trained (btrm.lora)
-        lora_settings = lora.resolve_settings(
-            model, model_config.lora_rank, model_config.lora_alpha, model_config.target_modules
-        )
-        model = lora.add_lora(model, lora_settings, base_dtype=DTYPES[model_config.lora_base_dtype])
-        class_name += (
-            f" + LoRA (rank {lora_settings.rank}, alpha {lora_settings.alpha:g}, "
-            f"{', '.join(lora_settings.target_modules)})"
-        )
-    if model_config.enable_gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    value_head_config, newly_initialized = model.config, model.newly_initialized
+    model, layout, lora_settings, class_name = adapt_model(model, config, use_remove_padding=use_remove_padding)
     # Counted before sharding (every rank holds the whole model here); the frozen score bias is not trainable.
     parameter_count = sum(p.numel() for p in model.parameters())
     trainable_parameter_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -200,6 +218,35 @@ def build_model(
         trainable_parameter_count=trainable_parameter_count,
         newly_initialized=newly_initialized,
     )
+
+
+def adapt_model(
+    model: torch.nn.Module, config: DictConfig, *, use_remove_padding: bool
+) -> tuple[torch.nn.Module, str, lora.LoraSettings | None, str]:
+    """Attention layout, LoRA and gradient checkpointing on the value-head model, before sharding.
+
+    Returns (the model, a peft model under LoRA; its layout; the LoRA settings or None; its class name).
+    """
+    model_config = config.model
+    # Layout (batching.LAYOUTS): packed and shared rows are attended per segment (btrm.attention, no flash-attn
+    # needed); padded batches keep model.attn_implementation, also on a model switched to segments.
+    layout = batching.layout_for(use_remove_padding, config.data.share_prompt)
+    if layout != "padded":
+        attention.enable_segment_attention(model)
+    class_name = type(model).__name__
+    lora_settings = None
+    if model_config.lora_rank > 0:  # peft before FSDP, as verl does; the score head stays fully trained (btrm.lora)
+        lora_settings = lora.resolve_settings(
+            model, model_config.lora_rank, model_config.lora_alpha, model_config.target_modules
+        )
+        model = lora.add_lora(model, lora_settings, base_dtype=DTYPES[model_config.lora_base_dtype])
+        class_name += (
+            f" + LoRA (rank {lora_settings.rank}, alpha {lora_settings.alpha:g}, "
+            f"{', '.join(lora_settings.target_modules)})"
+        )
+    if model_config.enable_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, layout, lora_settings, class_name
 
 
 def load_sharding_ready_model(model_config: DictConfig, device_mesh: DeviceMesh) -> torch.nn.Module:
@@ -221,35 +268,38 @@ def load_sharding_ready_model(model_config: DictConfig, device_mesh: DeviceMesh)
         )
 
 
+def fsdp2_kwargs(model_config: DictConfig, device_mesh: DeviceMesh, device: str) -> dict:
+    """fully_shard's arguments for every module verl's apply_fsdp2 wraps: model.mixed_precision's compute dtype,
+    fp32 gradient reduction, CPU offload per model.fsdp_config.cpu_offload, parameters resharded after forward."""
+    from verl.utils.fsdp_utils import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    offload = CPUOffloadPolicy(pin_memory=device == "cuda") if model_config.fsdp_config.cpu_offload else None
+    return {
+        "mesh": device_mesh,
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=resolve_param_dtype(model_config.mixed_precision, device),
+            reduce_dtype=torch.float32,
+            cast_forward_inputs=True,
+        ),
+        "offload_policy": offload,
+        "reshard_after_forward": True,
+    }
+
+
 def shard_model(
     model: torch.nn.Module, model_config: DictConfig, device_mesh: DeviceMesh, device: str
 ) -> torch.nn.Module:
     """FSDP2 (in place; returns the same module) or FSDP1 (a wrapper), with model.mixed_precision's compute dtype."""
-    from verl.utils.fsdp_utils import (
-        CPUOffloadPolicy,
-        MixedPrecisionPolicy,
-        apply_fsdp2,
-        fsdp2_load_full_state_dict,
-        get_fsdp_wrap_policy,
-        init_fn,
-    )
+    from verl.utils.fsdp_utils import apply_fsdp2, fsdp2_load_full_state_dict, get_fsdp_wrap_policy, init_fn
 
-    param_dtype = resolve_param_dtype(model_config.mixed_precision, device)
     fsdp_config = model_config.fsdp_config
     if model_config.strategy == "fsdp2":
-        offload = CPUOffloadPolicy(pin_memory=device == "cuda") if fsdp_config.cpu_offload else None
-        fsdp_kwargs = {
-            "mesh": device_mesh,
-            "mp_policy": MixedPrecisionPolicy(
-                param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=True
-            ),
-            "offload_policy": offload,
-            "reshard_after_forward": True,
-        }
+        fsdp_kwargs = fsdp2_kwargs(model_config, device_mesh, device)
         full_state = model.state_dict()
         apply_fsdp2(model, fsdp_kwargs, fsdp_config)
-        fsdp2_load_full_state_dict(model, full_state, device_mesh, offload)
+        fsdp2_load_full_state_dict(model, full_state, device_mesh, fsdp_kwargs["offload_policy"])
         return model
+    param_dtype = resolve_param_dtype(model_config.mixed_precision, device)
     if device != "cuda":
         raise ValueError("model.strategy=fsdp (FSDP1) needs a GPU in torch 2.13; use model.strategy=fsdp2 on CPU")
     from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy

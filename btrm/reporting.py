@@ -13,12 +13,16 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from verl.utils.tracking import Tracking
 
 from btrm import atomic
+
+if TYPE_CHECKING:
+    from btrm.batching import TokenBudget
 
 # ----------------------------------------------------------------------------- start-up summary
 
@@ -121,6 +125,7 @@ def gather_startup_facts(
     *,
     device: str,
     world_size: int,
+    token_budget: TokenBudget,
     steps_per_epoch: int,
     total_steps: int,
     last_step: int,
@@ -129,17 +134,13 @@ def gather_startup_facts(
     """The start-up facts of a run: its config, the model btrm.modeling.build_model built, the datasets and the schedule."""
     import torch.distributed as dist
 
+    from btrm.batching import describe_micro_batches
     from btrm.modeling import DTYPES, resolve_param_dtype
 
     data, model = config.data, config.model
     datasets = (train_dataset, val_dataset)
     mean_tokens, max_tokens = conversation_token_stats(d[i] for d in datasets for i in range(len(d)))
-    if data.max_tokens_per_micro_batch is not None:
-        micro_batch = f"micro-batches of <= {data.max_tokens_per_micro_batch:,} tokens"
-    else:
-        micro_batch = (
-            f"{data.micro_batch_size_per_gpu} pair{'s' * (data.micro_batch_size_per_gpu != 1)} per micro-batch"
-        )
+    micro_batch = describe_micro_batches(token_budget, data.micro_batch_size_per_gpu)
     return StartupFacts(
         device=device,
         backend=dist.get_backend(),

@@ -73,7 +73,7 @@ def integer(at_least: int, *, also: tuple = ()) -> Rule:
     special = " or ".join(render(v) for v in also)
     return Rule(
         f"an integer >= {at_least}" + (f", or {special}" if special else ""),
-        lambda v: (_is_int(v) and v >= at_least) or any(v is s or (_is_int(v) and v == s) for s in also),
+        lambda v: (_is_int(v) and v >= at_least) or any(type(v) is type(s) and v == s for s in also),
     )
 
 
@@ -191,8 +191,8 @@ KNOB_RULES: dict[str, Rule] = {
     "data.prompt_key": text(),
     "data.drop_identical_pairs": flag(),
     "data.train_batch_size": integer(1),
-    "data.micro_batch_size_per_gpu": integer(1),
-    "data.max_tokens_per_micro_batch": integer(2, also=(None,)),
+    "data.micro_batch_size_per_gpu": integer(1, also=(None,)),
+    "data.max_tokens_per_micro_batch": integer(2, also=(None, "auto")),
     "data.share_prompt": flag(),
     "data.max_length": integer(2),
     "data.truncation": one_of("left", "right", "error"),
@@ -237,6 +237,7 @@ KNOB_RULES: dict[str, Rule] = {
     "trainer.device": one_of("auto", "cuda", "cpu"),
     "trainer.seed": any_integer(),
     "trainer.check_layout": flag(),
+    "trainer.gpu_memory_margin": number(at_least=0.0, at_most=0.5),
     "trainer.total_epochs": integer(1),
     "trainer.total_training_steps": integer(1, also=(None,)),
     "trainer.test_freq": integer(1, also=(-1,)),
@@ -364,6 +365,11 @@ def check_combinations(values: Mapping[str, Any], world_size: int | None) -> Non
         bt_loss.LossConfig.from_mapping({name: values[f"loss.{name}"] for name in bt_loss.LOSS_KNOBS})
     except ValueError as error:
         raise PreflightError(str(error)) from None
+    if values["data.max_tokens_per_micro_batch"] is None and values["data.micro_batch_size_per_gpu"] is None:
+        raise PreflightError(
+            "data.max_tokens_per_micro_batch=null and data.micro_batch_size_per_gpu=null: micro-batches need a token "
+            "budget or a pair count; set one (e.g. data.max_tokens_per_micro_batch=auto)"
+        )
     if world_size:
         batch = values["data.train_batch_size"]
         if batch % world_size:
@@ -371,7 +377,7 @@ def check_combinations(values: Mapping[str, Any], world_size: int | None) -> Non
                 f"data.train_batch_size={batch} is not divisible by the {world_size} ranks; use a multiple of {world_size}"
             )
         micro = values["data.micro_batch_size_per_gpu"]
-        if values["data.max_tokens_per_micro_batch"] is None and (batch // world_size) % micro:
+        if values["data.max_tokens_per_micro_batch"] is None and micro is not None and (batch // world_size) % micro:
             raise PreflightError(
                 f"data.micro_batch_size_per_gpu={micro} does not divide the {batch // world_size} pairs per rank "
                 f"(data.train_batch_size={batch} / {world_size} ranks); pick a divisor"

@@ -13,7 +13,7 @@ $PY prepare_helpsteer2.py --input demo/helpsteer2_demo.jsonl.gz --output-dir dat
 
 export N_GPUS_PER_NODE=${N_GPUS_PER_NODE:-2} MODEL_PATH=demo/tiny-qwen3 PYTHON=$PY
 export TRAIN_FILE=data/demo/train.parquet VAL_FILE=data/demo/test.parquet
-export TRAIN_BATCH_SIZE=32 MICRO_BATCH_SIZE=4 LR=1e-3 TOTAL_EPOCHS=2 MAX_LENGTH=1024
+export TRAIN_BATCH_SIZE=32 LR=1e-3 TOTAL_EPOCHS=2 MAX_LENGTH=1024
 export SAVE_PATH=checkpoints EXPERIMENT_NAME=demo MASTER_PORT=${MASTER_PORT:-29511}
 rm -rf "${SAVE_PATH:?}/$EXPERIMENT_NAME"  # a fresh run each time (the trainer would otherwise resume)
 bash run_bt_rm.sh trainer.test_freq=10 optim.warmup_steps_ratio=0.1 "$@"

@@ -86,6 +86,13 @@ def test_token_budget_never_splits_a_pair_nor_exceeds_the_budget(seed):
     assert len(plan) >= min_count
     for mb in plan:
         assert sum(tokens[i] for i in mb) <= budget or len(mb) == 1  # only a lone pair may exceed
+    max_pairs = rng.randint(1, 4)
+    capped = batching.token_budget_micro_batches(tokens, budget, 1, max_pairs=max_pairs)
+    assert sorted(i for mb in capped for i in mb) == list(range(len(tokens)))
+    assert all(len(mb) <= max_pairs for mb in capped)
+    padded = batching.token_budget_micro_batches(tokens, budget, min_count, pad_to_longest=True)
+    assert sorted(i for mb in padded for i in mb) == list(range(len(tokens))) and len(padded) >= min_count
+    assert all(len(mb) * max(tokens[i] for i in mb) <= budget or len(mb) == 1 for mb in padded)
     lone_over = [i for i, t in enumerate(tokens) if t > budget]
     assert all([i] in plan for i in lone_over)
 
@@ -140,8 +147,19 @@ def test_token_budget_counts_a_shared_prefix_once():
         TokenizedPair([1] * 50 + [2], [1] * 50 + [3]),
         TokenizedPair([4] * 50 + [2], [4] * 50 + [3]),
     ]  # 102 tokens, 52 computed when shared
-    assert batching.plan_micro_batches(pairs, 110, 1, layout="packed") == [[0], [1]]
-    assert batching.plan_micro_batches(pairs, 110, 1, layout="shared") == [[0, 1]]
+    assert batching.plan_micro_batches(pairs, 110, None, layout="packed") == [[0], [1]]
+    assert batching.plan_micro_batches(pairs, 110, None, layout="shared") == [[0, 1]]
+    assert batching.plan_micro_batches(pairs, 110, 1, layout="shared") == [[0], [1]]  # a pair cap the user set binds
+
+
+def test_padded_budget_counts_padding_to_the_longest():
+    pairs = pairs_of_lengths([10, 50, 10, 10])  # rows of 10 or 50 tokens, two rows a pair
+    # padded to the longest, [50, 10] would compute 4 rows x 50 = 200 tokens; the three short pairs 6 x 10 = 60
+    assert batching.plan_micro_batches(pairs, 120, None, layout="padded") == [[1], [0, 2, 3]]
+    assert batching.plan_micro_batches(pairs, 120, None, layout="packed") == [[0, 1], [2, 3]]
+    assert batching.plan_micro_batches(pairs, None, 3, layout="padded") == [[0, 1, 2], [3]]  # fixed-size
+    with pytest.raises(ValueError, match="token budget or a pair count"):
+        batching.plan_micro_batches(pairs, None, None)
 
 
 def test_layout_for_the_trainer_knobs():

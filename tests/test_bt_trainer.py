@@ -35,7 +35,8 @@ def test_trainer_yaml_defaults_and_overrides():
     defaults = compose()
     expected = {
         "data.train_batch_size": 256,
-        "data.micro_batch_size_per_gpu": 1,
+        "data.micro_batch_size_per_gpu": None,
+        "data.max_tokens_per_micro_batch": "auto",
         "data.max_length": 4096,
         "data.truncation": "left",
         "model.strategy": "fsdp2",
@@ -81,6 +82,10 @@ def test_run_script_passes_knobs_and_overrides_last(tmp_path):
     assert "--nproc_per_node=3" in argv and "--nnodes=2" in argv and "--node_rank=1" in argv
     assert "optim.lr=2e-6" in argv and argv[-2:] == ["optim.lr=9e-9", "trainer.logger=[console,file]"]
     assert argv.index("bt_trainer.py") < argv.index("optim.lr=2e-6")
+    # MICRO_BATCH_SIZE unset: trainer.yaml's value stands; set: it is passed, so the user's choice is honoured
+    assert not any(a.startswith("data.micro_batch_size_per_gpu") for a in argv)
+    subprocess.run(["bash", str(REPO / "run_bt_rm.sh")], env={**env, "MICRO_BATCH_SIZE": "1"}, check=True)
+    assert "data.micro_batch_size_per_gpu=1" in (tmp_path / "argv").read_text().splitlines()
     help_text = subprocess.run(
         ["bash", str(REPO / "run_bt_rm.sh"), "--help"], capture_output=True, text=True, check=True
     ).stdout

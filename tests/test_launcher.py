@@ -96,12 +96,12 @@ def test_each_mistake_of_the_issue_gives_one_line(launch_error, tmp_path, data_f
     assert launch_error("+optim.lrr=1e-6").startswith("error: +optim.lrr=1e-6: unknown key optim.lrr")
     assert (
         launch_error("data.micro_batch_size_per_gpu=0")
-        == "error: data.micro_batch_size_per_gpu=0: expected an integer >= 1"
+        == "error: data.micro_batch_size_per_gpu=0: expected an integer >= 1, or null"
     )
     assert launch_error("data.max_length=0") == "error: data.max_length=0: expected an integer >= 2"
     assert (
         launch_error("data.max_tokens_per_micro_batch=0")
-        == "error: data.max_tokens_per_micro_batch=0: expected an integer >= 2, or null"
+        == "error: data.max_tokens_per_micro_batch=0: expected an integer >= 2, or null or auto"
     )
     assert launch_error("trainer.total_epochs=0") == "error: trainer.total_epochs=0: expected an integer >= 1"
     assert "is a Hugging Face hub id, but the hub cannot be reached" in launch_error(

@@ -1,0 +1,885 @@
+"""Plan mode: does a config fit each GPU? One training step simulated on fake tensors, before launch.
+
+    python -m btrm.plan [--gpus N] [--gpu-memory GIB] [--margin FRACTION] [--tokens N] [--device cuda|cpu] [overrides...]
+
+What it does (no GPU, no weights; Qwen3-32B plans in about 30 s on 2 CPU cores):
+1. composes the trainer's config (trainer.yaml + Hydra overrides, btrm.schema.compose_config) and checks it
+   (check_config, with the world size); reads the model's config.json only (a local directory, or a hub id:
+   transformers fetches config.json alone);
+2. builds the model the trainer builds, with btrm.modeling's own steps: the `*ForTokenClassification` value head
+   (num_labels=1) with master weights in model.fsdp_config.model_dtype, the attention layout, LoRA (with
+   model.lora_base_dtype), gradient checkpointing, FSDP2 `fully_shard` per decoder layer (and embedding) and on
+   the root with model.mixed_precision resolved for the device, and the optimizer from optim.*; all on
+   FakeTensorMode, in a fake process group of `gpus` ranks (rank 0 is planned: it holds the largest shards);
+3. runs one micro-batch of the token budget in the trainer's layout (packed / shared rows through
+   btrm.attention's segment attention; padded rows) through forward, backward and the optimizer step under
+   torch's FSDPMemTracker (the optimizer state exists already, as in every step after the first), and reports
+   the per-rank peak split into parts: sharded / unsharded parameters, gradients, optimizer state and the
+   optimizer step's temporaries, activations, temporaries, all-gather and reduce-scatter buffers;
+4. finds the largest token budget that fits (`max_tokens_per_micro_batch`): a linear fit of the forward/backward
+   peak from runs at `tokens` and 2 x `tokens` proposes it, runs at the proposal and chords between fitting and
+   failing runs (the peak is convex in tokens) settle it; only simulated budgets are reported;
+5. estimates a micro-batch's FLOPs and the tokens/s they allow at an assumed MFU.
+
+Depth: the model is simulated with SIMULATED_LAYERS decoder layers (2 and 3) and every part is extrapolated
+linearly to the real depth (each decoder layer adds the same; a model this shallow is simulated whole).
+
+The micro-batch: `tokens` tokens as an even number of equal conversations (chosen and rejected) of at most
+data.max_length tokens. Default tokens: max(data.max_tokens_per_micro_batch, 2 x data.max_length) (a lone
+pair longer than the budget runs alone); without a budget, 2 x data.micro_batch_size_per_gpu x data.max_length.
+
+Fake CPU tensors stand for the GPU (a CPU-only torch cannot make fake CUDA tensors). For device cuda the plan
+makes the choices the GPU would: bf16 compute (model.mixed_precision=auto), FlashAttention's varlen kernel for
+packed rows (its registered fake kernel), AdamW's foreach implementation (torch's default on CUDA; it holds
+one temporary the size of the sharded parameters), and adds the corrections named below (CUDA_CONTEXT_GIB,
+ALLOCATOR_FRAGMENTATION, PREFETCHED_LAYERS), stated in the output. Not simulated: gradient clipping (in place,
+per-tensor norms) and the transient full state dict rank 0 broadcasts while loading the checkpoint. With
+model.fsdp_config.cpu_offload the sharded parameters, gradients and optimizer state are counted as host memory.
+model.strategy=fsdp (FSDP1) is planned as FSDP2 (the same sharding; said in the notes).
+
+Defaults: --gpus is the number of visible CUDA GPUs, else 8 (the 8-GPU node trainer.yaml is sized for);
+--gpu-memory is the visible GPU's memory, else 80 GiB (H100-80GB), said in the output; --margin is
+trainer.gpu_memory_margin (the share of each GPU kept free); --device follows trainer.device (cpu for cpu, else cuda). The last line printed is one JSON
+object (the dict plan_config returns).
+
+Python API (the same numbers as the CLI):
+    plan_from_overrides(overrides, *, gpus, gpu_memory_gib=None, margin=None, tokens=None, device=None)
+    plan_config(config, *, gpus, gpu_memory_gib=None, margin=None, tokens=None, device=None)
+    largest_fitting_budget(config, *, gpus, gpu_memory_gib=None, margin=None, device=None)
+    auto_token_budget(config, world_size)  # data.max_tokens_per_micro_batch=auto in bt_trainer: a TokenBudget
+margin=None reads trainer.gpu_memory_margin (DEFAULT_MARGIN where the config has none).
+
+Process state: planning creates a fake process group and destroys it, restores the RNG state and anything it
+patched, and leaves nothing else behind, so the caller may go on to real work. Called in a process whose
+process group is already initialised (a rank of the trainer), it plans in a fresh subprocess
+(`python -m btrm.plan --config-yaml ...`) and returns that plan. Nothing happens on import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from btrm import attention, batching, modeling
+from btrm.schema import REPO, PreflightError
+
+GIB = 2**30
+
+DEFAULT_MARGIN = 0.10  # share of GPU memory kept free beyond the planned peak: what the plan does not model
+DEFAULT_GPUS = 8  # without a visible GPU: the 8-GPU node trainer.yaml's budget is sized for
+DEFAULT_GPU_MEMORY_GIB = 80.0  # without a visible GPU: H100-80GB, the smallest card the defaults target
+SIMULATED_LAYERS = (2, 3)  # two depths give each part's per-layer slope; 3 has an interior layer
+MAX_BUDGET_TOKENS = 2**20  # the budget search stops here (and says so)
+SEARCH_RUNS = 5  # forward/backward runs (each at every simulated depth) the budget search may spend
+
+# Throughput assumption. 989 TFLOP/s: dense bf16 peak of H100 SXM and H200 (NVIDIA datasheets, no sparsity).
+PEAK_TFLOPS = 989.0
+MFU_ASSUMPTION = 0.35  # FSDP training of 30B-class models commonly reaches 30-45% MFU on H100
+
+# GPU corrections: what a GPU adds to the tensors the fake run tracks. Estimates, not yet calibrated on a GPU.
+# CUDA context (~0.5 GiB with lazy module loading), cuBLAS workspaces and NCCL communicator buffers live outside
+# torch's caching allocator, and so outside any tensor count.
+CUDA_CONTEXT_GIB = 1.0
+# The caching allocator reserves more than the tensors it holds (blocks split and cached per size and stream);
+# in steady FSDP training reserved exceeds the allocated peak by a few percent.
+ALLOCATOR_FRAGMENTATION = 0.05
+# On a GPU, FSDP2 all-gathers the next layer on its own stream while the current one computes, so one more
+# decoder layer's unsharded parameters (compute dtype) are alive than in the fake run, where ops run in order.
+PREFETCHED_LAYERS = 1
+
+# FSDPMemTracker's categories (torch.distributed._tools.fsdp2_mem_tracker._FSDPRefType values) -> part names
+TRACKER_PARTS = {
+    "Sharded Param": "sharded_params",
+    "Unsharded Param": "unsharded_params",
+    "Buffer": "buffers",
+    "Sharded Grad": "sharded_grads",
+    "Unsharded Grad": "unsharded_grads",
+    "Activation": "activations",
+    "Temp": "temps",
+    "All Gather": "all_gather_buffers",
+    "Reduce Scatter": "reduce_scatter_buffers",
+    "OptState": "optimizer_state",
+    "Inputs": "inputs",
+}
+MODEL_STATE_PARTS = ("sharded_params", "buffers", "sharded_grads", "optimizer_state")
+OFFLOADED_PARTS = ("sharded_params", "sharded_grads", "optimizer_state", "optimizer_step_temps")
+
+Parts = dict[str, float]  # part name -> bytes (floats: extrapolated)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    gpus: int
+    device: str  # cuda | cpu: the device planned for (the simulation itself runs on fake CPU tensors)
+    gpu_memory_gib: float
+    gpu_memory_assumed: bool  # no GPU visible and none given: DEFAULT_GPU_MEMORY_GIB
+    margin: float
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.gpu_memory_gib * GIB * (1 - self.margin)
+
+
+def visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_settings(
+    config, *, gpus: int | None, gpu_memory_gib: float | None, margin: float | None, device: str | None
+) -> PlanSettings:
+    """Defaults filled in (module docstring) and checked."""
+    if margin is None:
+        margin = float(config.trainer.get("gpu_memory_margin", DEFAULT_MARGIN))
+    if device is None:
+        device = "cpu" if config.trainer.device == "cpu" else "cuda"
+    if device not in ("cuda", "cpu"):
+        raise PreflightError(f"--device {device}: expected cuda or cpu")
+    gpus = gpus if gpus is not None else (visible_gpus() or DEFAULT_GPUS)
+    if gpus < 1:
+        raise PreflightError(f"--gpus {gpus}: expected at least 1")
+    if not 0 <= margin < 1:
+        raise PreflightError(f"--margin {margin}: expected a fraction in [0, 1)")
+    assumed = gpu_memory_gib is None and not (device == "cuda" and visible_gpus())
+    if gpu_memory_gib is None:
+        # get_device_properties starts CUDA in this process (a context on GPU 0); only when no size was given
+        visible = device == "cuda" and visible_gpus()
+        gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB if visible else DEFAULT_GPU_MEMORY_GIB
+    if gpu_memory_gib <= 0:
+        raise PreflightError(f"--gpu-memory {gpu_memory_gib}: expected a positive number of GiB")
+    return PlanSettings(gpus, device, float(gpu_memory_gib), assumed, margin)
+
+
+def default_tokens(config) -> int:
+    """The micro-batch to plan: the largest the config allows (the budget, or a lone longest pair when that is
+    longer); for a budget of `auto`, a lone longest pair (what any budget must hold; the search finds the budget)."""
+    data = config.data
+    lone_pair = 2 * int(data.max_length)
+    budget = data.max_tokens_per_micro_batch
+    if budget is None:
+        return (data.micro_batch_size_per_gpu or 1) * lone_pair
+    if budget == "auto":
+        return lone_pair
+    return max(int(budget), lone_pair)
+
+
+def conversation_lengths(tokens: int, max_length: int) -> list[int]:
+    """`tokens` as whole pairs of equal conversations of at most max_length tokens (chosen, then rejected)."""
+    if tokens < 2:
+        raise PreflightError(f"--tokens {tokens}: a micro-batch holds at least one pair (2 tokens)")
+    pairs = math.ceil(tokens / (2 * max_length))
+    count = 2 * pairs
+    return [tokens // count + (1 if i < tokens % count else 0) for i in range(count)]
+
+
+def optimizer_config(config, device: str):
+    """optim.* as the trainer passes it to verl's build_optimizer. For device cuda, torch.optim's Adam/AdamW with
+    no implementation chosen get foreach=True: torch's own choice for CUDA parameters, which on fake CPU tensors
+    would fall to the per-parameter loop (no temporary the size of all parameters)."""
+    from omegaconf import OmegaConf
+
+    optim = copy.deepcopy(config.optim)
+    override = dict(OmegaConf.to_container(optim, resolve=True)["override_optimizer_config"] or {})
+    chosen = "foreach" in override or "fused" in override
+    if device == "cuda" and optim.optimizer_impl == "torch.optim" and "adam" in optim.optimizer.lower() and not chosen:
+        optim.override_optimizer_config = {**override, "foreach": True}
+    return optim
+
+
+def planned_attn_implementation(setting: str) -> str:
+    """The padded layout's attention: model.attn_implementation as the trainer resolves it, except that
+    flash_attention_2 (CUDA only) is simulated by sdpa, whose flash kernel keeps the same O(tokens) state."""
+    name = modeling.resolve_attn_implementation(setting)
+    return "sdpa" if name == "flash_attention_2" else name
+
+
+def with_depth(hf_config, layers: int):
+    """A copy of the transformers config with `layers` decoder layers (per-layer lists cut to match)."""
+    config = copy.deepcopy(hf_config)
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:layers]
+    return config
+
+
+# ----------------------------------------------------------------------------- the fake world
+
+
+@contextlib.contextmanager
+def gpu_attention_kernels(device: str):
+    """For device cuda, packed rows take btrm.attention's varlen_attn branch (its registered fake kernel), as on a
+    GPU: the branch is chosen by `query.is_cuda`, which fake CPU tensors cannot answer yes to."""
+    if device != "cuda":
+        yield
+        return
+    original = attention.runs_on_varlen_kernel
+    attention.runs_on_varlen_kernel = lambda query: query.dtype in (torch.float16, torch.bfloat16)
+    try:
+        yield
+    finally:
+        attention.runs_on_varlen_kernel = original
+
+
+@dataclass(frozen=True)
+class FakeWorld:
+    mesh: object  # DeviceMesh over the fake ranks
+    fake_mode: object  # FakeTensorMode: where the model's tensors are made and every step runs
+
+
+@contextlib.contextmanager
+def fake_world(gpus: int, device: str):
+    """A fake process group of `gpus` ranks (this process is rank 0), its device mesh and a FakeTensorMode;
+    the group destroyed on exit, the RNG state restored. Refuses to run beside a real process group."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised here: plan in a subprocess (plan_config does)")
+    dist.init_process_group("fake", rank=0, world_size=gpus, store=FakeStore())
+    try:
+        # the mesh outside FakeTensorMode: inside it, init_device_mesh fails on a data-dependent .item()
+        mesh = init_device_mesh("cpu", (gpus,), mesh_dim_names=("fsdp",))
+        with torch.random.fork_rng(devices=[]), gpu_attention_kernels(device):
+            # non-fake inputs allowed: the model's meta tensors are the inputs of its to_empty (Simulation)
+            yield FakeWorld(mesh, FakeTensorMode(allow_non_fake_inputs=True))
+    finally:
+        dist.destroy_process_group()
+
+
+def tracker_parts(snapshot) -> Parts:
+    """An FSDPMemTracker snapshot ({device: {category: bytes}}) as {part name: bytes}, devices summed."""
+    parts: Parts = dict.fromkeys(TRACKER_PARTS.values(), 0.0)
+    for device_snapshot in snapshot.values():
+        for category, size in device_snapshot.items():
+            name = TRACKER_PARTS.get(getattr(category, "value", category))
+            if name is not None:
+                parts[name] += size
+    return parts
+
+
+class Simulation:
+    """The trainer's model with `layers` decoder layers on fake tensors, sharded over the fake world, with its
+    optimizer and optimizer state (as in every step after the first)."""
+
+    def __init__(self, config, hf_config, world: FakeWorld, layers: int, device: str):
+        from verl.utils.fsdp_utils import apply_fsdp2
+
+        model_config = config.model
+        # Built and sharded on the meta device, then made fake: module.to(...) cannot swap fake parameters
+        # (peft moves its adapters so), and meta needs no weight initialisation.
+        with torch.device("meta"):
+            model = modeling.value_head_model_from_config(
+                with_depth(hf_config, layers),
+                attn_implementation=planned_attn_implementation(model_config.attn_implementation),
+                torch_dtype=modeling.DTYPES[model_config.fsdp_config.model_dtype],
+                trust_remote_code=model_config.trust_remote_code,
+            )
+            self.embedding_parameters = model.get_input_embeddings().weight.numel()
+            model, self.layout, self.lora_settings, self.class_name = modeling.adapt_model(
+                model, config, use_remove_padding=config.use_remove_padding
+            )
+        self.parameters = sum(p.numel() for p in model.parameters())
+        self.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        compute_dtype = modeling.resolve_param_dtype(model_config.mixed_precision, device)
+        first_layer = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
+        self.layer_bytes = sum(p.numel() for p in first_layer.parameters()) * compute_dtype.itemsize
+        # offload is accounted by moving parts to host memory (Planner.on_gpu); the fake run keeps them in place
+        fsdp_kwargs = {**modeling.fsdp2_kwargs(model_config, world.mesh, device), "offload_policy": None}
+        apply_fsdp2(model, fsdp_kwargs, model_config.fsdp_config)
+        self.model, self.fake_mode, self.layers = model, world.fake_mode, layers
+        with self.fake_mode:
+            model.to_empty(device="cpu")
+            self.optimizer = self.optimizer_with_state(config, device)
+
+    def optimizer_with_state(self, config, device: str) -> torch.optim.Optimizer:
+        """The trainer's optimizer (verl's build_optimizer on the trainable parameters), its state created by one
+        step on zero gradients: the state every step after the first starts with."""
+        from verl.workers.config.optimizer import build_optimizer
+
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(trainable, optimizer_config(config, device))
+        for parameter in trainable:
+            parameter.grad = torch.zeros_like(parameter)
+        optimizer.step()
+        return optimizer
+
+    def rewards(self, lengths: list[int]) -> torch.Tensor:
+        """One reward per conversation, computed in the trainer's layout."""
+        if self.layout != "padded":
+            batch = batching.collate_packed([[0] * n for n in lengths])
+            return batching.compute_rewards(self.model, batch)
+        longest = max(lengths)
+        input_ids = torch.zeros(len(lengths), longest, dtype=torch.long)
+        position_ids = torch.arange(longest).expand(len(lengths), -1)
+        # Rows of (near) equal length: transformers drops an all-ones mask and runs causal attention. Passing no
+        # mask computes the same without the data-dependent check of the mask that fake tensors cannot answer.
+        logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float()
+        return logits[:, -1, 0]
+
+    def forward_backward(self, lengths: list[int]) -> dict[str, Parts]:
+        """Parts at the peak moments of one micro-batch's forward and backward (gradients freed first, as the
+        trainer's step does): {"peak": the peak; "<module> <peak forward|peak backward>": each FSDP module's}."""
+        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+        self.optimizer.zero_grad(set_to_none=True)
+        tracker = FSDPMemTracker(self.model, self.optimizer)
+        with self.fake_mode, tracker:
+            rewards = self.rewards(lengths)
+            half = rewards.shape[0] // 2
+            (-F.logsigmoid(rewards[:half] - rewards[half:]).mean()).backward()
+        moments = {"peak": tracker_parts(tracker.get_tracker_snapshot("peak"))}
+        for stats in tracker.memory_tracking.values():
+            name = moment_name(stats.mod_fqn, self.layers)
+            for state, snapshots in stats.snapshots.items():
+                if name and state.value in ("Peak Forward", "Peak Backward") and snapshots and snapshots[-1]:
+                    moments[f"{name} {state.value.lower()}"] = tracker_parts(snapshots[-1])
+        return moments
+
+    def optimizer_step(self) -> tuple[Parts, Parts]:
+        """(peak parts of the optimizer step, parts resident after it); call after forward_backward.
+        The tracker counts all the step allocates as optimizer state: what it frees again is its temporaries."""
+        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+        tracker = FSDPMemTracker(self.model, self.optimizer)
+        with self.fake_mode, tracker:
+            self.optimizer.step()
+        peak = tracker_parts(tracker.get_tracker_snapshot("peak"))
+        after = tracker_parts(tracker.get_tracker_snapshot("current"))
+        peak["optimizer_step_temps"] = peak["optimizer_state"] - after["optimizer_state"]
+        peak["optimizer_state"] = after["optimizer_state"]
+        return peak, after
+
+
+def moment_name(fqn: str, layers: int) -> str | None:
+    """An FSDP module's name as a moment of the step, comparable across depths: decoder layers 0 and
+    layers - 1 are "first layer" and "last layer" (interior layers lie between them), the root (whose peak
+    is the step's) None, any other module its path."""
+    if "." not in fqn:  # fqn starts with the root's class name
+        return None
+    path = fqn.split(".", 1)[1]
+    layer = re.fullmatch(r"(?:.*\.)?layers\.(\d+)", path)
+    if layer is None:
+        return path
+    index = int(layer.group(1))
+    return "first layer" if index == 0 else "last layer" if index == layers - 1 else None
+
+
+def extrapolate(measured: dict[int, float | Parts], layers: int):
+    """Values (numbers or parts) measured at two depths, extrapolated linearly to `layers` (or the one measured)."""
+    if layers in measured:
+        return measured[layers]
+    (low, a), (high, b) = sorted(measured.items())[:2]
+    share = (layers - low) / (high - low)
+    if isinstance(a, dict):
+        return {key: max(0.0, a[key] + (b[key] - a[key]) * share) for key in a}
+    return a + (b - a) * share
+
+
+# ----------------------------------------------------------------------------- the planner
+
+
+class Planner:
+    """Simulations at SIMULATED_LAYERS depths and every measurement scaled to the real depth, GPU corrections added."""
+
+    def __init__(self, config, hf_config, settings: PlanSettings, world: FakeWorld):
+        self.config, self.settings = config, settings
+        self.layers = int(hf_config.num_hidden_layers)
+        depths = (self.layers,) if self.layers <= max(SIMULATED_LAYERS) else SIMULATED_LAYERS
+        self.simulations = {d: Simulation(config, hf_config, world, d, settings.device) for d in depths}
+        self._optimizer_phase: tuple[Parts, Parts] | None = None
+
+    def scaled(self, attribute: str) -> float:
+        return extrapolate({d: getattr(s, attribute) for d, s in self.simulations.items()}, self.layers)
+
+    @property
+    def first(self) -> Simulation:
+        return next(iter(self.simulations.values()))
+
+    def forward_backward(self, tokens: int) -> Parts:
+        """Parts at the forward/backward peak of a micro-batch of `tokens` tokens, at the real depth.
+
+        Scaled moment by moment: the peak of a deeper model may fall at another moment (with gradient
+        checkpointing, the start of backward holds every layer's checkpoint, its end every layer's gradient),
+        so each FSDP module's peak is scaled to the real depth (the first and the last decoder layer standing
+        for the two ends of the stack) and the largest taken."""
+        lengths = conversation_lengths(tokens, self.config.data.max_length)
+        measured = {d: s.forward_backward(lengths) for d, s in self.simulations.items()}
+        if self.layers in measured:
+            return measured[self.layers]["peak"]
+        common = set.intersection(*(set(m) - {"peak"} for m in measured.values()))
+        scaled = [extrapolate({d: m[name] for d, m in measured.items()}, self.layers) for name in sorted(common)]
+        return max(scaled, key=lambda parts: sum(parts.values()))
+
+    def optimizer_step(self) -> tuple[Parts, Parts]:
+        """(peak parts, resident parts after the step), measured once: they do not depend on the tokens."""
+        if self._optimizer_phase is None:
+            steps = {d: s.optimizer_step() for d, s in self.simulations.items()}
+            self._optimizer_phase = (
+                extrapolate({d: peak for d, (peak, _) in steps.items()}, self.layers),
+                extrapolate({d: after for d, (_, after) in steps.items()}, self.layers),
+            )
+        return self._optimizer_phase
+
+    def on_gpu(self, parts: Parts, phase: str) -> tuple[float, Parts, Parts]:
+        """(peak bytes one GPU needs, the parts on the GPU, the corrections): offloaded parts go to the host."""
+        offload = self.config.model.fsdp_config.cpu_offload
+        gpu = {k: v for k, v in parts.items() if not (offload and k in OFFLOADED_PARTS)}
+        tracked = sum(gpu.values())
+        corrections: Parts = {}
+        if self.settings.device == "cuda":
+            if phase == "forward_backward":
+                corrections["prefetched_layers"] = PREFETCHED_LAYERS * self.scaled("layer_bytes")
+            corrections["allocator_fragmentation"] = ALLOCATOR_FRAGMENTATION * (tracked + sum(corrections.values()))
+            corrections["cuda_context"] = CUDA_CONTEXT_GIB * GIB
+        return tracked + sum(corrections.values()), gpu, corrections
+
+    def forward_backward_peak(self, tokens: int) -> float:
+        """Bytes one GPU needs at the forward/backward peak of a micro-batch of `tokens` tokens."""
+        return self.on_gpu(self.forward_backward(tokens), "forward_backward")[0]
+
+    def optimizer_peak(self) -> float:
+        return self.on_gpu(self.optimizer_step()[0], "optimizer_step")[0]
+
+
+def round_budget(tokens: float) -> int:
+    """Budgets as people write them: a multiple of 256 from 2,048 tokens up."""
+    tokens = int(tokens)
+    return tokens // 256 * 256 if tokens >= 2048 else tokens
+
+
+def search_budget(planner: Planner, tokens: int, fb_peak: float) -> tuple[int | None, str]:
+    """The largest micro-batch (tokens) whose step fits the usable memory, and how it was found.
+
+    The optimizer step's peak does not depend on tokens. The forward/backward peak grows with tokens, linearly
+    or, with gradient checkpointing, as the larger of two lines (the end of backward, where the gradients are
+    whole, and its start, where every layer's checkpoint is alive): convex. So: a linear fit from runs at
+    `tokens` and 2 x `tokens` proposes a budget; a run there brackets the answer; then chords between the
+    largest fitting and the smallest failing run (regula falsi: on a convex peak a chord's answer always fits)
+    close in, at most SEARCH_RUNS runs in all."""
+    usable = planner.settings.usable_bytes
+    if planner.optimizer_peak() > usable:
+        return None, "none: the optimizer step alone exceeds the usable memory"
+    runs = {tokens: fb_peak, 2 * tokens: planner.forward_backward_peak(2 * tokens)}
+    slope = (runs[2 * tokens] - fb_peak) / tokens
+    candidate = tokens + (usable - fb_peak) / slope if slope > 0 else MAX_BUDGET_TOKENS
+    high_weight = (
+        1.0  # Illinois: a failing end kept twice counts half as far over, so the chords close in from both sides
+    )
+    while len(runs) < SEARCH_RUNS:
+        candidate = max(2, min(round_budget(candidate), MAX_BUDGET_TOKENS))
+        if candidate in runs:
+            break
+        runs[candidate] = planner.forward_backward_peak(candidate)
+        low = max((t for t, peak in runs.items() if peak <= usable), default=None)
+        high = min((t for t, peak in runs.items() if peak > usable), default=None)
+        if high is None:  # every run fits: the proposal (or the cap) is the answer
+            break
+        if low is None:  # nothing fits yet: halve below the smallest run
+            candidate = high // 2
+            continue
+        if high - low <= max(256, low // 50):  # within 2% (or 256 tokens): close enough
+            break
+        high_weight = high_weight / 2 if candidate == low else 1.0
+        over = (runs[high] - usable) * high_weight
+        candidate = low + (usable - runs[low]) * (high - low) / (usable - runs[low] + over)
+    fitting = [t for t, peak in runs.items() if peak <= usable]
+    shown = ", ".join(f"{t:,}" for t in sorted(runs))
+    if not fitting:
+        return None, f"none: no micro-batch fits (runs at {shown} tokens)"
+    budget = max(fitting)
+    capped = f"; capped at {MAX_BUDGET_TOKENS:,}" if budget == MAX_BUDGET_TOKENS else ""
+    return budget, f"the largest fitting of runs at {shown} tokens (linear fit, then chords){capped}"
+
+
+def step_flops(planner: Planner, hf_config, tokens: int) -> float:
+    """FLOPs of one micro-batch's forward and backward on one GPU.
+
+    Dense: 2 x non-embedding parameters x tokens a forward (no lm_head: the score head is one column); backward
+    2x that (full fine-tuning: input and weight gradients) or 1x (LoRA: frozen weights get no weight gradient).
+    Attention: 4 x heads x head_dim x causal (query, key) pairs a layer and forward, backward 2x. Gradient
+    checkpointing adds one forward."""
+    lengths = conversation_lengths(tokens, planner.config.data.max_length)
+    dense = 2 * (planner.scaled("parameters") - planner.first.embedding_parameters) * tokens
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    attention_flops = 4 * heads * head_dim * planner.layers * sum(n * (n + 1) / 2 for n in lengths)
+    backward = (1 if planner.first.lora_settings is not None else 2) * dense + 2 * attention_flops
+    recompute = dense + attention_flops if planner.config.model.enable_gradient_checkpointing else 0
+    return dense + attention_flops + backward + recompute
+
+
+# ----------------------------------------------------------------------------- the plan as a dict
+
+
+def gib(value: float) -> float:
+    return round(value / GIB, 3)
+
+
+def read_hf_config(model_config):
+    """The model's config.json only (no weights), set up for a value head."""
+    path = model_config.partial_pretrain
+    try:
+        return modeling.value_head_config(path, trust_remote_code=model_config.trust_remote_code)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PreflightError(
+            f"model.partial_pretrain={path}: cannot read its config.json ({first_line}); "
+            "give a local model directory or a reachable hub id"
+        ) from None
+
+
+def describe(planner: Planner, hf_config, settings: PlanSettings, tokens: int) -> dict:
+    """What was planned: the model, its sharding and precision, the micro-batch."""
+    config, first = planner.config, planner.first
+    notes = []
+    if config.model.strategy == "fsdp":
+        notes.append("model.strategy=fsdp (FSDP1) planned as FSDP2: the same sharding of parameters, grads, state")
+    if config.model.fsdp_config.cpu_offload:
+        notes.append("cpu_offload: sharded params, grads and optimizer state counted in host memory")
+    if len(planner.simulations) > 1:
+        notes.append(
+            f"simulated {' and '.join(map(str, planner.simulations))} layers; parts scaled to {planner.layers}"
+        )
+    return {
+        "model": config.model.partial_pretrain,
+        "model_class": first.class_name,
+        "lora": first.lora_settings is not None,
+        "layers": planner.layers,
+        "layers_simulated": list(planner.simulations),
+        "parameters": int(planner.scaled("parameters")),
+        "trainable_parameters": int(planner.scaled("trainable_parameters")),
+        "layout": first.layout,
+        "gradient_checkpointing": bool(config.model.enable_gradient_checkpointing),
+        "compute_dtype": str(modeling.resolve_param_dtype(config.model.mixed_precision, settings.device)),
+        "master_dtype": config.model.fsdp_config.model_dtype,
+        "tokens": tokens,
+        "conversations": len(conversation_lengths(tokens, config.data.max_length)),
+        "lone_pair_tokens": 2 * int(config.data.max_length),
+        "notes": notes,
+    }
+
+
+def memory_figures(planner: Planner, tokens: int) -> tuple[dict, float]:
+    """The per-GPU memory part of the plan, and the forward/backward peak in bytes (for search_budget)."""
+    settings = planner.settings
+    phases = {
+        "forward_backward": planner.on_gpu(planner.forward_backward(tokens), "forward_backward"),
+        "optimizer_step": planner.on_gpu(planner.optimizer_step()[0], "optimizer_step"),
+    }
+    peak_phase = max(phases, key=lambda name: phases[name][0])
+    peak, parts, corrections = phases[peak_phase]
+    resident = planner.optimizer_step()[1]
+    model_states = sum(resident[k] for k in MODEL_STATE_PARTS)
+    host = model_states if planner.config.model.fsdp_config.cpu_offload else 0.0
+    tracked = sum(parts.values())
+    figures = {
+        "peak_gib": gib(peak),
+        "peak_phase": peak_phase,
+        "tracked_peak_gib": gib(tracked),
+        # what torch.cuda.max_memory_allocated / max_memory_reserved should show (peak_gib adds the CUDA context)
+        "allocated_peak_gib": gib(tracked + corrections.get("prefetched_layers", 0.0)),
+        "reserved_peak_gib": gib(peak - corrections.get("cuda_context", 0.0)),
+        "model_states_gib": gib(model_states),
+        "model_states_bytes": int(round(model_states)),
+        "activations_gib": gib(phases["forward_backward"][1]["activations"]),
+        "host_memory_gib": gib(host),
+        "parts": {k: gib(v) for k, v in parts.items() if v},
+        "corrections": {k: gib(v) for k, v in corrections.items()},
+        "phases": {
+            name: {
+                "peak_gib": gib(p),
+                "parts": {k: gib(v) for k, v in gpu.items() if v},
+                "corrections": {k: gib(v) for k, v in corr.items()},
+            }
+            for name, (p, gpu, corr) in phases.items()
+        },
+        "fits": peak <= settings.usable_bytes,
+    }
+    return figures, phases["forward_backward"][0]
+
+
+def throughput(planner: Planner, hf_config, settings: PlanSettings, tokens: int) -> dict:
+    flops = step_flops(planner, hf_config, tokens)
+    figures = {"step_tflops": round(flops / 1e12, 2), "mfu_assumption": None, "peak_tflops": None}
+    figures.update(predicted_tokens_per_s=None, predicted_tokens_per_s_all_gpus=None)
+    if settings.device == "cuda":  # the MFU assumption is about GPUs; a CPU rate would be a guess
+        per_gpu = tokens / (flops / (MFU_ASSUMPTION * PEAK_TFLOPS * 1e12))
+        figures.update(mfu_assumption=MFU_ASSUMPTION, peak_tflops=PEAK_TFLOPS)
+        figures.update(
+            predicted_tokens_per_s=round(per_gpu), predicted_tokens_per_s_all_gpus=round(per_gpu * settings.gpus)
+        )
+    return figures
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def plan_config(
+    config,
+    *,
+    gpus: int | None = None,
+    gpu_memory_gib: float | None = None,
+    margin: float | None = None,
+    tokens: int | None = None,
+    device: str | None = None,
+) -> dict:
+    """The plan (the CLI's JSON line, as a dict) of a composed config (DictConfig) on `gpus` GPUs.
+
+    tokens: the micro-batch simulated (default: default_tokens). device: cuda or cpu (default from trainer.device).
+    Beside an initialised process group it runs in a subprocess (module docstring)."""
+    from btrm.schema import check_config
+
+    settings = resolve_settings(config, gpus=gpus, gpu_memory_gib=gpu_memory_gib, margin=margin, device=device)
+    check_config(config, world_size=settings.gpus)
+    tokens = int(tokens) if tokens is not None else default_tokens(config)
+    conversation_lengths(tokens, config.data.max_length)  # refuses a micro-batch without a pair
+    if dist.is_available() and dist.is_initialized():
+        return plan_in_subprocess(config, settings, tokens)
+    start = time.perf_counter()
+    hf_config = read_hf_config(config.model)
+    with fake_world(settings.gpus, settings.device) as world:
+        planner = Planner(config, hf_config, settings, world)
+        memory, fb_peak = memory_figures(planner, tokens)
+        budget, method = search_budget(planner, tokens, fb_peak)
+        result = {
+            "gpus": settings.gpus,
+            "device": settings.device,
+            "gpu_memory_gib": round(settings.gpu_memory_gib, 3),
+            "gpu_memory_assumed": settings.gpu_memory_assumed,
+            "margin": settings.margin,
+            "usable_gib": gib(settings.usable_bytes),
+            **memory,
+            "max_tokens_per_micro_batch": budget,
+            "max_tokens_method": method,
+            **describe(planner, hf_config, settings, tokens),
+            **throughput(planner, hf_config, settings, tokens),
+        }
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def plan_from_overrides(
+    overrides: list[str],
+    *,
+    gpus: int | None = None,
+    gpu_memory_gib: float | None = None,
+    margin: float | None = None,
+    tokens: int | None = None,
+    device: str | None = None,
+) -> dict:
+    """plan_config of trainer.yaml with these Hydra overrides (btrm.schema.compose_config)."""
+    from btrm.schema import compose_config
+
+    config = compose_config(overrides)
+    return plan_config(config, gpus=gpus, gpu_memory_gib=gpu_memory_gib, margin=margin, tokens=tokens, device=device)
+
+
+def largest_fitting_budget(
+    config,
+    *,
+    gpus: int | None = None,
+    gpu_memory_gib: float | None = None,
+    margin: float | None = None,
+    device: str | None = None,
+) -> int | None:
+    """The largest data.max_tokens_per_micro_batch whose step fits (None: not even a pair fits); plan_config's."""
+    return plan_config(config, gpus=gpus, gpu_memory_gib=gpu_memory_gib, margin=margin, device=device)[
+        "max_tokens_per_micro_batch"
+    ]
+
+
+def auto_token_budget(config, world_size: int):
+    """data.max_tokens_per_micro_batch=auto on GPUs (bt_trainer): the largest budget the plan says fits this run's
+    GPUs (`world_size` of them, each of the memory of the current CUDA device) with trainer.gpu_memory_margin kept
+    free, as a batching.TokenBudget. Refuses (PreflightError) when not even a lone longest pair fits."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    memory = torch.cuda.get_device_properties(device).total_memory / GIB if device is not None else None
+    result = plan_config(config, gpus=world_size, gpu_memory_gib=memory, device="cuda")
+    budget = result["max_tokens_per_micro_batch"]
+    if budget is None or budget < result["lone_pair_tokens"]:
+        raise PreflightError(
+            f"data.max_tokens_per_micro_batch=auto: the memory plan fits {budget or 'no'} tokens per micro-batch on "
+            f"{world_size} GPUs of {result['gpu_memory_gib']:g} GiB, less than a lone pair of 2 x data.max_length = "
+            f"{result['lone_pair_tokens']:,} tokens; lower data.max_length, use LoRA (model.lora_rank), "
+            "model.fsdp_config.cpu_offload=true or more GPUs (python -m btrm.plan shows the parts)"
+        )
+    return batching.TokenBudget(
+        budget,
+        f"auto: the memory plan's largest fitting budget ({result['gpus']} GPUs of {result['gpu_memory_gib']:g} GiB, "
+        f"{result['margin']:.0%} kept free)",
+    )
+
+
+def plan_in_subprocess(config, settings: PlanSettings, tokens: int) -> dict:
+    """plan_config in a fresh `python -m btrm.plan` (for callers whose own process group is initialised)."""
+    from omegaconf import OmegaConf
+
+    with tempfile.TemporaryDirectory(prefix="btrm-plan-") as folder:
+        config_file = Path(folder) / "config.yaml"
+        config_file.write_text(OmegaConf.to_yaml(config))
+        command = [sys.executable, "-m", "btrm.plan", "--config-yaml", str(config_file), "--tokens", str(tokens)]
+        command += ["--gpus", str(settings.gpus), "--gpu-memory", repr(settings.gpu_memory_gib)]
+        command += ["--margin", repr(settings.margin), "--device", settings.device]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"planning in a subprocess failed (exit status {done.returncode}): {last}")
+    result = json.loads(lines[-1])
+    result["gpu_memory_assumed"] = settings.gpu_memory_assumed  # the subprocess was given the size
+    return result
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def format_parts_table(result: dict) -> list[str]:
+    """Per-GPU GiB of both phases, part by part, then corrections and the peak."""
+    phases = result["phases"]
+    names = [
+        n for n in [*TRACKER_PARTS.values(), "optimizer_step_temps"] if any(n in p["parts"] for p in phases.values())
+    ]
+    lines = [f"  {'per GPU, GiB':<28}{'forward/backward':>18}{'optimizer step':>16}"]
+
+    def row(label: str, key: str, section: str) -> str:
+        cells = [phases[p][section].get(key) for p in ("forward_backward", "optimizer_step")]
+        return f"  {label:<28}" + "".join(
+            f"{'' if c is None else f'{c:.2f}':>{w}}" for c, w in zip(cells, (18, 16), strict=True)
+        )
+
+    lines += [row(name.replace("_", " "), name, "parts") for name in names]
+    totals = [sum(phases[p]["parts"].values()) for p in ("forward_backward", "optimizer_step")]
+    lines.append(f"  {'= tracked tensors':<28}{totals[0]:>18.2f}{totals[1]:>16.2f}")
+    labels = {
+        "prefetched_layers": f"+ {PREFETCHED_LAYERS} prefetched layer (GPU)",
+        "allocator_fragmentation": f"+ allocator {ALLOCATOR_FRAGMENTATION:.0%} (GPU)",
+        "cuda_context": "+ CUDA context, NCCL (GPU)",
+    }
+    corrections = [k for k in labels if any(k in p["corrections"] for p in phases.values())]
+    lines += [row(labels[k], k, "corrections") for k in corrections]
+    fb, opt = (phases[p]["peak_gib"] for p in ("forward_backward", "optimizer_step"))
+    lines.append(f"  {'= peak':<28}{fb:>18.2f}{opt:>16.2f}")
+    return lines
+
+
+def format_report(result: dict) -> str:
+    """The human-readable plan (the CLI prints it above the JSON line)."""
+    r = result
+    memory = f"{r['gpu_memory_gib']:g} GiB" + (
+        " (assumed: no GPU visible; --gpu-memory sets it)" if r["gpu_memory_assumed"] else ""
+    )
+    lines = [
+        f"bt-rm plan: {r['model']} as {r['model_class']}",
+        f"  {r['layers']} layers, {r['parameters'] / 1e9:.3g} B parameters ({r['trainable_parameters'] / 1e9:.3g} B trained); "
+        f"FSDP2 over {r['gpus']} ranks ({r['device']}); compute {r['compute_dtype'].removeprefix('torch.')}, "
+        f"master weights and optimizer state {r['master_dtype']}; gradient checkpointing "
+        f"{'on' if r['gradient_checkpointing'] else 'off'}; layout {r['layout']}",
+        f"  micro-batch: {r['tokens']:,} tokens as {r['conversations']} conversations (data.max_length caps one); "
+        f"simulated on fake tensors in {r.get('wall_s', '?')} s",
+        *(f"  note: {note}" for note in r["notes"]),
+        "",
+        *format_parts_table(r),
+        "",
+        f"peak {r['peak_gib']:.2f} GiB per GPU ({r['peak_phase'].replace('_', ' ')}) of {memory}; "
+        f"usable with margin {r['margin']:.0%}: {r['usable_gib']:.2f} GiB -> {'FITS' if r['fits'] else 'DOES NOT FIT'}",
+        f"model states {r['model_states_gib']:.2f} GiB, activations {r['activations_gib']:.2f} GiB per GPU",
+        f"largest token budget that fits: {r['max_tokens_per_micro_batch'] or 'none'} ({r['max_tokens_method']})",
+    ]
+    budget = r["max_tokens_per_micro_batch"]
+    if budget is not None and budget < r["lone_pair_tokens"]:
+        lines.append(
+            f"  a lone pair of 2 x data.max_length = {r['lone_pair_tokens']:,} tokens exceeds it: lower data.max_length"
+        )
+    lines.append(
+        f"compute: {r['step_tflops']:,} TFLOP per micro-batch (forward + backward"
+        + (" + checkpoint recompute)" if r["gradient_checkpointing"] else ")")
+    )
+    if r["predicted_tokens_per_s"] is not None:
+        lines[-1] += (
+            f"; at {r['mfu_assumption']:.0%} MFU of {r['peak_tflops']:g} TFLOP/s: {r['predicted_tokens_per_s']:,} tokens/s "
+            f"per GPU, {r['predicted_tokens_per_s_all_gpus']:,} on {r['gpus']}"
+        )
+    if r["device"] == "cuda":
+        lines.append(
+            f"GPU corrections (estimates, not calibrated on a GPU): CUDA context + NCCL {CUDA_CONTEXT_GIB:g} GiB, "
+            f"allocator fragmentation {ALLOCATOR_FRAGMENTATION:.0%}, {PREFETCHED_LAYERS} prefetched layer"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None):
+
+    parser = argparse.ArgumentParser(
+        prog="python -m btrm.plan",
+        description="Plan a bt-rm training run's memory per GPU on fake tensors (no GPU, no weights).",
+    )
+    parser.add_argument("--gpus", type=int, default=None, help=f"ranks (default: visible GPUs, else {DEFAULT_GPUS})")
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        help=f"GiB per GPU (default: the visible GPU's, else {DEFAULT_GPU_MEMORY_GIB:g})",
+    )
+    parser.add_argument(
+        "--margin", type=float, default=None, help="share kept free (default: trainer.gpu_memory_margin)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="micro-batch tokens to simulate (default: from the config)"
+    )
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default=None, help="planned device (default: trainer.device)"
+    )
+    parser.add_argument("--config-yaml", default=None, help=argparse.SUPPRESS)  # plan_in_subprocess's composed config
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of trainer.yaml, e.g. model.lora_rank=64")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.config_yaml:
+            from omegaconf import OmegaConf
+
+            config = OmegaConf.load(args.config_yaml)
+        else:
+            from btrm.schema import compose_config
+
+            config = compose_config(args.overrides)
+        result = plan_config(
+            config,
+            gpus=args.gpus,
+            gpu_memory_gib=args.gpu_memory,
+            margin=args.margin,
+            tokens=args.tokens,
+            device=args.device,
+        )
+    except PreflightError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
