@@ -84,6 +84,7 @@ DEFAULT_GPUS = 8  # without a visible GPU: the 8-GPU node trainer.yaml's budget 
 DEFAULT_GPU_MEMORY_GIB = 80.0  # without a visible GPU: H100-80GB, the smallest card the defaults target
 SIMULATED_LAYERS = (2, 3)  # two depths give each part's per-layer slope; 3 has an interior layer
 MAX_BUDGET_TOKENS = 2**20  # the budget search stops here (and says so)
+MAX_SIMULATED_CONVERSATIONS = 32  # a larger micro-batch is simulated with longer conversations (simulated_lengths)
 SEARCH_RUNS = 5  # forward/backward runs (each at every simulated depth) the budget search may spend
 
 # Throughput assumption. 989 TFLOP/s: dense bf16 peak of H100 SXM and H200 (NVIDIA datasheets, no sparsity).
@@ -186,6 +187,14 @@ def conversation_lengths(tokens: int, max_length: int) -> list[int]:
     pairs = math.ceil(tokens / (2 * max_length))
     count = 2 * pairs
     return [tokens // count + (1 if i < tokens % count else 0) for i in range(count)]
+
+
+def simulated_lengths(tokens: int, max_length: int) -> list[int]:
+    """The conversations simulated: conversation_lengths, but at most MAX_SIMULATED_CONVERSATIONS of them (longer
+    ones then stand in; the same tokens keep the same memory, attention kernels' state being linear in tokens):
+    the fake run's Python cost grows with the segments of a packed row."""
+    longest = max(max_length, math.ceil(tokens / MAX_SIMULATED_CONVERSATIONS))
+    return conversation_lengths(tokens, longest)
 
 
 def optimizer_config(config, device: str):
@@ -419,7 +428,7 @@ class Planner:
         checkpointing, the start of backward holds every layer's checkpoint, its end every layer's gradient),
         so each FSDP module's peak is scaled to the real depth (the first and the last decoder layer standing
         for the two ends of the stack) and the largest taken."""
-        lengths = conversation_lengths(tokens, self.config.data.max_length)
+        lengths = simulated_lengths(tokens, self.config.data.max_length)
         measured = {d: s.forward_backward(lengths) for d, s in self.simulations.items()}
         if self.layers in measured:
             return measured[self.layers]["peak"]

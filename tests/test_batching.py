@@ -162,6 +162,24 @@ def test_padded_budget_counts_padding_to_the_longest():
         batching.plan_micro_batches(pairs, None, None)
 
 
+def test_token_budget_resolution_and_its_description():
+    def planned():
+        return batching.TokenBudget(20480, "auto: the memory plan's")
+
+    assert batching.resolve_token_budget(6000, "cuda", planned) == (6000, "set by data.max_tokens_per_micro_batch")
+    assert batching.resolve_token_budget(None, "cpu", planned).tokens is None
+    assert batching.resolve_token_budget("auto", "cpu", planned) == (4096, "auto: the CPU default")
+    assert batching.resolve_token_budget("auto", "cuda", planned) == planned()
+    described = batching.describe_micro_batches(planned(), 1)
+    assert (
+        described
+        == "micro-batches of <= 20,480 computed tokens (auto: the memory plan's), at most 1 pair (data.micro_batch_size_per_gpu)"
+    )
+    assert batching.describe_micro_batches(batching.TokenBudget(None, "set"), 4) == (
+        "micro-batches of 4 pairs (data.micro_batch_size_per_gpu)"
+    )
+
+
 def test_layout_for_the_trainer_knobs():
     assert batching.layout_for(use_remove_padding=False, share_prompt=True) == "padded"  # padded: one override away
     assert batching.layout_for(use_remove_padding=True, share_prompt=False) == "packed"

@@ -433,10 +433,13 @@ def test_micro_batching_and_layouts_do_not_change_training(tmp_path, tiny_model_
         "data.max_samples=64",
         "trainer.checkpoint.save_contents=[model]",
     )
-    padded = ("use_remove_padding=false", "data.max_tokens_per_micro_batch=null")
-    variants = {
-        "micro1": (*padded, "data.micro_batch_size_per_gpu=1"),
-        "micro4": (*padded, "data.micro_batch_size_per_gpu=4"),
+    variants = {  # micro1: the default (auto) token budget with the user's pair cap, which must hold
+        "micro1": ("use_remove_padding=false", "data.micro_batch_size_per_gpu=1"),
+        "micro4": (
+            "use_remove_padding=false",
+            "data.max_tokens_per_micro_batch=null",
+            "data.micro_batch_size_per_gpu=4",
+        ),
         "packed": ("use_remove_padding=true", "data.share_prompt=false", "data.max_tokens_per_micro_batch=700"),
         "shared": ("use_remove_padding=true", "data.share_prompt=true", "data.max_tokens_per_micro_batch=700"),
     }
@@ -454,6 +457,7 @@ def test_micro_batching_and_layouts_do_not_change_training(tmp_path, tiny_model_
                 runs["micro1"][step]["train/grad_norm"], rel=1e-4
             ), (name, step)
         assert runs[name][3]["val/loss"] == pytest.approx(runs["micro1"][3]["val/loss"], abs=1e-5), name
+    assert runs["micro1"][1]["train/micro_batches"] == 4 and runs["micro4"][1]["train/micro_batches"] == 1
     assert runs["packed"][1]["train/real_token_share"] == 1.0 > runs["micro4"][1]["train/real_token_share"]
     assert runs["packed"][1]["train/micro_batches"] >= 2  # 4 pairs of ~300-700 tokens do not fit one 700-token budget
     # the shared prompt is computed once: fewer computed tokens per pair than packing the two conversations
@@ -603,7 +607,10 @@ def test_startup_summary_reports_the_runs_numbers(reference_run, tiny_model_dir,
     assert rows["tokens"].startswith(f"{sum(lengths) / len(lengths):,.0f} mean, {max(lengths):,} max per conversation")
     assert rows["truncated"].startswith("0 pairs, 0 tokens dropped")
     assert rows["schedule"] == "6 steps/epoch x 2 epochs = 12 steps"  # 48 pairs / 8 per step
-    assert rows["batch"].startswith("8 pairs/step over 2 ranks")
+    assert rows["batch"] == (  # conftest's MICRO_BATCH_SIZE=2 caps the auto budget's micro-batches
+        "8 pairs/step over 2 ranks; micro-batches of <= 4,096 computed tokens (auto: the CPU default), "
+        "at most 2 pairs (data.micro_batch_size_per_gpu)"
+    )
     assert rows["resume"].startswith("fresh start")
 
 

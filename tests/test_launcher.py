@@ -185,6 +185,73 @@ def test_script_uses_the_venv_and_defaults_to_the_visible_gpus(script_copy):
     assert "--nproc_per_node=3" in (script_copy / "argv").read_text().splitlines() and result.stderr == ""
 
 
+def test_script_plan_mode_runs_the_planner_with_the_knobs_and_the_gpus(script_copy):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "N_GPUS_PER_NODE", "WORLD_SIZE", "RANK")}
+    subprocess.run(
+        ["bash", str(script_copy / "run_bt_rm.sh"), "--plan", "--gpu-memory", "141", "model.lora_rank=8"],
+        env={**env, "CUDA_VISIBLE_DEVICES": "0,1", "NNODES": "2", "MODEL_PATH": "some/model"},
+        check=True,
+    )
+    argv = (script_copy / "argv").read_text().splitlines()
+    assert argv[:3] == ["-m", "btrm.plan", "--gpus=4"]  # 2 nodes x 2 visible GPUs
+    assert "model.partial_pretrain=some/model" in argv and argv[-3:] == ["--gpu-memory", "141", "model.lora_rank=8"]
+    subprocess.run(["bash", str(script_copy / "run_bt_rm.sh"), "--plan"], env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    argv = (script_copy / "argv").read_text().splitlines()
+    assert argv[:2] == ["-m", "btrm.plan"] and not any(a.startswith("--gpus") for a in argv)  # the planner's default
+
+
+@pytest.fixture
+def gpu_launch(monkeypatch):
+    """The launcher's GPU branch on this CPU machine: device files, CUDA and the planner stood in for."""
+    from btrm import plan
+    from btrm.batching import TokenBudget
+
+    monkeypatch.setattr(launcher, "gpu_device_files_exist", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.delenv(launcher.PLANNED_BUDGET_ENV, raising=False)
+    calls = []
+
+    def auto_token_budget(config, world_size):
+        calls.append(("auto", world_size))
+        if config.model.lora_rank == 0 and config.data.max_length > 100_000:
+            raise PreflightError("data.max_tokens_per_micro_batch=auto: the memory plan fits no tokens")
+        return TokenBudget(12288, "auto: the memory plan's")
+
+    monkeypatch.setattr(plan, "auto_token_budget", auto_token_budget)
+    monkeypatch.setattr(plan, "largest_fitting_budget", lambda config, gpus, device: 12288)
+    return calls
+
+
+def test_gpu_launch_plans_an_auto_budget_once_and_hands_it_to_the_ranks(gpu_launch, capsys):
+    from btrm.schema import compose_config
+
+    launcher.check_gpu_memory(compose_config([]), world_size=8)
+    assert gpu_launch == [("auto", 8)]
+    assert launcher.planned_budget_from_environment() == (12288, "auto: the memory plan's")
+    assert "auto -> 12,288" in capsys.readouterr().out
+    with pytest.raises(PreflightError, match="fits no tokens"):
+        launcher.check_gpu_memory(compose_config(["data.max_length=200000"]), world_size=8)
+
+
+def test_gpu_launch_warns_of_an_explicit_budget_over_what_fits(gpu_launch, capsys):
+    from btrm.schema import compose_config
+
+    launcher.check_gpu_memory(compose_config(["data.max_tokens_per_micro_batch=8192"]), world_size=8)
+    assert capsys.readouterr().out == "" and gpu_launch == []
+    launcher.check_gpu_memory(compose_config(["data.max_tokens_per_micro_batch=65536"]), world_size=8)
+    assert "fits 12,288 tokens per micro-batch on these GPUs, less than data.max_tokens_per_micro_batch=65,536" in (
+        capsys.readouterr().out
+    )
+    assert launcher.planned_budget_from_environment() is None  # nothing to hand over: the user's budget stands
+
+
+def test_cpu_launch_plans_nothing(gpu_launch):
+    from btrm.schema import compose_config
+
+    launcher.check_gpu_memory(compose_config(["trainer.device=cpu"]), world_size=2)
+    assert gpu_launch == [] and launcher.planned_budget_from_environment() is None
+
+
 def test_script_help_lists_every_knob_with_its_default():
     help_text = subprocess.run(
         ["bash", str(REPO / "run_bt_rm.sh"), "--help"], capture_output=True, text=True, check=True
