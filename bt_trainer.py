@@ -9,7 +9,7 @@
 | `_build_dataloader`          | replaces         | a step's pairs stay a list; seeded sampler, configured workers, unpadded validation  |
 | `_build_model_optimizer`     | replaces         | verl builds a causal LM with flash_attention_2 and bf16; ours is btrm.modeling.build_model |
 | `_compute_loss_and_backward` | replaces         | token cross-entropy under a hard-coded bf16 autocast becomes the preference loss    |
-| `training_step`              | replaces         | metrics over all ranks (verl all-reduces only on CUDA); a non-finite step is skipped |
+| `training_step`              | replaces         | micro-batches dealt over ranks by tokens; metrics over all ranks (verl all-reduces only on CUDA); a non-finite step is skipped |
 | `validation_step`            | replaces         | every validation pair scored once; metrics over the whole set and all ranks         |
 | `save_checkpoint`            | replaces         | verl tracks and prunes before the save is complete, saves non-finite weights, pickles data.pt |
 | `_init_checkpoint_manager`   | extends          | under LoRA verl's HF export would write peft keys as a plain model; ours replaces it |
@@ -26,7 +26,8 @@ The recipe:
   loads) on a causal LM, score bias zeroed and frozen, optionally LoRA (btrm.modeling, btrm.lora);
 - loss: -log sigmoid(r_chosen - r_rejected), or scaled by / with a margin from |preference_strength| (bt_loss);
 - layouts: padded, packed, or packed with the prompt computed once per pair; micro-batches by pair count
-  or token budget, accumulated exactly (btrm.batching, btrm.attention), checked against padded at start-up;
+  or token budget (`auto`: the memory plan's on GPU, btrm.plan), dealt over the ranks with balanced loads,
+  accumulated exactly (btrm.batching, btrm.attention), checked against padded at start-up;
 - parallelism: FSDP2 (FSDP1 on GPU), precision chosen by device, optional CPU offload and gradient checkpointing;
 - checkpoints: complete or ignored, never loaded as pickles, resumed exactly mid-epoch, pruned only after
   the new one is complete (btrm.checkpoint); a HF export every consumer scores alike (btrm.export);
@@ -268,14 +269,29 @@ class BTRewardTrainer(FSDPSFTTrainer):
         dist.all_reduce(tensor, op=op)
         return tensor
 
-    def plan_step(self, pairs: list[TokenizedPair], balance_ranks: bool) -> list[list[int]]:
-        """Micro-batches of this rank's pairs; with a token budget, every rank gets the same count."""
+    def plan_step(self, pairs: list[TokenizedPair]) -> list[list[int]]:
+        """Micro-batches of this rank's pairs (validation: every rank scores its own pairs)."""
         budget, max_pairs = self.token_budget.tokens, self.config.data.micro_batch_size_per_gpu
-        plan = batching.plan_micro_batches(pairs, budget, max_pairs, layout=self.layout)
-        if budget is None or not balance_ranks:
-            return plan
-        count = int(self._all_reduce(torch.tensor(len(plan), device=self.device_name), dist.ReduceOp.MAX))
-        return batching.plan_micro_batches(pairs, budget, max_pairs, min_count=count, layout=self.layout)
+        return batching.plan_micro_batches(pairs, budget, max_pairs, layout=self.layout)
+
+    def micro_batches_of_step(self, pairs: list[TokenizedPair]) -> tuple[list[list[TokenizedPair]], float]:
+        """This rank's micro-batches of a training step, and the loss normaliser (the step's pairs per rank).
+
+        With a token budget the pairs every rank sampled are gathered and dealt again by
+        batching.deal_micro_batches: the same number of micro-batches on every rank (FSDP's collectives
+        pair up) and balanced loads, so that no rank idles at a collective while another computes.
+        Fixed-size micro-batches (a null budget) stay on the rank that sampled them.
+        """
+        world_size = self.device_mesh.size()
+        if self.token_budget.tokens is None:
+            return [[pairs[i] for i in indices] for indices in self.plan_step(pairs)], len(pairs)
+        sampled: list[list[TokenizedPair] | None] = [None] * world_size
+        dist.all_gather_object(sampled, pairs)
+        step = [pair for rank_pairs in sampled for pair in rank_pairs]
+        dealt = batching.deal_micro_batches(
+            step, self.token_budget.tokens, self.config.data.micro_batch_size_per_gpu, world_size, self.layout
+        )
+        return [[step[i] for i in indices] for indices in dealt[self.device_mesh.get_rank()]], len(step) / world_size
 
     def _collate(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
         return batching.move_to(
@@ -322,8 +338,9 @@ class BTRewardTrainer(FSDPSFTTrainer):
         sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=self.device_name)
         # real, computed, micro-batches, conversation
         tokens = torch.zeros(4, dtype=torch.float64, device=self.device_name)
-        for indices in self.plan_step(pairs, balance_ranks=True):
-            result = self._compute_loss_and_backward([pairs[i] for i in indices], step_pairs=len(pairs))
+        micro_batches, pairs_per_rank = self.micro_batches_of_step(pairs)
+        for micro_batch in micro_batches:
+            result = self._compute_loss_and_backward(micro_batch, step_pairs=pairs_per_rank)
             sums += result.sums
             tokens += torch.tensor(
                 [result.real_tokens, result.computed_tokens, 1, result.conversation_tokens],
@@ -366,7 +383,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
     def validation_step(self, batch=None) -> dict[str, float]:
         self.fsdp_model.eval()
         pairs = [self.val_dataset[i] for i in self.val_indices]
-        plan = self.plan_step(pairs, balance_ranks=False) if pairs else []
+        plan = self.plan_step(pairs) if pairs else []
         # FSDP forwards are collectives: every rank runs as many as the busiest one, extra ones discarded.
         rounds = int(self._all_reduce(torch.tensor(len(plan), device=self.device_name), dist.ReduceOp.MAX))
         max_strength = self.loss_config.max_strength

@@ -89,13 +89,32 @@ def reset_high_water_mark() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def training_step(built, batch: dict, clip_grad: float, watermarks: list[int] | None = None) -> None:
+    """The trainer's step on one micro-batch (bt_trainer: zero_grad, BT loss backward, clip, AdamW step); with
+    `watermarks`, the high-water mark of forward/backward, then that of the optimizer step alone, appended."""
+    import torch.nn.functional as F
+    from verl.utils.fsdp_utils import fsdp2_clip_grad_norm_
+
+    from btrm import batching
+
+    built.optimizer.zero_grad(set_to_none=True)
+    rewards = batching.compute_rewards(built.fsdp_model, batch)
+    half = rewards.shape[0] // 2
+    (-F.logsigmoid(rewards[:half] - rewards[half:]).mean()).backward()
+    fsdp2_clip_grad_norm_(built.fsdp_model.parameters(), max_norm=clip_grad)
+    if watermarks is not None:
+        watermarks.append(memory_kib()["VmHWM"])
+        reset_high_water_mark()
+    built.optimizer.step()
+    if watermarks is not None:
+        watermarks.append(memory_kib()["VmHWM"])
+
+
 def measure(spec: dict) -> dict:
     """Build the trainer's model on one gloo rank and run two steps; memory figures in bytes over the baseline."""
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
-    from verl.utils.fsdp_utils import fsdp2_clip_grad_norm_
 
     from btrm import batching, modeling, plan
     from btrm.schema import compose_config
@@ -111,27 +130,15 @@ def measure(spec: dict) -> dict:
     built = modeling.build_model(
         config, mesh, "cpu", pad_token_id=0, use_remove_padding=config.use_remove_padding, total_steps=10
     )
+    built.fsdp_model.train()  # as the trainer's training_step: from_pretrained leaves eval mode (no checkpointing)
     layout = built.layout
     batch = batching.collate_padded(sequences, 0) if layout == "padded" else batching.collate_packed(sequences)
 
-    def step(watermarks: list[int] | None = None) -> None:
-        built.optimizer.zero_grad(set_to_none=True)
-        rewards = batching.compute_rewards(built.fsdp_model, batch)
-        half = rewards.shape[0] // 2
-        (-F.logsigmoid(rewards[:half] - rewards[half:]).mean()).backward()
-        fsdp2_clip_grad_norm_(built.fsdp_model.parameters(), max_norm=config.optim.clip_grad)
-        if watermarks is not None:  # the forward/backward high-water mark, then the optimizer step's alone
-            watermarks.append(memory_kib()["VmHWM"])
-            reset_high_water_mark()
-        built.optimizer.step()
-        if watermarks is not None:
-            watermarks.append(memory_kib()["VmHWM"])
-
-    step()  # creates AdamW's state
+    training_step(built, batch, config.optim.clip_grad)  # creates AdamW's state
     reset_high_water_mark()
     start = time.perf_counter()
     watermarks: list[int] = []
-    step(watermarks)
+    training_step(built, batch, config.optim.clip_grad, watermarks)
     step_s = time.perf_counter() - start
     after = memory_kib()
     dist.destroy_process_group()

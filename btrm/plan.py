@@ -2,57 +2,66 @@
 
     python -m btrm.plan [--gpus N] [--gpu-memory GIB] [--margin FRACTION] [--tokens N] [--device cuda|cpu] [overrides...]
 
-What it does (no GPU, no weights; Qwen3-32B plans in about 30 s on 2 CPU cores):
+What it does (no GPU, no weights; Qwen3-32B on 8 GPUs plans in 9-15 s on 2 CPU cores, imports included):
 1. composes the trainer's config (trainer.yaml + Hydra overrides, btrm.schema.compose_config) and checks it
    (check_config, with the world size); reads the model's config.json only (a local directory, or a hub id:
    transformers fetches config.json alone);
 2. builds the model the trainer builds, with btrm.modeling's own steps: the `*ForTokenClassification` value head
    (num_labels=1) with master weights in model.fsdp_config.model_dtype, the attention layout, LoRA (with
    model.lora_base_dtype), gradient checkpointing, FSDP2 `fully_shard` per decoder layer (and embedding) and on
-   the root with model.mixed_precision resolved for the device, and the optimizer from optim.*; all on
-   FakeTensorMode, in a fake process group of `gpus` ranks (rank 0 is planned: it holds the largest shards);
-3. runs one micro-batch of the token budget in the trainer's layout (packed / shared rows through
-   btrm.attention's segment attention; padded rows) through forward, backward and the optimizer step under
-   torch's FSDPMemTracker (the optimizer state exists already, as in every step after the first), and reports
-   the per-rank peak split into parts: sharded / unsharded parameters, gradients, optimizer state and the
-   optimizer step's temporaries, activations, temporaries, all-gather and reduce-scatter buffers;
+   the root (verl's apply_fsdp2) with model.mixed_precision resolved for the device, and the optimizer from
+   optim.* (verl's build_optimizer); on the meta device, then on FakeTensorMode, in a fake process group of
+   `gpus` ranks (rank 0 is planned: it holds the largest shards);
+3. runs one micro-batch in the trainer's layout (packed / shared rows through btrm.attention's segment
+   attention; padded rows) through forward and backward, then the optimizer step, each under torch's
+   FSDPMemTracker, with the optimizer state already there (as in every step after the first); reports the
+   per-rank peak of each phase split into parts: sharded / unsharded parameters, gradients, optimizer state and
+   the step's temporaries, activations, temporaries, all-gather and reduce-scatter buffers;
 4. finds the largest token budget that fits (`max_tokens_per_micro_batch`): a linear fit of the forward/backward
-   peak from runs at `tokens` and 2 x `tokens` proposes it, runs at the proposal and chords between fitting and
-   failing runs (the peak is convex in tokens) settle it; only simulated budgets are reported;
-5. estimates a micro-batch's FLOPs and the tokens/s they allow at an assumed MFU.
+   peak from runs at `tokens` and 2 x `tokens` proposes it, a run there checks it, and chords between the
+   largest fitting and the smallest failing run (the peak is convex in tokens) close in (SEARCH_RUNS runs at
+   most); only budgets that were simulated and fit are reported;
+5. estimates a micro-batch's FLOPs and the tokens/s they allow at an assumed MFU (MFU_ASSUMPTION, PEAK_TFLOPS).
 
-Depth: the model is simulated with SIMULATED_LAYERS decoder layers (2 and 3) and every part is extrapolated
-linearly to the real depth (each decoder layer adds the same; a model this shallow is simulated whole).
+Depth: a model deeper than 3 layers is simulated with SIMULATED_LAYERS (2 and 3) decoder layers and scaled
+linearly to its depth, moment by moment: every snapshot FSDPMemTracker takes of every FSDP module (the first and
+the last decoder layer standing for the two ends of the stack) is extrapolated and the largest kept, since the
+peak of a deep model can fall at another moment than a shallow one's (with gradient checkpointing, the start of
+backward holds every layer's checkpoint, its end every layer's gradient).
 
 The micro-batch: `tokens` tokens as an even number of equal conversations (chosen and rejected) of at most
-data.max_length tokens. Default tokens: max(data.max_tokens_per_micro_batch, 2 x data.max_length) (a lone
-pair longer than the budget runs alone); without a budget, 2 x data.micro_batch_size_per_gpu x data.max_length.
+data.max_length tokens. Default tokens: max(data.max_tokens_per_micro_batch, 2 x data.max_length) (a lone pair
+longer than the budget runs alone); for a budget of `auto`, 2 x data.max_length; without a budget,
+data.micro_batch_size_per_gpu (or 1) x 2 x data.max_length.
 
 Fake CPU tensors stand for the GPU (a CPU-only torch cannot make fake CUDA tensors). For device cuda the plan
 makes the choices the GPU would: bf16 compute (model.mixed_precision=auto), FlashAttention's varlen kernel for
-packed rows (its registered fake kernel), AdamW's foreach implementation (torch's default on CUDA; it holds
-one temporary the size of the sharded parameters), and adds the corrections named below (CUDA_CONTEXT_GIB,
-ALLOCATOR_FRAGMENTATION, PREFETCHED_LAYERS), stated in the output. Not simulated: gradient clipping (in place,
-per-tensor norms) and the transient full state dict rank 0 broadcasts while loading the checkpoint. With
-model.fsdp_config.cpu_offload the sharded parameters, gradients and optimizer state are counted as host memory.
-model.strategy=fsdp (FSDP1) is planned as FSDP2 (the same sharding; said in the notes).
+packed rows (its registered fake kernel), AdamW's foreach implementation (torch's default for CUDA parameters: it
+holds one fp32 temporary as large as the sharded parameters; optim.override_optimizer_config={fused: true} has
+none), and adds the corrections named below (CUDA_CONTEXT_GIB, ALLOCATOR_FRAGMENTATION, PREFETCHED_LAYERS),
+stated in the output. Not simulated: gradient clipping (in place, per-tensor norms), the start-up layout check
+(no grad) and the full state dict rank 0 broadcasts while loading the checkpoint. With
+model.fsdp_config.cpu_offload the sharded parameters, gradients and optimizer state count as host memory.
+model.strategy=fsdp (FSDP1) is planned as FSDP2 (the same sharding; said in the notes). On CPU (device cpu, one
+rank, fp32) bench/plan_accuracy.py measures the plan against a real step's resident memory (within 6%).
 
 Defaults: --gpus is the number of visible CUDA GPUs, else 8 (the 8-GPU node trainer.yaml is sized for);
 --gpu-memory is the visible GPU's memory, else 80 GiB (H100-80GB), said in the output; --margin is
-trainer.gpu_memory_margin (the share of each GPU kept free); --device follows trainer.device (cpu for cpu, else cuda). The last line printed is one JSON
-object (the dict plan_config returns).
+trainer.gpu_memory_margin (the share of each GPU kept free; DEFAULT_MARGIN where the config has none);
+--device follows trainer.device (cpu for cpu, else cuda). The last line printed is one JSON object (the dict
+plan_config returns).
 
 Python API (the same numbers as the CLI):
-    plan_from_overrides(overrides, *, gpus, gpu_memory_gib=None, margin=None, tokens=None, device=None)
-    plan_config(config, *, gpus, gpu_memory_gib=None, margin=None, tokens=None, device=None)
-    largest_fitting_budget(config, *, gpus, gpu_memory_gib=None, margin=None, device=None)
+    plan_from_overrides(overrides, *, gpus=None, gpu_memory_gib=None, margin=None, tokens=None, device=None)
+    plan_config(config, *, gpus=None, gpu_memory_gib=None, margin=None, tokens=None, device=None)
+    largest_fitting_budget(config, *, gpus=None, gpu_memory_gib=None, margin=None, device=None)
     auto_token_budget(config, world_size)  # data.max_tokens_per_micro_batch=auto in bt_trainer: a TokenBudget
-margin=None reads trainer.gpu_memory_margin (DEFAULT_MARGIN where the config has none).
 
-Process state: planning creates a fake process group and destroys it, restores the RNG state and anything it
-patched, and leaves nothing else behind, so the caller may go on to real work. Called in a process whose
-process group is already initialised (a rank of the trainer), it plans in a fresh subprocess
-(`python -m btrm.plan --config-yaml ...`) and returns that plan. Nothing happens on import.
+Process state: planning creates a fake process group and destroys it, restores the RNG state and what it
+patched, and leaves nothing else behind (btrm.attention's segment attention stays registered with transformers,
+as the trainer registers it), so the caller may go on to real work. Called in a process whose process group is
+already initialised (a rank of the trainer), it plans in a fresh subprocess (`python -m btrm.plan
+--config-yaml ...`, 10-20 s) and returns that plan. Nothing happens on import.
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,6 +323,7 @@ class Simulation:
         fsdp_kwargs = {**modeling.fsdp2_kwargs(model_config, world.mesh, device), "offload_policy": None}
         apply_fsdp2(model, fsdp_kwargs, model_config.fsdp_config)
         self.model, self.fake_mode, self.layers = model, world.fake_mode, layers
+        model.train()  # as the trainer's training_step (gradient checkpointing only acts in training mode)
         with self.fake_mode:
             model.to_empty(device="cpu")
             self.optimizer = self.optimizer_with_state(config, device)
@@ -343,8 +354,9 @@ class Simulation:
         return logits[:, -1, 0]
 
     def forward_backward(self, lengths: list[int]) -> dict[str, Parts]:
-        """Parts at the peak moments of one micro-batch's forward and backward (gradients freed first, as the
-        trainer's step does): {"peak": the peak; "<module> <peak forward|peak backward>": each FSDP module's}."""
+        """Parts at the moments of one micro-batch's forward and backward (gradients freed first, as the trainer's
+        step does): {"peak": the peak; "<module>: <state> #<call>": the tracker's snapshots of each FSDP module
+        (before / after its hooks, its own peaks)}."""
         from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -357,8 +369,12 @@ class Simulation:
         for stats in tracker.memory_tracking.values():
             name = moment_name(stats.mod_fqn, self.layers)
             for state, snapshots in stats.snapshots.items():
-                if name and state.value in ("Peak Forward", "Peak Backward") and snapshots and snapshots[-1]:
-                    moments[f"{name} {state.value.lower()}"] = tracker_parts(snapshots[-1])
+                # the root's own peaks are the step's peak, whatever moment that is: not comparable across depths
+                if name is None or name == "root" and state.value.startswith("Peak"):
+                    continue
+                for call, snapshot in enumerate(snapshots):
+                    if snapshot:
+                        moments[f"{name}: {state.value.lower()} #{call}"] = tracker_parts(snapshot)
         return moments
 
     def optimizer_step(self) -> tuple[Parts, Parts]:
@@ -377,11 +393,10 @@ class Simulation:
 
 
 def moment_name(fqn: str, layers: int) -> str | None:
-    """An FSDP module's name as a moment of the step, comparable across depths: decoder layers 0 and
-    layers - 1 are "first layer" and "last layer" (interior layers lie between them), the root (whose peak
-    is the step's) None, any other module its path."""
+    """An FSDP module's name, comparable across depths: decoder layers 0 and layers - 1 are "first layer" and
+    "last layer" (interior layers lie between them: None), the root "root", any other module its path."""
     if "." not in fqn:  # fqn starts with the root's class name
-        return None
+        return "root"
     path = fqn.split(".", 1)[1]
     layer = re.fullmatch(r"(?:.*\.)?layers\.(\d+)", path)
     if layer is None:
@@ -426,15 +441,18 @@ class Planner:
 
         Scaled moment by moment: the peak of a deeper model may fall at another moment (with gradient
         checkpointing, the start of backward holds every layer's checkpoint, its end every layer's gradient),
-        so each FSDP module's peak is scaled to the real depth (the first and the last decoder layer standing
-        for the two ends of the stack) and the largest taken."""
+        so each snapshot of each FSDP module is scaled to the real depth (the first and the last decoder layer
+        standing for the two ends of the stack) and the largest taken."""
         lengths = simulated_lengths(tokens, self.config.data.max_length)
         measured = {d: s.forward_backward(lengths) for d, s in self.simulations.items()}
         if self.layers in measured:
             return measured[self.layers]["peak"]
         common = set.intersection(*(set(m) - {"peak"} for m in measured.values()))
         scaled = [extrapolate({d: m[name] for d, m in measured.items()}, self.layers) for name in sorted(common)]
-        return max(scaled, key=lambda parts: sum(parts.values()))
+        peak = max(scaled, key=lambda parts: sum(parts.values()))
+        # The peak may fall between two snapshots (inside a hook): what it exceeds them by is kept, as temporaries.
+        above = max(sum(m["peak"].values()) - max(sum(m[n].values()) for n in common) for m in measured.values())
+        return {**peak, "temps": peak["temps"] + max(0.0, above)}
 
     def optimizer_step(self) -> tuple[Parts, Parts]:
         """(peak parts, resident parts after the step), measured once: they do not depend on the tokens."""
@@ -488,9 +506,8 @@ def search_budget(planner: Planner, tokens: int, fb_peak: float) -> tuple[int | 
     runs = {tokens: fb_peak, 2 * tokens: planner.forward_backward_peak(2 * tokens)}
     slope = (runs[2 * tokens] - fb_peak) / tokens
     candidate = tokens + (usable - fb_peak) / slope if slope > 0 else MAX_BUDGET_TOKENS
-    high_weight = (
-        1.0  # Illinois: a failing end kept twice counts half as far over, so the chords close in from both sides
-    )
+    # Illinois: a failing end kept twice counts half as far over, so the chords close in from both sides
+    high_weight = 1.0
     while len(runs) < SEARCH_RUNS:
         candidate = max(2, min(round_budget(candidate), MAX_BUDGET_TOKENS))
         if candidate in runs:
@@ -554,7 +571,7 @@ def read_hf_config(model_config):
         ) from None
 
 
-def describe(planner: Planner, hf_config, settings: PlanSettings, tokens: int) -> dict:
+def describe(planner: Planner, settings: PlanSettings, tokens: int) -> dict:
     """What was planned: the model, its sharding and precision, the micro-batch."""
     config, first = planner.config, planner.first
     notes = []
@@ -566,6 +583,9 @@ def describe(planner: Planner, hf_config, settings: PlanSettings, tokens: int) -
         notes.append(
             f"simulated {' and '.join(map(str, planner.simulations))} layers; parts scaled to {planner.layers}"
         )
+    simulated = len(simulated_lengths(tokens, config.data.max_length))
+    if simulated < len(conversation_lengths(tokens, config.data.max_length)):
+        notes.append(f"simulated as {simulated} longer conversations (the same tokens; simulated_lengths)")
     return {
         "model": config.model.partial_pretrain,
         "model_class": first.class_name,
@@ -611,11 +631,11 @@ def memory_figures(planner: Planner, tokens: int) -> tuple[dict, float]:
         "host_memory_gib": gib(host),
         "parts": {k: gib(v) for k, v in parts.items() if v},
         "corrections": {k: gib(v) for k, v in corrections.items()},
-        "phases": {
+        "phases": {  # GiB to the KiB: the CLI's table shows small models in MiB
             name: {
-                "peak_gib": gib(p),
-                "parts": {k: gib(v) for k, v in gpu.items() if v},
-                "corrections": {k: gib(v) for k, v in corr.items()},
+                "peak_gib": round(p / GIB, 6),
+                "parts": {k: round(v / GIB, 6) for k, v in gpu.items() if v},
+                "corrections": {k: round(v / GIB, 6) for k, v in corr.items()},
             }
             for name, (p, gpu, corr) in phases.items()
         },
@@ -626,7 +646,7 @@ def memory_figures(planner: Planner, tokens: int) -> tuple[dict, float]:
 
 def throughput(planner: Planner, hf_config, settings: PlanSettings, tokens: int) -> dict:
     flops = step_flops(planner, hf_config, tokens)
-    figures = {"step_tflops": round(flops / 1e12, 2), "mfu_assumption": None, "peak_tflops": None}
+    figures = {"step_flops": flops, "step_tflops": round(flops / 1e12, 2), "mfu_assumption": None, "peak_tflops": None}
     figures.update(predicted_tokens_per_s=None, predicted_tokens_per_s_all_gpus=None)
     if settings.device == "cuda":  # the MFU assumption is about GPUs; a CPU rate would be a guess
         per_gpu = tokens / (flops / (MFU_ASSUMPTION * PEAK_TFLOPS * 1e12))
@@ -663,7 +683,9 @@ def plan_config(
         return plan_in_subprocess(config, settings, tokens)
     start = time.perf_counter()
     hf_config = read_hf_config(config.model)
-    with fake_world(settings.gpus, settings.device) as world:
+    with fake_world(settings.gpus, settings.device) as world, warnings.catch_warnings():
+        # FSDP2 warns that the root returns a view (the logits' reward column): true of the trainer too, harmless
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
         planner = Planner(config, hf_config, settings, world)
         memory, fb_peak = memory_figures(planner, tokens)
         budget, method = search_budget(planner, tokens, fb_peak)
@@ -677,7 +699,7 @@ def plan_config(
             **memory,
             "max_tokens_per_micro_batch": budget,
             "max_tokens_method": method,
-            **describe(planner, hf_config, settings, tokens),
+            **describe(planner, settings, tokens),
             **throughput(planner, hf_config, settings, tokens),
         }
     result["wall_s"] = round(time.perf_counter() - start, 1)
@@ -760,22 +782,23 @@ def plan_in_subprocess(config, settings: PlanSettings, tokens: int) -> dict:
 
 
 def format_parts_table(result: dict) -> list[str]:
-    """Per-GPU GiB of both phases, part by part, then corrections and the peak."""
+    """Per-GPU memory of both phases, part by part, then corrections and the peak (MiB below 1 GiB)."""
     phases = result["phases"]
+    unit, scale = ("GiB", 1) if result["peak_gib"] >= 1 else ("MiB", 1024)
     names = [
         n for n in [*TRACKER_PARTS.values(), "optimizer_step_temps"] if any(n in p["parts"] for p in phases.values())
     ]
-    lines = [f"  {'per GPU, GiB':<28}{'forward/backward':>18}{'optimizer step':>16}"]
+    lines = [f"  {'per GPU, ' + unit:<28}{'forward/backward':>18}{'optimizer step':>16}"]
+
+    def cells(values: list[float | None]) -> str:
+        return "".join(f"{'' if v is None else f'{v * scale:.2f}':>{w}}" for v, w in zip(values, (18, 16), strict=True))
 
     def row(label: str, key: str, section: str) -> str:
-        cells = [phases[p][section].get(key) for p in ("forward_backward", "optimizer_step")]
-        return f"  {label:<28}" + "".join(
-            f"{'' if c is None else f'{c:.2f}':>{w}}" for c, w in zip(cells, (18, 16), strict=True)
-        )
+        return f"  {label:<28}" + cells([phases[p][section].get(key) for p in ("forward_backward", "optimizer_step")])
 
     lines += [row(name.replace("_", " "), name, "parts") for name in names]
     totals = [sum(phases[p]["parts"].values()) for p in ("forward_backward", "optimizer_step")]
-    lines.append(f"  {'= tracked tensors':<28}{totals[0]:>18.2f}{totals[1]:>16.2f}")
+    lines.append(f"  {'= tracked tensors':<28}" + cells(totals))
     labels = {
         "prefetched_layers": f"+ {PREFETCHED_LAYERS} prefetched layer (GPU)",
         "allocator_fragmentation": f"+ allocator {ALLOCATOR_FRAGMENTATION:.0%} (GPU)",
@@ -783,20 +806,34 @@ def format_parts_table(result: dict) -> list[str]:
     }
     corrections = [k for k in labels if any(k in p["corrections"] for p in phases.values())]
     lines += [row(labels[k], k, "corrections") for k in corrections]
-    fb, opt = (phases[p]["peak_gib"] for p in ("forward_backward", "optimizer_step"))
-    lines.append(f"  {'= peak':<28}{fb:>18.2f}{opt:>16.2f}")
+    lines.append(f"  {'= peak':<28}" + cells([phases[p]["peak_gib"] for p in ("forward_backward", "optimizer_step")]))
     return lines
+
+
+def count(number: float) -> str:
+    """A parameter count as people say it: 32.0 B, 123 M, 255 k."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if number >= size:
+            return f"{number / size:.3g} {suffix}"
+    return f"{number:.0f}"
+
+
+def size(value_gib: float) -> str:
+    return f"{value_gib:.2f} GiB" if value_gib >= 1 else f"{value_gib * 1024:.2f} MiB"
 
 
 def format_report(result: dict) -> str:
     """The human-readable plan (the CLI prints it above the JSON line)."""
     r = result
+    per = "GPU" if r["device"] == "cuda" else "rank"
     memory = f"{r['gpu_memory_gib']:g} GiB" + (
         " (assumed: no GPU visible; --gpu-memory sets it)" if r["gpu_memory_assumed"] else ""
     )
+    peak = max(phase["peak_gib"] for phase in r["phases"].values())
+    budget = r["max_tokens_per_micro_batch"]
     lines = [
         f"bt-rm plan: {r['model']} as {r['model_class']}",
-        f"  {r['layers']} layers, {r['parameters'] / 1e9:.3g} B parameters ({r['trainable_parameters'] / 1e9:.3g} B trained); "
+        f"  {r['layers']} layers, {count(r['parameters'])} parameters ({count(r['trainable_parameters'])} trained); "
         f"FSDP2 over {r['gpus']} ranks ({r['device']}); compute {r['compute_dtype'].removeprefix('torch.')}, "
         f"master weights and optimizer state {r['master_dtype']}; gradient checkpointing "
         f"{'on' if r['gradient_checkpointing'] else 'off'}; layout {r['layout']}",
@@ -806,20 +843,18 @@ def format_report(result: dict) -> str:
         "",
         *format_parts_table(r),
         "",
-        f"peak {r['peak_gib']:.2f} GiB per GPU ({r['peak_phase'].replace('_', ' ')}) of {memory}; "
-        f"usable with margin {r['margin']:.0%}: {r['usable_gib']:.2f} GiB -> {'FITS' if r['fits'] else 'DOES NOT FIT'}",
-        f"model states {r['model_states_gib']:.2f} GiB, activations {r['activations_gib']:.2f} GiB per GPU",
-        f"largest token budget that fits: {r['max_tokens_per_micro_batch'] or 'none'} ({r['max_tokens_method']})",
+        f"peak {size(peak)} per {per} ({r['peak_phase'].replace('_', ' ')}) of {memory}; usable with margin "
+        f"{r['margin']:.0%}: {size(r['usable_gib'])} -> {'FITS' if r['fits'] else 'DOES NOT FIT'}",
+        f"model states {size(r['model_states_bytes'] / GIB)}, activations "
+        f"{size(r['phases']['forward_backward']['parts'].get('activations', 0.0))} per {per}",
+        f"largest token budget that fits: {'none' if budget is None else f'{budget:,}'} ({r['max_tokens_method']})",
     ]
-    budget = r["max_tokens_per_micro_batch"]
     if budget is not None and budget < r["lone_pair_tokens"]:
         lines.append(
             f"  a lone pair of 2 x data.max_length = {r['lone_pair_tokens']:,} tokens exceeds it: lower data.max_length"
         )
-    lines.append(
-        f"compute: {r['step_tflops']:,} TFLOP per micro-batch (forward + backward"
-        + (" + checkpoint recompute)" if r["gradient_checkpointing"] else ")")
-    )
+    recompute = " + checkpoint recompute" if r["gradient_checkpointing"] else ""
+    lines.append(f"compute: {r['step_flops'] / 1e12:,.4g} TFLOP per micro-batch (forward + backward{recompute})")
     if r["predicted_tokens_per_s"] is not None:
         lines[-1] += (
             f"; at {r['mfu_assumption']:.0%} MFU of {r['peak_tflops']:g} TFLOP/s: {r['predicted_tokens_per_s']:,} tokens/s "

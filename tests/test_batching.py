@@ -162,6 +162,31 @@ def test_padded_budget_counts_padding_to_the_longest():
         batching.plan_micro_batches(pairs, None, None)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_dealt_micro_batches_cover_the_step_evenly_within_the_budget(seed):
+    rng = random.Random(seed)
+    world_size = rng.choice([1, 2, 3, 4])
+    pairs = pairs_of_lengths([rng.randint(10, 300) for _ in range(world_size * rng.randint(1, 8))])
+    budget, max_pairs = rng.randint(300, 1500), rng.choice([None, 1, 3])
+    layout = rng.choice(["packed", "padded"])
+    dealt = batching.deal_micro_batches(pairs, budget, max_pairs, world_size, layout)
+    assert len(dealt) == world_size and len({len(rank) for rank in dealt}) == 1  # the same count on every rank
+    assert sorted(i for rank in dealt for mb in rank for i in mb) == list(range(len(pairs)))  # every pair once
+    for mb in (mb for rank in dealt for mb in rank):
+        rows = [len(pairs[i].chosen) for i in mb] * 2
+        computed = len(rows) * max(rows) if layout == "padded" else sum(rows)
+        assert computed <= budget or len(mb) == 1
+        assert max_pairs is None or len(mb) <= max_pairs
+
+
+def test_dealing_balances_what_the_ranks_sampled():
+    # rank 0 sampled the four long pairs, rank 1 the four short ones: dealt, each computes half
+    pairs = pairs_of_lengths([400, 400, 400, 400, 100, 100, 100, 100])
+    dealt = batching.deal_micro_batches(pairs, 1000, None, 2, "packed")
+    loads = [sum(pairs[i].num_tokens for mb in rank for i in mb) for rank in dealt]
+    assert loads == [2000, 2000] and [len(rank) for rank in dealt] == [2, 2]
+
+
 def test_token_budget_resolution_and_its_description():
     def planned():
         return batching.TokenBudget(20480, "auto: the memory plan's")

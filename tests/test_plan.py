@@ -1,0 +1,259 @@
+"""btrm.plan: model states against hand formulas, the fit verdict, the budget search, the CLI, the process state it
+leaves, and one real CPU step's resident memory against the plan (the 10% target lives in bench/plan_accuracy.py)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from btrm import attention, plan
+from btrm.schema import compose_config
+from conftest import REPO, free_port
+
+DIMS = {  # a tiny Qwen3: every dimension even, so FSDP's two shards split each weight exactly
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 512,
+}
+REQUIRED_KEYS = {
+    "gpus",
+    "gpu_memory_gib",
+    "peak_gib",
+    "model_states_gib",
+    "activations_gib",
+    "fits",
+    "max_tokens_per_micro_batch",
+    "tokens",
+    "layers_simulated",
+    "layers",
+    "margin",
+    "parts",
+    "step_tflops",
+    "predicted_tokens_per_s",
+    "mfu_assumption",
+}
+
+
+def write_config(folder, layers: int):
+    """config.json only (no weights): all the plan reads."""
+    from transformers import Qwen3Config
+
+    Qwen3Config(**DIMS, num_hidden_layers=layers, tie_word_embeddings=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shallow(tmp_path_factory):
+    return write_config(tmp_path_factory.mktemp("qwen3-2-layers"), 2)
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    return write_config(tmp_path_factory.mktemp("qwen3-6-layers"), 6)
+
+
+def overrides(model_dir, *extra):
+    return [f"model.partial_pretrain={model_dir}", "trainer.device=cpu", "data.max_length=64", *extra]
+
+
+def planned(model_dir, *extra, gpus=2, **kwargs):
+    return plan.plan_from_overrides(overrides(model_dir, *extra), gpus=gpus, **kwargs)
+
+
+# ----------------------------------------------------------------------------- hand formulas
+
+
+def block_linears():
+    """(in, out) of each linear layer of one Qwen3 decoder layer."""
+    h, i = DIMS["hidden_size"], DIMS["intermediate_size"]
+    q, kv = DIMS["num_attention_heads"] * DIMS["head_dim"], DIMS["num_key_value_heads"] * DIMS["head_dim"]
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+def value_head_shapes(layers: int) -> tuple[list[tuple], list[tuple]]:
+    """(trainable, frozen) parameter shapes of Qwen3ForTokenClassification, written out from the architecture:
+    embedding, per layer 7 linears + 2 RMSNorms + q/k norms, the final norm, the score head (bias frozen)."""
+    h, head_dim = DIMS["hidden_size"], DIMS["head_dim"]
+    per_layer = [(fan_out, fan_in) for fan_in, fan_out in block_linears()] + [(h,), (h,), (head_dim,), (head_dim,)]
+    trainable = [(DIMS["vocab_size"], h), *per_layer * layers, (h,), (1, h)]
+    return trainable, [(1,)]
+
+
+def shard_bytes(shapes, bytes_each: int, ranks: int) -> int:
+    """Bytes of rank 0's shards: FSDP2 cuts dim 0 into `ranks` chunks, rank 0 holding the largest."""
+    return sum(math.ceil(s[0] / ranks) * math.prod(s[1:]) * bytes_each for s in shapes)
+
+
+ROTARY_BUFFER = DIMS["head_dim"] // 2 * 4  # the rotary embedding's inv_freq (fp32, on every rank)
+
+
+def full_fine_tune_states(layers: int, ranks: int) -> int:
+    """fp32 weight + fp32 gradient + AdamW's two fp32 moments of every trainable weight, and AdamW's step count
+    (a 4-byte tensor per weight); the frozen score bias: its fp32 weight; the rotary buffer."""
+    trainable, frozen = value_head_shapes(layers)
+    return shard_bytes(trainable, 4 + 4 + 8, ranks) + 4 * len(trainable) + shard_bytes(frozen, 4, ranks) + ROTARY_BUFFER
+
+
+# ----------------------------------------------------------------------------- model states
+
+
+def test_full_fine_tune_states_equal_the_hand_formula(shallow):
+    result = planned(shallow, gpus=2)
+    assert result["model_states_bytes"] == full_fine_tune_states(2, ranks=2)
+    assert result["layers_simulated"] == [2] and result["device"] == "cpu" and result["lora"] is False
+
+
+def peaks_by_tokens(model_dir, tokens: tuple[int, ...]) -> dict[int, dict[str, float]]:
+    """The planner's forward/backward and optimizer-step peaks (bytes) of micro-batches of `tokens` tokens."""
+    config = compose_config(overrides(model_dir))
+    settings = plan.resolve_settings(config, gpus=2, gpu_memory_gib=80, margin=0.0, device="cpu")
+    hf_config = plan.read_hf_config(config.model)
+    with plan.fake_world(2, "cpu") as world:
+        planner = plan.Planner(config, hf_config, settings, world)
+        peaks = {t: {"forward_backward": sum(planner.forward_backward(t).values())} for t in tokens}
+        step = sum(planner.optimizer_step()[0].values())
+    return {t: {**p, "optimizer_step": step, "depths": tuple(planner.simulations)} for t, p in peaks.items()}
+
+
+def test_a_deep_model_scaled_from_two_depths_has_exact_states_and_the_peak_of_a_whole_simulation(deep, monkeypatch):
+    tokens = (128, 2048)  # the peak at the end of backward (every gradient), then at its start (every checkpoint)
+    scaled = peaks_by_tokens(deep, tokens)
+    monkeypatch.setattr(plan, "SIMULATED_LAYERS", (6, 7))  # the whole depth simulated: the reference
+    whole = peaks_by_tokens(deep, tokens)
+    for t in tokens:
+        assert (scaled[t]["depths"], whole[t]["depths"]) == ((2, 3), (6,))
+        for phase in ("forward_backward", "optimizer_step"):
+            assert scaled[t][phase] == pytest.approx(whole[t][phase], rel=0.01), (t, phase)
+    monkeypatch.undo()
+    result = planned(deep, gpus=2, tokens=256)
+    assert result["layers_simulated"] == [2, 3] and result["layers"] == 6
+    assert result["model_states_bytes"] == full_fine_tune_states(6, ranks=2)
+
+
+def test_lora_states_are_adapters_and_head_in_fp32_and_a_bf16_backbone(shallow):
+    rank = 4
+    result = planned(shallow, f"model.lora_rank={rank}", gpus=2)
+    trainable, frozen = value_head_shapes(2)
+    head = [(1, DIMS["hidden_size"])]
+    adapters = [shape for fan_in, fan_out in block_linears() for shape in ((rank, fan_in), (fan_out, rank))] * 2
+    backbone = [s for s in trainable if s != (1, DIMS["hidden_size"])] + frozen  # frozen: model.lora_base_dtype bf16
+    expected = (
+        shard_bytes(adapters + head, 4 + 4 + 8, 2)
+        + 4 * len(adapters + head)
+        + shard_bytes(backbone, 2, 2)
+        + ROTARY_BUFFER
+    )
+    assert result["model_states_bytes"] == expected
+    assert result["lora"] is True and result["model_states_bytes"] < full_fine_tune_states(2, ranks=2) / 4
+
+
+def test_gpu_plan_adds_the_named_corrections_and_a_flops_estimate(shallow):
+    result = planned(shallow, gpus=8, device="cuda", gpu_memory_gib=80, tokens=128)
+    corrections = result["phases"]["forward_backward"]["corrections"]
+    assert corrections["cuda_context"] == pytest.approx(plan.CUDA_CONTEXT_GIB)
+    assert result["compute_dtype"] == "torch.bfloat16" and result["gpu_memory_assumed"] is False
+    # foreach AdamW on CUDA: one fp32 temporary per parameter shard, as large as the sharded parameters
+    step = result["phases"]["optimizer_step"]["parts"]
+    assert step["optimizer_step_temps"] == pytest.approx(step["sharded_params"], rel=0.05)
+    # 2 conversations of 64 tokens: 8 x non-embedding params x tokens (forward, backward 2x, checkpoint recompute)
+    # + attention's 4 x heads x head_dim x causal pairs per layer and forward, 4 forwards' worth
+    non_embedding = result["parameters"] - DIMS["vocab_size"] * DIMS["hidden_size"]
+    pairs = 2 * 64 * 65 / 2
+    attention_flops = 4 * DIMS["num_attention_heads"] * DIMS["head_dim"] * 2 * pairs
+    assert result["step_flops"] == pytest.approx(8 * non_embedding * 128 + 4 * attention_flops, rel=1e-6)
+    seconds = result["step_flops"] / (plan.MFU_ASSUMPTION * plan.PEAK_TFLOPS * 1e12)
+    assert result["predicted_tokens_per_s"] == round(128 / seconds)
+
+
+# ----------------------------------------------------------------------------- the verdict and the budget
+
+
+def peak_gib(result) -> float:
+    return max(phase["peak_gib"] for phase in result["phases"].values())
+
+
+def test_fits_flips_when_the_memory_drops_below_the_peak(shallow):
+    peak = peak_gib(planned(shallow, tokens=512, margin=0.0))
+    assert planned(shallow, tokens=512, margin=0.0, gpu_memory_gib=peak * 1.02)["fits"] is True
+    assert planned(shallow, tokens=512, margin=0.0, gpu_memory_gib=peak * 0.98)["fits"] is False
+    assert planned(shallow, tokens=512, margin=0.1, gpu_memory_gib=peak * 1.02)["fits"] is False
+
+
+def test_the_largest_budget_grows_with_memory_and_fits(shallow):
+    states = planned(shallow, margin=0.0)["model_states_bytes"] / 2**30
+    budgets = []
+    for memory in (states * 2, states * 4, states * 8):
+        budget = planned(shallow, margin=0.0, gpu_memory_gib=memory)["max_tokens_per_micro_batch"]
+        assert budget is not None and planned(shallow, margin=0.0, gpu_memory_gib=memory, tokens=budget)["fits"]
+        budgets.append(budget)
+    assert budgets == sorted(budgets) and budgets[0] < budgets[-1]
+    assert planned(shallow, margin=0.0, gpu_memory_gib=states / 2)["max_tokens_per_micro_batch"] is None
+
+
+# ----------------------------------------------------------------------------- CLI and process state
+
+
+def test_cli_prints_the_table_and_ends_with_one_json_line(shallow):
+    done = subprocess.run(
+        [sys.executable, "-m", "btrm.plan", "--gpus", "2", "--gpu-memory", "1", *overrides(shallow)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert set(result) >= REQUIRED_KEYS and result["gpus"] == 2 and result["gpu_memory_gib"] == 1
+    assert any(line.startswith("peak ") for line in lines) and "largest token budget" in done.stdout
+
+
+def test_cli_refuses_a_bad_override_in_one_line(shallow):
+    done = subprocess.run(
+        [sys.executable, "-m", "btrm.plan", *overrides(shallow), "data.max_lenght=5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "max_lenght" in done.stderr
+
+
+def test_planning_leaves_no_state_and_runs_beside_a_real_process_group_in_a_subprocess(shallow):
+    import torch.distributed as dist
+
+    rng, varlen_check = torch.random.get_rng_state(), attention.runs_on_varlen_kernel
+    config = compose_config(overrides(shallow))
+    here = plan.plan_config(config, gpus=2, device="cuda", gpu_memory_gib=80, tokens=128)
+    assert not dist.is_initialized() and torch.equal(torch.random.get_rng_state(), rng)
+    assert attention.runs_on_varlen_kernel is varlen_check
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        there = plan.plan_config(config, gpus=2, device="cuda", gpu_memory_gib=80, tokens=128)
+        tensor = torch.ones(1)
+        dist.all_reduce(tensor)  # the real group still works
+    finally:
+        dist.destroy_process_group()
+    assert there["model_states_bytes"] == here["model_states_bytes"] and there["peak_gib"] == here["peak_gib"]
+
+
+# ----------------------------------------------------------------------------- against a real step
+
+
+def test_planned_peak_is_within_20_percent_of_a_real_steps_resident_memory(tmp_path):
+    from bench import plan_accuracy
+
+    dims = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8}
+    model_dir = plan_accuracy.save_random_model(tmp_path / "model", dims)
+    case = {"overrides": ["data.max_length=256"], "tokens": 512}
+    trainer_overrides = plan_accuracy.trainer_overrides(model_dir, case)
+    result = plan.plan_from_overrides(trainer_overrides, gpus=1, device="cpu", tokens=case["tokens"])
+    measured = plan_accuracy.run_measurement(trainer_overrides, case["tokens"])
+    assert result["peak_gib"] * 2**30 == pytest.approx(measured["peak_bytes"], rel=0.2)
+    assert result["model_states_gib"] * 2**30 == pytest.approx(measured["resident_bytes"], rel=0.2)
