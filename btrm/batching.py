@@ -312,7 +312,7 @@ def deal_micro_batches(
     """
     costs = pair_costs(pairs, layout)
     padded = layout == "padded"
-    natural = len(token_budget_micro_batches(costs, max_tokens, world_size, max_pairs, padded))
+    natural = len(token_budget_micro_batches(costs, max_tokens, 1, max_pairs, padded))
     bins = token_budget_micro_batches(costs, max_tokens, -(-natural // world_size) * world_size, max_pairs, padded)
 
     def load(members: list[int]) -> int:

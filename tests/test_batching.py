@@ -180,11 +180,12 @@ def test_dealt_micro_batches_cover_the_step_evenly_within_the_budget(seed):
 
 
 def test_dealing_balances_what_the_ranks_sampled():
-    # rank 0 sampled the four long pairs, rank 1 the four short ones: dealt, each computes half
-    pairs = pairs_of_lengths([400, 400, 400, 400, 100, 100, 100, 100])
+    # rank 0 sampled the two long pairs, rank 1 the two short ones (900 + 700 vs 500 + 300 tokens): dealt
+    # heaviest first to the least loaded rank, each computes 1,200
+    pairs = pairs_of_lengths([450, 350, 250, 150])
     dealt = batching.deal_micro_batches(pairs, 1000, None, 2, "packed")
     loads = [sum(pairs[i].num_tokens for mb in rank for i in mb) for rank in dealt]
-    assert loads == [2000, 2000] and [len(rank) for rank in dealt] == [2, 2]
+    assert loads == [1200, 1200] and [len(rank) for rank in dealt] == [2, 2]
 
 
 def test_token_budget_resolution_and_its_description():
