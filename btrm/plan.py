@@ -1,6 +1,7 @@
 """Plan mode: does a config fit each GPU? One training step simulated on fake tensors, before launch.
 
-    python -m btrm.plan [--gpus N] [--gpu-memory GIB] [--margin FRACTION] [--tokens N] [--device cuda|cpu] [overrides...]
+    python -m btrm.plan [--gpus N] [--gpu-memory GIB] [--margin FRACTION] [--tokens N] [--device cuda|cpu]
+                        [--no-search] [overrides...]
 
 What it does (no GPU, no weights; Qwen3-32B on 8 GPUs plans in 9-15 s on 2 CPU cores, imports included):
 1. composes the trainer's config (trainer.yaml + Hydra overrides, btrm.schema.compose_config) and checks it
@@ -47,13 +48,14 @@ rank, fp32) bench/plan_accuracy.py measures the plan against a real step's resid
 
 Defaults: --gpus is the number of visible CUDA GPUs, else 8 (the 8-GPU node trainer.yaml is sized for);
 --gpu-memory is the visible GPU's memory, else 80 GiB (H100-80GB), said in the output; --margin is
-trainer.gpu_memory_margin (the share of each GPU kept free; DEFAULT_MARGIN where the config has none);
+trainer.gpu_memory_margin (the share of each GPU kept free);
 --device follows trainer.device (cpu for cpu, else cuda). The last line printed is one JSON object (the dict
 plan_config returns).
 
 Python API (the same numbers as the CLI):
-    plan_from_overrides(overrides, *, gpus=None, gpu_memory_gib=None, margin=None, tokens=None, device=None)
-    plan_config(config, *, gpus=None, gpu_memory_gib=None, margin=None, tokens=None, device=None)
+    plan_from_overrides(overrides, *, gpus=None, gpu_memory_gib=None, margin=None, tokens=None, device=None,
+                        search=True)
+    plan_config(config, *, gpus=None, gpu_memory_gib=None, margin=None, tokens=None, device=None, search=True)
     largest_fitting_budget(config, *, gpus=None, gpu_memory_gib=None, margin=None, device=None)
     auto_token_budget(config, world_size)  # data.max_tokens_per_micro_batch=auto in bt_trainer: a TokenBudget
 
@@ -71,6 +73,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -89,13 +92,12 @@ from btrm.schema import REPO, PreflightError
 
 GIB = 2**30
 
-DEFAULT_MARGIN = 0.10  # share of GPU memory kept free beyond the planned peak: what the plan does not model
 DEFAULT_GPUS = 8  # without a visible GPU: the 8-GPU node trainer.yaml's budget is sized for
 DEFAULT_GPU_MEMORY_GIB = 80.0  # without a visible GPU: H100-80GB, the smallest card the defaults target
-SIMULATED_LAYERS = (2, 3)  # two depths give each part's per-layer slope; 3 has an interior layer
+SIMULATED_LAYERS = (2, 3)  # at both, first and last decoder layers differ (at 1 they are one) and prefetch a layer
 MAX_BUDGET_TOKENS = 2**20  # the budget search stops here (and says so)
 MAX_SIMULATED_CONVERSATIONS = 32  # a larger micro-batch is simulated with longer conversations (simulated_lengths)
-SEARCH_RUNS = 5  # forward/backward runs (each at every simulated depth) the budget search may spend
+SEARCH_RUNS = 6  # forward/backward runs (each at every simulated depth) the budget search may spend
 
 # Throughput assumption. 989 TFLOP/s: dense bf16 peak of H100 SXM and H200 (NVIDIA datasheets, no sparsity).
 PEAK_TFLOPS = 989.0
@@ -152,12 +154,24 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def visible_gpu_memory_gib() -> float:
+    """The first visible GPU's memory. Asked of nvidia-smi, so that this process starts no CUDA context (the
+    launcher plans before it starts the ranks; a context would hold ~0.5 GiB of GPU 0 all run long); torch's
+    device properties where nvidia-smi cannot answer."""
+    first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+        query = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", first]
+        answer = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True)
+        return float(answer.stdout.strip().splitlines()[0]) / 1024  # MiB
+    return torch.cuda.get_device_properties(0).total_memory / GIB
+
+
 def resolve_settings(
     config, *, gpus: int | None, gpu_memory_gib: float | None, margin: float | None, device: str | None
 ) -> PlanSettings:
     """Defaults filled in (module docstring) and checked."""
     if margin is None:
-        margin = float(config.trainer.get("gpu_memory_margin", DEFAULT_MARGIN))
+        margin = float(config.trainer.gpu_memory_margin)
     if device is None:
         device = "cpu" if config.trainer.device == "cpu" else "cuda"
     if device not in ("cuda", "cpu"):
@@ -169,9 +183,7 @@ def resolve_settings(
         raise PreflightError(f"--margin {margin}: expected a fraction in [0, 1)")
     assumed = gpu_memory_gib is None and not (device == "cuda" and visible_gpus())
     if gpu_memory_gib is None:
-        # get_device_properties starts CUDA in this process (a context on GPU 0); only when no size was given
-        visible = device == "cuda" and visible_gpus()
-        gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB if visible else DEFAULT_GPU_MEMORY_GIB
+        gpu_memory_gib = visible_gpu_memory_gib() if device == "cuda" and visible_gpus() else DEFAULT_GPU_MEMORY_GIB
     if gpu_memory_gib <= 0:
         raise PreflightError(f"--gpu-memory {gpu_memory_gib}: expected a positive number of GiB")
     return PlanSettings(gpus, device, float(gpu_memory_gib), assumed, margin)
@@ -668,10 +680,12 @@ def plan_config(
     margin: float | None = None,
     tokens: int | None = None,
     device: str | None = None,
+    search: bool = True,
 ) -> dict:
     """The plan (the CLI's JSON line, as a dict) of a composed config (DictConfig) on `gpus` GPUs.
 
     tokens: the micro-batch simulated (default: default_tokens). device: cuda or cpu (default from trainer.device).
+    search=False skips the budget search (max_tokens_per_micro_batch is then None): a third of the time.
     Beside an initialised process group it runs in a subprocess (module docstring)."""
     from btrm.schema import check_config
 
@@ -680,7 +694,7 @@ def plan_config(
     tokens = int(tokens) if tokens is not None else default_tokens(config)
     conversation_lengths(tokens, config.data.max_length)  # refuses a micro-batch without a pair
     if dist.is_available() and dist.is_initialized():
-        return plan_in_subprocess(config, settings, tokens)
+        return plan_in_subprocess(config, settings, tokens, search)
     start = time.perf_counter()
     hf_config = read_hf_config(config.model)
     with fake_world(settings.gpus, settings.device) as world, warnings.catch_warnings():
@@ -688,7 +702,7 @@ def plan_config(
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
         planner = Planner(config, hf_config, settings, world)
         memory, fb_peak = memory_figures(planner, tokens)
-        budget, method = search_budget(planner, tokens, fb_peak)
+        budget, method = search_budget(planner, tokens, fb_peak) if search else (None, "not searched (search=False)")
         result = {
             "gpus": settings.gpus,
             "device": settings.device,
@@ -714,12 +728,15 @@ def plan_from_overrides(
     margin: float | None = None,
     tokens: int | None = None,
     device: str | None = None,
+    search: bool = True,
 ) -> dict:
     """plan_config of trainer.yaml with these Hydra overrides (btrm.schema.compose_config)."""
     from btrm.schema import compose_config
 
     config = compose_config(overrides)
-    return plan_config(config, gpus=gpus, gpu_memory_gib=gpu_memory_gib, margin=margin, tokens=tokens, device=device)
+    return plan_config(
+        config, gpus=gpus, gpu_memory_gib=gpu_memory_gib, margin=margin, tokens=tokens, device=device, search=search
+    )
 
 
 def largest_fitting_budget(
@@ -737,18 +754,19 @@ def largest_fitting_budget(
 
 
 def auto_token_budget(config, world_size: int):
-    """data.max_tokens_per_micro_batch=auto on GPUs (bt_trainer): the largest budget the plan says fits this run's
-    GPUs (`world_size` of them, each of the memory of the current CUDA device) with trainer.gpu_memory_margin kept
-    free, as a batching.TokenBudget. Refuses (PreflightError) when not even a lone longest pair fits."""
-    device = torch.cuda.current_device() if torch.cuda.is_available() else None
-    memory = torch.cuda.get_device_properties(device).total_memory / GIB if device is not None else None
-    result = plan_config(config, gpus=world_size, gpu_memory_gib=memory, device="cuda")
+    """data.max_tokens_per_micro_batch=auto on GPUs (launcher, bt_trainer): the largest budget the plan says fits
+    this run's GPUs (`world_size` of them, each of the first visible GPU's memory) with trainer.gpu_memory_margin
+    kept free, as a batching.TokenBudget. Refuses (PreflightError) when not even a lone longest pair fits."""
+    result = plan_config(config, gpus=world_size, device="cuda")  # the memory: the visible GPU's
     budget = result["max_tokens_per_micro_batch"]
     if budget is None or budget < result["lone_pair_tokens"]:
+        fits = f"{budget:,} tokens per micro-batch" if budget else f"no micro-batch ({result['max_tokens_method']})"
+        step_alone = result["phases"]["optimizer_step"]["peak_gib"] > result["usable_gib"]
+        fused = "optim.override_optimizer_config={fused: true} (no foreach temporaries), " * step_alone
         raise PreflightError(
-            f"data.max_tokens_per_micro_batch=auto: the memory plan fits {budget or 'no'} tokens per micro-batch on "
-            f"{world_size} GPUs of {result['gpu_memory_gib']:g} GiB, less than a lone pair of 2 x data.max_length = "
-            f"{result['lone_pair_tokens']:,} tokens; lower data.max_length, use LoRA (model.lora_rank), "
+            f"data.max_tokens_per_micro_batch=auto: the memory plan fits {fits} on {world_size} GPUs of "
+            f"{result['gpu_memory_gib']:g} GiB, less than a lone pair of 2 x data.max_length = "
+            f"{result['lone_pair_tokens']:,} tokens; lower data.max_length, or use {fused}LoRA (model.lora_rank), "
             "model.fsdp_config.cpu_offload=true or more GPUs (python -m btrm.plan shows the parts)"
         )
     return batching.TokenBudget(
@@ -758,7 +776,7 @@ def auto_token_budget(config, world_size: int):
     )
 
 
-def plan_in_subprocess(config, settings: PlanSettings, tokens: int) -> dict:
+def plan_in_subprocess(config, settings: PlanSettings, tokens: int, search: bool = True) -> dict:
     """plan_config in a fresh `python -m btrm.plan` (for callers whose own process group is initialised)."""
     from omegaconf import OmegaConf
 
@@ -767,7 +785,13 @@ def plan_in_subprocess(config, settings: PlanSettings, tokens: int) -> dict:
         config_file.write_text(OmegaConf.to_yaml(config))
         command = [sys.executable, "-m", "btrm.plan", "--config-yaml", str(config_file), "--tokens", str(tokens)]
         command += ["--gpus", str(settings.gpus), "--gpu-memory", repr(settings.gpu_memory_gib)]
-        command += ["--margin", repr(settings.margin), "--device", settings.device]
+        command += [
+            "--margin",
+            repr(settings.margin),
+            "--device",
+            settings.device,
+            *([] if search else ["--no-search"]),
+        ]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -893,6 +917,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--device", choices=("cuda", "cpu"), default=None, help="planned device (default: trainer.device)"
     )
+    parser.add_argument("--no-search", action="store_true", help="skip the search for the largest fitting budget")
     parser.add_argument("--config-yaml", default=None, help=argparse.SUPPRESS)  # plan_in_subprocess's composed config
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of trainer.yaml, e.g. model.lora_rank=64")
     return parser.parse_intermixed_args(argv)
@@ -916,6 +941,7 @@ def main(argv: list[str] | None = None) -> int:
             margin=args.margin,
             tokens=args.tokens,
             device=args.device,
+            search=not args.no_search,
         )
     except PreflightError as error:
         print(f"error: {error}", file=sys.stderr)
