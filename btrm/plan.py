@@ -764,10 +764,12 @@ def auto_token_budget(config, world_size: int):
         step_alone = result["phases"]["optimizer_step"]["peak_gib"] > result["usable_gib"]
         fused = "optim.override_optimizer_config={fused: true} (no foreach temporaries), " * step_alone
         raise PreflightError(
-            f"data.max_tokens_per_micro_batch=auto: the memory plan fits {fits} on {world_size} GPUs of "
-            f"{result['gpu_memory_gib']:g} GiB, less than a lone pair of 2 x data.max_length = "
-            f"{result['lone_pair_tokens']:,} tokens; lower data.max_length, or use {fused}LoRA (model.lora_rank), "
-            "model.fsdp_config.cpu_offload=true or more GPUs (python -m btrm.plan shows the parts)"
+            f"data.max_tokens_per_micro_batch=auto: the memory plan's peak is {result['peak_gib']:.1f} GiB per GPU "
+            f"at {result['tokens']:,} tokens, with {result['usable_gib']:.1f} of {result['gpu_memory_gib']:g} GiB usable "
+            f"({result['margin']:.0%} kept free, trainer.gpu_memory_margin); it fits {fits} on {world_size} GPUs, "
+            f"less than a lone pair of 2 x data.max_length = {result['lone_pair_tokens']:,} tokens; lower "
+            f"data.max_length or trainer.gpu_memory_margin, or use {fused}LoRA (model.lora_rank), "
+            "model.fsdp_config.cpu_offload=true or more GPUs (bash run_bt_rm.sh --plan shows the parts)"
         )
     return batching.TokenBudget(
         budget,

@@ -272,3 +272,19 @@ def test_planned_peak_is_within_20_percent_of_a_real_steps_resident_memory(tmp_p
     measured = plan_accuracy.run_measurement(trainer_overrides, case["tokens"])
     assert result["peak_gib"] * 2**30 == pytest.approx(measured["peak_bytes"], rel=0.2)
     assert result["model_states_gib"] * 2**30 == pytest.approx(measured["resident_bytes"], rel=0.2)
+
+
+def test_auto_budget_refuses_in_one_line_what_cannot_fit_one_pair(shallow, monkeypatch):
+    """data.max_tokens_per_micro_batch=auto on GPUs: the line names the peak, the memory and what would fit."""
+    from btrm.schema import PreflightError
+
+    monkeypatch.setattr(plan, "DEFAULT_GPU_MEMORY_GIB", 1.05)  # no visible GPU here: the assumed card, tiny
+    config = compose_config(overrides(shallow))
+    with pytest.raises(PreflightError) as refused:
+        plan.auto_token_budget(config, world_size=2)
+    line = str(refused.value)
+    assert "\n" not in line and "of 1.05 GiB usable" in line and "peak is 1." in line
+    assert all(way in line for way in ("LoRA", "cpu_offload", "more GPUs", "data.max_length"))
+    monkeypatch.setattr(plan, "DEFAULT_GPU_MEMORY_GIB", 80.0)
+    budget = plan.auto_token_budget(config, world_size=2)
+    assert budget.tokens >= 128 and "2 GPUs of 80 GiB, 10% kept free" in budget.source
