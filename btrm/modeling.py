@@ -11,6 +11,7 @@ weights) are also what btrm.plan builds on fake tensors, so a plan measures the 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.device_mesh import DeviceMesh
 from verl.utils.torch_functional import (
     get_constant_schedule_with_warmup,
@@ -136,6 +137,16 @@ def value_head_model_from_config(
     return finish_value_head(model)
 
 
+def optimizer_settings(optim_config: DictConfig) -> DictConfig:
+    """optim.* as verl's build_optimizer reads it: optim.fused becomes the optimizer's `fused=` argument, under the
+    user's optim.override_optimizer_config (which wins)."""
+    settings = copy.deepcopy(optim_config)
+    extra = optim_config.override_optimizer_config
+    override = {} if extra is None else OmegaConf.to_container(extra, resolve=True)
+    settings.override_optimizer_config = ({"fused": True} if optim_config.fused else {}) | override or None
+    return settings
+
+
 def build_lr_scheduler(optimizer, optim_config, total_steps: int):
     """optim.lr_scheduler (cosine, wsd or constant, as btrm.schema allows) with its warm-up."""
     warmup_steps = int(total_steps * optim_config.warmup_steps_ratio)
@@ -204,7 +215,9 @@ def build_model(
     parameter_count = sum(p.numel() for p in model.parameters())
     trainable_parameter_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fsdp_model = shard_model(model, model_config, device_mesh, device)
-    optimizer = build_optimizer([p for p in fsdp_model.parameters() if p.requires_grad], config.optim)
+    optimizer = build_optimizer(
+        [p for p in fsdp_model.parameters() if p.requires_grad], optimizer_settings(config.optim)
+    )
     return BuiltModel(
         model=model,
         fsdp_model=fsdp_model,

@@ -38,7 +38,7 @@ data.micro_batch_size_per_gpu (or 1) x 2 x data.max_length.
 Fake CPU tensors stand for the GPU (a CPU-only torch cannot make fake CUDA tensors). For device cuda the plan
 makes the choices the GPU would: bf16 compute (model.mixed_precision=auto), FlashAttention's varlen kernel for
 packed rows (its registered fake kernel), AdamW's foreach implementation (torch's default for CUDA parameters: it
-holds one fp32 temporary as large as the sharded parameters; optim.override_optimizer_config={fused: true} has
+holds one fp32 temporary as large as the sharded parameters; optim.fused=true (the default) has
 none), and adds the corrections named below (CUDA_CONTEXT_GIB, ALLOCATOR_FRAGMENTATION, PREFETCHED_LAYERS),
 stated in the output. Not simulated: gradient clipping (in place, per-tensor norms), the start-up layout check
 (no grad) and the full state dict rank 0 broadcasts while loading the checkpoint. With
@@ -225,7 +225,7 @@ def optimizer_config(config, device: str):
     would fall to the per-parameter loop (no temporary the size of all parameters)."""
     from omegaconf import OmegaConf
 
-    optim = copy.deepcopy(config.optim)
+    optim = modeling.optimizer_settings(config.optim)
     override = dict(OmegaConf.to_container(optim, resolve=True)["override_optimizer_config"] or {})
     chosen = "foreach" in override or "fused" in override
     if device == "cuda" and optim.optimizer_impl == "torch.optim" and "adam" in optim.optimizer.lower() and not chosen:
@@ -762,7 +762,7 @@ def auto_token_budget(config, world_size: int):
     if budget is None or budget < result["lone_pair_tokens"]:
         fits = f"{budget:,} tokens per micro-batch" if budget else f"no micro-batch ({result['max_tokens_method']})"
         step_alone = result["phases"]["optimizer_step"]["peak_gib"] > result["usable_gib"]
-        fused = "optim.override_optimizer_config={fused: true} (no foreach temporaries), " * step_alone
+        fused = "optim.fused=true (no foreach temporaries), " * step_alone
         raise PreflightError(
             f"data.max_tokens_per_micro_batch=auto: the memory plan's peak is {result['peak_gib']:.1f} GiB per GPU "
             f"at {result['tokens']:,} tokens, with {result['usable_gib']:.1f} of {result['gpu_memory_gib']:g} GiB usable "

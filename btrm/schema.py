@@ -225,6 +225,7 @@ KNOB_RULES: dict[str, Rule] = {
     "optim.min_lr_ratio": number(at_least=0, at_most=1),
     "optim.lr_scheduler": one_of("cosine", "wsd", "constant"),
     "optim.clip_grad": number(above=0),
+    "optim.fused": flag(),
     "optim.override_optimizer_config": mapping(nullable=True),
     "loss.type": one_of(*bt_loss.LOSS_TYPES),
     "loss.center_rewards_coefficient": number(at_least=0),

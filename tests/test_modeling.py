@@ -91,3 +91,24 @@ def test_auto_device_is_cpu_without_a_gpu():
         modeling.resolve_param_dtype("auto", "cpu") == torch.float32
         and modeling.resolve_param_dtype("auto", "cuda") == torch.bfloat16
     )
+
+
+@pytest.mark.parametrize(
+    "overrides, fused, eps",
+    [
+        ([], True, 1e-8),  # trainer.yaml: fused AdamW
+        (["optim.fused=false"], None, 1e-8),  # torch's own choice (foreach on GPU)
+        (["optim.override_optimizer_config={fused:false,eps:1e-6}"], False, 1e-6),  # the user's kwargs win
+    ],
+)
+def test_the_optimizer_is_fused_unless_the_config_says_otherwise(overrides, fused, eps):
+    from verl.workers.config.optimizer import build_optimizer
+
+    from btrm.modeling import optimizer_settings
+    from btrm.schema import compose_config
+
+    optim_config = compose_config(overrides).optim
+    optimizer = build_optimizer(torch.nn.Linear(4, 1).parameters(), optimizer_settings(optim_config))
+    assert type(optimizer) is torch.optim.AdamW
+    assert optimizer.defaults["fused"] == fused and optimizer.defaults["eps"] == eps
+    assert compose_config(overrides).optim.override_optimizer_config == optim_config.override_optimizer_config
