@@ -158,12 +158,12 @@ def test_gpu_plan_adds_the_named_corrections_and_a_flops_estimate(shallow):
     corrections = result["phases"]["forward_backward"]["corrections"]
     assert corrections["cuda_context"] == pytest.approx(plan.CUDA_CONTEXT_GIB)
     assert result["compute_dtype"] == "torch.bfloat16" and result["gpu_memory_assumed"] is False
-    # trainer.yaml's fused AdamW holds no temporary; torch's CUDA default (foreach, with the override null) holds
+    # trainer.yaml's fused AdamW holds no temporary; torch's CUDA default (foreach, optim.fused=false) holds
     # one fp32 temporary per parameter shard, as large as the sharded parameters
     assert result["phases"]["optimizer_step"]["parts"].get("optimizer_step_temps", 0.0) == pytest.approx(0, abs=1e-4)
     foreach = planned(
         shallow,
-        "optim.override_optimizer_config=null",
+        "optim.fused=false",
         gpus=8,
         device="cuda",
         gpu_memory_gib=80,
