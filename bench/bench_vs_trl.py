@@ -71,14 +71,6 @@ VAL_PAIRS = 16
 MAX_LENGTH = 4096  # bt-rm's default (MAX_LENGTH); TRL's default (1024) would drop the longest pairs, so it is given
 LR = 5e-7  # bt-rm's default (LR), given to both so that neither depends on the other's default
 SEED = 42  # bt-rm's trainer.seed and TrainingArguments.seed defaults: not passed, checked by the tests
-MODEL_DIMS = {
-    "hidden_size": 256,
-    "intermediate_size": 768,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-}
 DEFAULT_TRL_RESULT = REPO / "checkpoints" / "bench_vs_trl" / "trl_result.json"  # under a gitignored directory
 EXPERIMENT_NAME = "bench_vs_trl"
 CPU_ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU on both sides, even on a GPU machine
@@ -150,13 +142,21 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def model_dims() -> dict[str, int]:
+    """bench_throughput's cpu-dense Qwen3 (hidden 256, 4 layers), the model both benches time; the tokenizer sets
+    the vocabulary."""
+    from bench.bench_throughput import MODEL_CONFIGS
+
+    return {key: value for key, value in MODEL_CONFIGS["cpu-dense"].items() if key != "vocab_size"}
+
+
 def prepare(workdir: Path, args) -> dict[str, Path]:
     """The model directory and the train / validation files both sides read."""
     from transformers import AutoTokenizer
 
     from demo.make_tiny_model import build_tiny_model
 
-    model_dir = build_tiny_model(workdir / "model", seed=0, **MODEL_DIMS, max_position_embeddings=args.max_length)
+    model_dir = build_tiny_model(workdir / "model", seed=0, **model_dims(), max_position_embeddings=args.max_length)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train = make_conversations(tokenizer, args.pairs, args.max_length, seed=args.data_seed)
     val = make_conversations(tokenizer, VAL_PAIRS, args.max_length, seed=args.data_seed + 1)
@@ -334,7 +334,7 @@ def fingerprint(args) -> dict:
         "lr": args.lr,
         "gradient_checkpointing": args.gradient_checkpointing,
         "data_seed": args.data_seed,
-        "model": MODEL_DIMS,
+        "model": model_dims(),
         "val_pairs": VAL_PAIRS,
     }
 

@@ -200,7 +200,7 @@ def test_dry_builds_the_model_and_data_that_both_commands_name(tmp_path, capsys)
     summary = bench.main(["--dry", "--pairs", "16", "--workdir", str(tmp_path)])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert {k: config[k] for k in bench.MODEL_DIMS} == bench.MODEL_DIMS
+    assert {k: config[k] for k in bench.model_dims()} == bench.model_dims()
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 16
     assert len((tmp_path / "val.jsonl").read_text().splitlines()) == bench.VAL_PAIRS
     assert (
