@@ -64,6 +64,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from demo.make_tiny_model import TINY_QWEN3  # noqa: E402 (importable once the root is on the path)
+
 QWEN3_8B_BLOCK = {  # Qwen3-8B's config.json: the attention and MLP shapes the layout check must run at
     "hidden_size": 4096,
     "intermediate_size": 12288,
@@ -72,13 +74,9 @@ QWEN3_8B_BLOCK = {  # Qwen3-8B's config.json: the attention and MLP shapes the l
     "head_dim": 128,
     "vocab_size": 151936,
 }
-TINY_BLOCK = {  # demo/make_tiny_model.py's TINY_QWEN3 sizes (GQA 4/2 heads): the dry run's layout and trainer model
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
+# demo/make_tiny_model.py's sizes (GQA 4/2 heads): the dry run's layout and trainer model
+TINY_BLOCK = {
+    key: value for key, value in TINY_QWEN3.items() if key not in ("max_position_embeddings", "tie_word_embeddings")
 }
 
 # Everything that differs between a GPU run and --dry. Model names in throughput_models / memory_model are
