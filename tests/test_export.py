@@ -144,6 +144,19 @@ def exported(tiny_model_dir, tmp_path_factory):
     return model, AutoTokenizer.from_pretrained(hf_dir), hf_dir, result
 
 
+def assert_export_scores_like(hf_dir, model) -> None:
+    """The export loads as *ForSequenceClassification with every weight found and scores CONVERSATIONS as `model`."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    loaded, info = AutoModelForSequenceClassification.from_pretrained(
+        hf_dir, dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values())
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    rewards = [torch.tensor(batching.score(m, tokenizer, CONVERSATIONS)) for m in (loaded, model)]
+    assert (rewards[0] - rewards[1]).abs().max() < TOL
+
+
 def test_export_declares_sequence_classification_and_drops_the_zero_bias(exported):
     from safetensors import safe_open
 
@@ -271,7 +284,6 @@ def test_every_reader_gives_the_trained_rewards(exported):
 
 def test_sharded_export_updates_the_index(tiny_model_dir, tmp_path):
     from safetensors import safe_open
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model, hf_dir = make_value_head_export(tiny_model_dir, tmp_path / "huggingface", seed=3, max_shard_size="60KB")
     index_before = json.loads((hf_dir / "model.safetensors.index.json").read_text())
@@ -291,20 +303,7 @@ def test_sharded_export_updates_the_index(tiny_model_dir, tmp_path):
             assert {k for k, v in index["weight_map"].items() if v == name} == set(handle.keys())
             total += sum(handle.get_tensor(k).nbytes for k in handle.keys())  # noqa: SIM118 (safe_open is not iterable)
     assert index["metadata"]["total_size"] == total
-    loaded, info = AutoModelForSequenceClassification.from_pretrained(
-        hf_dir, dtype=torch.float32, output_loading_info=True
-    )
-    assert not any(info.values())
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    difference = (
-        (
-            torch.tensor(batching.score(loaded, tokenizer, CONVERSATIONS))
-            - torch.tensor(batching.score(model, tokenizer, CONVERSATIONS))
-        )
-        .abs()
-        .max()
-    )
-    assert difference < TOL
+    assert_export_scores_like(hf_dir, model)
     assert not export.export_reward_model(hf_dir).changed
 
 
@@ -388,24 +387,10 @@ def test_reward_stats_are_stored_kept_and_readable(tiny_model_dir, tmp_path):
 
 def test_tied_embeddings_model_exports_cleanly(tmp_path):
     """Qwen3-0.6B/1.7B/4B tie embeddings: the value head has no lm_head, nor does the declared class."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from demo.make_tiny_model import build_tiny_model
 
     tied_dir = build_tiny_model(tmp_path / "tied-qwen3", seed=0, tie_word_embeddings=True)
     model, hf_dir = make_value_head_export(tied_dir, tmp_path / "huggingface", seed=2)
     assert export.export_reward_model(hf_dir).dropped == ["score.bias"]
-    loaded, info = AutoModelForSequenceClassification.from_pretrained(
-        hf_dir, dtype=torch.float32, output_loading_info=True
-    )
-    assert not any(info.values())
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    difference = (
-        (
-            torch.tensor(batching.score(loaded, tokenizer, CONVERSATIONS))
-            - torch.tensor(batching.score(model, tokenizer, CONVERSATIONS))
-        )
-        .abs()
-        .max()
-    )
-    assert difference < TOL
+    assert_export_scores_like(hf_dir, model)
