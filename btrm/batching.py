@@ -218,14 +218,16 @@ def token_budget_micro_batches(
     min_count: int = 1,
     max_pairs: int | None = None,
     pad_to_longest: bool = False,
+    count_multiple_of: int = 1,
 ) -> list[list[int]]:
     """Group pair indices into micro-batches of at most max_tokens tokens (and max_pairs pairs) each, whole pairs only.
 
     A micro-batch's load is the sum of its pairs' tokens, or, with pad_to_longest (the padded
     layout, where every pair is padded to the micro-batch's longest), its pair count times its
     largest pair_tokens. First-fit decreasing gives few, full micro-batches; a pair over the
-    budget on its own runs alone. Then, until there are `min_count` micro-batches (so that every
-    data-parallel rank runs the same number), the heaviest splittable one is split in two halves of
+    budget on its own runs alone. Then, until there are `min_count` micro-batches and their count is
+    a multiple of `count_multiple_of` (so that every data-parallel rank runs the same number), the
+    heaviest splittable one is split in two halves of
     similar token count: splitting never breaks the budget nor the pair cap. Within a micro-batch,
     indices keep the data order.
     """
@@ -257,6 +259,7 @@ def token_budget_micro_batches(
             count, total, largest = stats[target]
             bins[target].append(index)
             stats[target] = (count + 1, total + tokens, max(largest, tokens))
+    min_count = max(min_count, -(-len(bins) // count_multiple_of) * count_multiple_of)
     while len(bins) < min_count:
         heaviest = max((b for b in range(len(bins)) if len(bins[b]) > 1), key=lambda b: load(*stats[b]))
         halves: tuple[list[int], list[int]] = ([], [])
@@ -312,8 +315,7 @@ def deal_micro_batches(
     """
     costs = pair_costs(pairs, layout)
     padded = layout == "padded"
-    natural = len(token_budget_micro_batches(costs, max_tokens, 1, max_pairs, padded))
-    bins = token_budget_micro_batches(costs, max_tokens, -(-natural // world_size) * world_size, max_pairs, padded)
+    bins = token_budget_micro_batches(costs, max_tokens, 1, max_pairs, padded, count_multiple_of=world_size)
 
     def load(members: list[int]) -> int:
         return len(members) * max(costs[i] for i in members) if padded else sum(costs[i] for i in members)
