@@ -43,6 +43,7 @@ import dataclasses
 import io
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -70,7 +71,7 @@ from bt_loss import (
     strength_metrics_from_sums,
     strength_sums,
 )
-from btrm import batching, checkpoint, export, lora, modeling, pair_dataset, reporting, rows
+from btrm import batching, checkpoint, export, faults, lora, modeling, pair_dataset, reporting, rows
 from btrm.modeling import (
     init_distributed,
     quiet_transformers,
@@ -137,12 +138,18 @@ class BTRewardTrainer(FSDPSFTTrainer):
     last_val_metrics: dict[str, float] | None
     last_val_sums: torch.Tensor | None  # for the reward scale written with a checkpoint of the validated step
     last_val_step: int | None
+    stop_signals: faults.StopSignals  # the stop signals this rank received (installed while fit runs)
+    stop_agreed: bool  # some rank received one: the step's metrics all-reduce says so
+    doing: str  # what the ranks are doing, for a collective that fails
+    side_group: object  # a gloo group beside the training one: finds the ranks that stop answering
 
     def __init__(self, config: DictConfig, device_mesh: DeviceMesh, tokenizer, train_dataset, val_dataset):
         self.device_name = config.trainer.device
         self.loss_config = LossConfig.from_mapping(OmegaConf.to_container(config.loss, resolve=True))
         self.val_has_strengths = has_strengths(val_dataset)
         self.resumed_from, self.last_val_metrics, self.last_val_sums, self.last_val_step = None, None, None, None
+        self.stop_signals, self.stop_agreed, self.doing = faults.StopSignals([]), False, "starting"
+        self.side_group = faults.side_group()
         # verl's __init__ prints the whole config and its settings: they go to the run's log file only.
         verl_output = io.StringIO()
         try:
@@ -336,26 +343,32 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.fsdp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=self.device_name)
-        # real, computed, micro-batches, conversation
-        tokens = torch.zeros(4, dtype=torch.float64, device=self.device_name)
+        # real, computed, micro-batches, conversation tokens; then the ranks that received a stop signal
+        tokens = torch.zeros(5, dtype=torch.float64, device=self.device_name)
+        self.doing = "gathering the step's pairs from every rank"
         micro_batches, pairs_per_rank = self.micro_batches_of_step(pairs)
+        self.doing = "running the forward and backward passes (FSDP all-gathers and reduce-scatters)"
         for micro_batch in micro_batches:
             result = self._compute_loss_and_backward(micro_batch, step_pairs=pairs_per_rank)
             sums += result.sums
             tokens += torch.tensor(
-                [result.real_tokens, result.computed_tokens, 1, result.conversation_tokens],
+                [result.real_tokens, result.computed_tokens, 1, result.conversation_tokens, 0],
                 dtype=torch.float64,
                 device=self.device_name,
             )
+        self.doing = "clipping the gradient and stepping the optimizer"
         grad_norm = self._clip_and_step()
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
+        tokens[4] = float(self.stop_signals.requested)
+        self.doing = "all-reducing the step's metrics"
         self._all_reduce(sums)
         self._all_reduce(tokens)
+        self.stop_agreed = bool(tokens[4] > 0)
         elapsed = time.perf_counter() - start
         return step_metrics(
             sums,
-            tokens,
+            tokens[:4],
             grad_norm=float(grad_norm),
             lr=lr,
             elapsed=elapsed,
@@ -381,6 +394,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
 
     @torch.no_grad()
     def validation_step(self, batch=None) -> dict[str, float]:
+        self.doing = "validating"
         self.fsdp_model.eval()
         pairs = [self.val_dataset[i] for i in self.val_indices]
         plan = self.plan_step(pairs) if pairs else []
@@ -412,13 +426,27 @@ class BTRewardTrainer(FSDPSFTTrainer):
     # ---- checkpoints (btrm.checkpoint decides what counts; verl's manager writes the shards)
 
     def save_checkpoint(self, step):
-        """Refuse non-finite weights; shards (verl's manager, retention off), exports, then btrm.checkpoint.save_trainer_state."""
-        trainer_config, rank = self.config.trainer, self.device_mesh.get_rank()
-        root, directory = trainer_config.default_local_dir, checkpoint.step_dir(trainer_config.default_local_dir, step)
+        """Refuse non-finite weights; write the checkpoint; a failed write (full disk, permissions) is one line
+        (faults.save_failure) and leaves the previous complete checkpoint the latest."""
+        root = self.config.trainer.default_local_dir
+        directory = checkpoint.step_dir(root, step)
         if not modeling.all_weights_finite(self.fsdp_model, self.device_name):
             raise TrainingDiverged(
                 f"weights are not finite at step {step}; not saving (the last good checkpoint is {checkpoint.latest_complete(root)})"
             )
+        self.doing = f"saving {directory}"
+        try:
+            self._write_checkpoint(step, directory)
+        except (OSError, RuntimeError) as error:
+            failure = faults.save_failure(error, directory, checkpoint.tracked_checkpoint(root))
+            if failure is None:
+                raise
+            raise failure from error
+
+    def _write_checkpoint(self, step: int, directory: Path) -> None:
+        """Shards (verl's manager, retention off), exports, then btrm.checkpoint.save_trainer_state."""
+        trainer_config, rank = self.config.trainer, self.device_mesh.get_rank()
+        root = trainer_config.default_local_dir
         if rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
             (directory / checkpoint.STATE_FILE).unlink(missing_ok=True)  # re-saving a step: incomplete until done
@@ -515,28 +543,48 @@ class BTRewardTrainer(FSDPSFTTrainer):
             dynamic_ncols=True,
         )
         try:
-            for epoch, pairs in self._step_batches():
-                self.state.step += 1
-                metrics = self.training_step(pairs)
-                metrics_log.log(metrics, self.state.step)
-                progress.update(1)
-                progress.set_postfix(
-                    epoch=epoch + 1, loss=f"{metrics['train/loss']:.4g}", acc=f"{metrics['train/accuracy']:.3g}"
-                )
-                self._stop_if_diverged()
-                if self._is_due(trainer_config.test_freq, last_step):
-                    self.last_val_metrics = self._validate_saving_on_failure()
-                    metrics_log.log(self.last_val_metrics, self.state.step)
-                if self._is_due(trainer_config.save_freq, last_step):
-                    self._save_unless_suspect(last_step)
-                if self.state.step >= last_step:
-                    break
+            with faults.StopSignals(trainer_config.stop_signals) as self.stop_signals:
+                self._train(last_step, metrics_log, progress)
+        except RuntimeError as error:
+            failure = faults.collective_failure(
+                error,
+                step=self.state.step,
+                doing=self.doing,
+                timeout_s=trainer_config.collective_timeout_s,
+                group=self.side_group,
+                rank=rank,
+            )
+            if failure is None:
+                raise
+            raise failure from error
         finally:
             progress.close()
             metrics_log.close()
         if rank == 0:
             reporting.print_final_report(self.config, self.state.step, self.last_val_metrics)
         return self.last_val_metrics
+
+    def _train(self, last_step: int, metrics_log: reporting.MetricsLog, progress: tqdm) -> None:
+        """Steps until last_step; validates and saves when due; on an agreed stop signal saves and raises faults.Stopped."""
+        trainer_config = self.config.trainer
+        for epoch, pairs in self._step_batches():
+            self.state.step += 1
+            metrics = self.training_step(pairs)
+            metrics_log.log(metrics, self.state.step)
+            progress.update(1)
+            progress.set_postfix(
+                epoch=epoch + 1, loss=f"{metrics['train/loss']:.4g}", acc=f"{metrics['train/accuracy']:.3g}"
+            )
+            self._stop_if_diverged()
+            if self.stop_agreed and self.state.step < last_step:
+                self._save_and_stop(last_step)
+            if self._is_due(trainer_config.test_freq, last_step):
+                self.last_val_metrics = self._validate_saving_on_failure()
+                metrics_log.log(self.last_val_metrics, self.state.step)
+            if self._is_due(trainer_config.save_freq, last_step):
+                self._save_unless_suspect(last_step)
+            if self.state.step >= last_step:
+                break
 
     def _step_batches(self):
         """(epoch, one step's pairs for this rank) from where the run stands; a restored dataloader resumes mid-epoch."""
@@ -557,6 +605,24 @@ class BTRewardTrainer(FSDPSFTTrainer):
                 f"{state.skipped_steps} skipped in all); stopping without saving. Last good checkpoint: "
                 f"{checkpoint.latest_complete(trainer_config.default_local_dir)}. Lower optim.lr or optim.clip_grad."
             )
+
+    def _save_and_stop(self, last_step: int) -> None:
+        """A rank received a stop signal: save this step (unless its state is suspect), then raise faults.Stopped."""
+        step, root = self.state.step, self.config.trainer.default_local_dir
+        received = self.stop_signals.received
+        by = received.name if received is not None else "a signal another rank received"
+        if self.state.consecutive_skipped_steps:
+            saved = (
+                f"not saved (the last {self.state.consecutive_skipped_steps} steps had non-finite gradients); "
+                f"the latest complete checkpoint is {checkpoint.tracked_checkpoint(root)}"
+            )
+        else:
+            self.save_checkpoint(step=step)
+            saved = f"saved {checkpoint.step_dir(root, step)}"
+        raise faults.Stopped(
+            f"stopped by {by} after step {step} of {last_step}: {saved}. To resume, run the same command again "
+            "(trainer.resume_mode=auto continues from the tracked checkpoint), or add trainer.resume_from_path=<checkpoint>"
+        )
 
     def _validate_saving_on_failure(self) -> dict[str, float]:
         try:
@@ -654,7 +720,7 @@ def run(config: DictConfig):
     knobs = schema.check_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     loss_config = LossConfig.from_mapping(OmegaConf.to_container(config.loss, resolve=True))
     device = resolve_device(config.trainer.device)
-    rank, world_size = init_distributed(device)
+    rank, world_size = init_distributed(device, config.trainer.collective_timeout_s)
     launcher.checked_on_rank0(lambda: preflight.check_inputs(knobs, world_size))
     if rank == 0:  # the console gets the start-up summary; the run's log file the whole config
         write_run_log("resolved config:\n" + OmegaConf.to_yaml(config, resolve=True))
@@ -687,15 +753,26 @@ def run(config: DictConfig):
 def main(config: DictConfig):
     from btrm import launcher
 
-    # Errors the user can fix (config, data, checkpoint, divergence): one line from rank 0, also in
-    # <trainer.default_local_dir>/errors.log and the run's log file, exit status 2, no traceback
-    # unless BT_DEBUG=1. Anything else keeps its traceback.
-    with launcher.errors_reported_once(
-        launcher.EXPECTED_ERRORS + (TrainingDiverged,),
-        log_dir=lambda: launcher.log_dir_of(config),
-        run_log=write_run_log,
-    ):
-        run(config)
+    # Errors the user can fix (config, data, checkpoint, divergence, a hung peer, a failed save): one
+    # line from rank 0, also in <trainer.default_local_dir>/errors.log and the run's log file, exit
+    # status 2, no traceback unless BT_DEBUG=1. Anything else keeps its traceback. A stop signal ends
+    # with one line and faults.EXIT_STOPPED; a rank whose peer stopped first exits quietly.
+    try:
+        with launcher.errors_reported_once(
+            launcher.EXPECTED_ERRORS + (TrainingDiverged, faults.CollectiveTimeout),
+            log_dir=lambda: launcher.log_dir_of(config),
+            run_log=write_run_log,
+        ):
+            run(config)
+    except faults.Stopped as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(stopped.line, flush=True)
+            write_run_log(stopped.line)
+        raise SystemExit(faults.EXIT_STOPPED) from None
+    except faults.PeerLost as lost:
+        if launcher.debug_enabled():
+            print(lost, file=sys.stderr, flush=True)
+        raise SystemExit(faults.EXIT_PEER_LOST) from None
 
 
 if __name__ == "__main__":

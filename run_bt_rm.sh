@@ -32,6 +32,8 @@ PROJECT_NAME=${PROJECT_NAME:-bt-rm}                # tracker project name
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-qwen3-32b-helpsteer2}  # run name and checkpoint sub-directory
 PYTHON=${PYTHON:-auto}                             # interpreter; auto: the project's .venv/bin/python when it exists, else python3
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}              # CPU threads per process (torchrun's own default when it starts several)
+MAX_RESTARTS=${MAX_RESTARTS:-0}                    # torchrun restarts the ranks this many times after one dies; they resume from the latest complete checkpoint (> 0 uses torchrun's c10d rendezvous)
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-900}          # seconds torchrun lets the ranks finish the step and save after forwarding a stop signal, before it kills them
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
   sed -n '2,/^set -euo pipefail/{/^#/s/^# \{0,1\}//p}' "$0"
@@ -99,8 +101,15 @@ if [[ "$N_GPUS_PER_NODE" == auto ]]; then
   fi
 fi
 
+# Restarted ranks must meet again: on several nodes every node's group restarts together only through
+# torchrun's c10d rendezvous (its static one, used otherwise, hangs there), hosted at MASTER_ADDR:MASTER_PORT.
+RENDEZVOUS=(--node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
+if (( MAX_RESTARTS > 0 )); then
+  RENDEZVOUS=(--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$EXPERIMENT_NAME")
+fi
+
 # btrm.launcher checks everything it can, then runs torchrun with these arguments in its own process.
 exec "$PYTHON" -m btrm.launcher \
-  --nnodes="$NNODES" --nproc_per_node="$N_GPUS_PER_NODE" --node_rank="$NODE_RANK" \
-  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+  --nnodes="$NNODES" --nproc_per_node="$N_GPUS_PER_NODE" "${RENDEZVOUS[@]}" \
+  --max-restarts="$MAX_RESTARTS" --shutdown-timeout="$SHUTDOWN_TIMEOUT" \
   bt_trainer.py "${KNOB_OVERRIDES[@]}" "$@"

@@ -139,6 +139,15 @@ def read_tracker(root: str | os.PathLike) -> int | None:
     return int(text)
 
 
+def tracked_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint the tracker names (the one an auto resume reads), None without a readable tracker."""
+    try:
+        step = read_tracker(root)
+    except CheckpointError:
+        return None
+    return None if step is None else step_dir(root, step)
+
+
 def validate_checkpoint(directory: str | os.PathLike, *, world_size: int, load_contents) -> dict:
     """The checkpoint's bt_state.json after checking that everything a resume reads is there, whole."""
     directory = Path(directory)

@@ -183,22 +183,61 @@ def world_size_from(torchrun_args: Sequence[str]) -> int | None:
     return int(nnodes) * int(nproc) if nnodes.isdigit() and nproc.isdigit() else None
 
 
+def live_children() -> list[int]:
+    """PIDs of this process's live child processes (Linux /proc; empty elsewhere)."""
+    children = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                children.append(int(Path(stat).parent.name))
+    return children
+
+
+def stopped_by_signal(sigval: signal.Signals) -> int:
+    """torchrun got a stop signal and has forwarded it: the ranks save and exit (faults.EXIT_STOPPED).
+
+    A second signal while torchrun waits for them ends its wait early (Ctrl-C twice): the ranks still
+    running are killed now, and the save in progress, if any, never becomes complete."""
+    from btrm import faults
+
+    left = live_children()
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        print(f"stopped at once by a second {sigval.name}: the ranks were killed", file=sys.stderr, flush=True)
+        return 128 + int(sigval)
+    return faults.EXIT_STOPPED
+
+
 def launch(torchrun_argv: Sequence[str]) -> int:
     """torchrun, in this process. Ranks that stopped on an expected error have said why already
-    (or left it in their error file): the launch ends with their exit status and no failure report."""
+    (or left it in their error file): the launch ends with their exit status and no failure report.
+    Ranks that stopped on a signal after saving end it with faults.EXIT_STOPPED."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
+    from btrm import faults
 
     # torchrun's agent logs every stopped worker; the failure itself is reported below.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(parse_args(list(torchrun_argv)))
+    except SignalException as stop:
+        return stopped_by_signal(stop.sigval)
     except ChildFailedError as failed:
-        # Ranks that reported (EXIT_REPORTED), and ranks torchrun stopped once one had (SIGTERM).
-        reported = sorted(rank for rank, failure in failed.failures.items() if failure.exitcode == EXIT_REPORTED)
-        stopped = [rank for rank, failure in failed.failures.items() if failure.exitcode == -signal.SIGTERM]
+        codes = {rank: failure.exitcode for rank, failure in failed.failures.items()}
+        if set(codes.values()) == {faults.EXIT_STOPPED}:  # the ranks themselves received the signal
+            return faults.EXIT_STOPPED
+        # Ranks that reported (EXIT_REPORTED), ranks whose peer stopped first (EXIT_PEER_LOST), and
+        # ranks torchrun stopped once one had (SIGTERM, or SIGKILL after --shutdown-timeout).
+        reported = sorted(rank for rank, code in codes.items() if code == EXIT_REPORTED)
+        followers = (faults.EXIT_PEER_LOST, -signal.SIGTERM, -signal.SIGKILL)
+        stopped = [rank for rank, code in codes.items() if code in followers]
         if not reported or len(reported) + len(stopped) != len(failed.failures):
             raise  # a crash: torchrun's report with the ranks' tracebacks
         if reported[0] != 0:  # rank 0 did not report (another rank stopped first, or rank 0 runs on another node)
@@ -223,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = compose_config(overrides)
             check_inputs(check_config(config, world_size=world_size), world_size)
             check_gpu_memory(config, world_size)
+            torchrun_args = forward_stop_signals(torchrun_args, config)
     except ModuleNotFoundError as error:
         return missing_requirement(error)
     except EXPECTED_ERRORS as error:
@@ -236,6 +276,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return launch(torchrun_args + overrides)
     except ModuleNotFoundError as error:  # torch itself (the ranks' own import errors stay in the ranks)
         return missing_requirement(error)
+
+
+def forward_stop_signals(torchrun_args: list[str], config) -> list[str]:
+    """torchrun's arguments with --signals-to-handle covering trainer.stop_signals, unless the user set it."""
+    from btrm import faults
+
+    if any(arg.startswith(("--signals-to-handle", "--signals_to_handle")) for arg in torchrun_args):
+        return torchrun_args
+    option = f"--signals-to-handle={faults.torchrun_signals(list(config.trainer.stop_signals))}"
+    return [*torchrun_args[:-1], option, torchrun_args[-1]]
 
 
 # The launcher's plan of an `auto` token budget, handed to the ranks ("tokens|source") so they need not plan again.

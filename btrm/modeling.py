@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import os
 import random
 from dataclasses import dataclass
@@ -347,8 +348,11 @@ def all_weights_finite(model: torch.nn.Module, device: str) -> bool:
 # ----------------------------------------------------------------------------- entry point
 
 
-def init_distributed(device: str) -> tuple[int, int]:
-    """Replaces verl.utils.distributed.initialize_global_process_group, which always asks for nccl."""
+def init_distributed(device: str, collective_timeout_s: float | None = None) -> tuple[int, int]:
+    """Replaces verl.utils.distributed.initialize_global_process_group, which always asks for nccl.
+
+    collective_timeout_s (trainer.collective_timeout_s): how long a collective may wait for a peer
+    before it fails; None keeps the backend's default."""
     if device == "cuda":  # said plainly here rather than as "invalid device ordinal" from deep in torch
         visible, local_rank = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
         if visible == 0:
@@ -361,7 +365,8 @@ def init_distributed(device: str) -> tuple[int, int]:
                 f"set N_GPUS_PER_NODE={visible} (or fewer)"
             )
     if not dist.is_initialized():
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device == "cuda" else "gloo")
+        timeout = None if collective_timeout_s is None else datetime.timedelta(seconds=collective_timeout_s)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device == "cuda" else "gloo", timeout=timeout)
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import bt_loss
-from btrm import rows
+from btrm import faults, rows
 
 REPO = Path(__file__).resolve().parent.parent  # trainer.yaml sits beside bt_trainer.py, above this package
 CONFIG_FILE = REPO / "trainer.yaml"
@@ -256,6 +256,8 @@ KNOB_RULES: dict[str, Rule] = {
     "trainer.curves_png": text(nullable=True),
     "trainer.max_ckpt_to_keep": integer(1, also=(None,)),
     "trainer.max_consecutive_skipped_steps": integer(1),
+    "trainer.stop_signals": subset(*faults.STOP_SIGNAL_NAMES),
+    "trainer.collective_timeout_s": number(above=0),
     "trainer.resume_mode": one_of("auto", "resume_path", "disable"),
     "trainer.resume_from_path": text(nullable=True),
     "trainer.checkpoint.save_contents": subset("model", "optimizer", "extra", "hf_model", non_empty=True),

@@ -45,6 +45,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture()
+def one_rank_group():
+    """A one-rank gloo process group in this process, for trainer methods that call collectives."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 def closed_loopback_port() -> int:
     """A loopback port nothing listens on: connecting is refused at once."""
     return free_port()
@@ -108,3 +118,33 @@ def read_metrics(metrics_file: Path) -> dict[int, dict[str, float]]:
         record = json.loads(line)
         merged.setdefault(record["step"], {}).update(record["data"])
     return merged
+
+
+# ---- the reference run: 2 epochs of 6 steps on 2 ranks, validated and saved every 3 steps. Resumed and
+# interrupted runs (tests/test_bt_trainer.py, tests/test_faults.py) must end equal to it.
+
+REFERENCE = (
+    "data.max_samples=48",
+    "trainer.total_epochs=2",
+    "trainer.test_freq=3",
+    "trainer.save_freq=3",
+    "trainer.checkpoint.save_contents=[model,optimizer,extra]",
+)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, tiny_model_dir, demo_data_dir):
+    tmp_path = tmp_path_factory.mktemp("reference")
+    result, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, name="reference")
+    return tmp_path, result, history(tmp_path, "reference")
+
+
+def history(tmp_path: Path, name: str) -> dict[int, dict[str, float]]:
+    """The trainer's own history file (spans resumed launches), without wall-clock metrics."""
+    return {step: without_timings(m) for step, m in read_metrics(tmp_path / "ckpt" / name / "metrics.jsonl").items()}
+
+
+def without_timings(metrics: dict[str, float]) -> dict[str, float]:
+    return {
+        k: v for k, v in metrics.items() if k not in ("train/time(s)", "train/pairs_per_s", "train/real_tokens_per_s")
+    }

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from btrm import pair_dataset
-from conftest import REPO, read_metrics, run_trainer
+from conftest import REFERENCE, REPO, history, read_metrics, run_trainer
 
 
 def compose(*overrides):
@@ -193,17 +193,6 @@ def test_trainer_micro_batches_accumulate_to_the_hand_written_step_gradient(tiny
 
 
 # ---- the trainer's guards, on trainer objects built without running verl's __init__ (one gloo rank for the collectives)
-
-
-@pytest.fixture()
-def one_rank_group():
-    import torch.distributed as dist
-
-    from conftest import free_port
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def bare_trainer(**attributes):
@@ -486,33 +475,8 @@ def test_two_rank_packed_run_learns(tmp_path, tiny_model_dir, demo_data_dir):
 
 
 # ---- reliability: resume from any step, retention, divergence, metrics over all ranks
-# One reference run (2 epochs of 6 steps, checkpoints every 3 steps) serves every comparison below.
-
-REFERENCE = (
-    "data.max_samples=48",
-    "trainer.total_epochs=2",
-    "trainer.test_freq=3",
-    "trainer.save_freq=3",
-    "trainer.checkpoint.save_contents=[model,optimizer,extra]",
-)
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, tiny_model_dir, demo_data_dir):
-    tmp_path = tmp_path_factory.mktemp("reference")
-    result, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, name="reference")
-    return tmp_path, result, history(tmp_path, "reference")
-
-
-def history(tmp_path, name):
-    """The trainer's own history file (spans resumed launches), without wall-clock metrics."""
-    return {step: without_timings(m) for step, m in read_metrics(tmp_path / "ckpt" / name / "metrics.jsonl").items()}
-
-
-def without_timings(metrics):
-    return {
-        k: v for k, v in metrics.items() if k not in ("train/time(s)", "train/pairs_per_s", "train/real_tokens_per_s")
-    }
+# One reference run (conftest.reference_run: 2 epochs of 6 steps, checkpoints every 3 steps) serves every
+# comparison below and those of tests/test_faults.py.
 
 
 def test_logged_step_metrics_are_over_all_ranks_pairs(reference_run, tiny_model_dir, demo_data_dir):

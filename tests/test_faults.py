@@ -1,0 +1,320 @@
+"""btrm.faults on real 2-rank runs: stop signals save and exit 75, a killed rank restarts and resumes
+exactly, a hung peer is named, a failed save loses nothing. Each interrupted run ends, once rerun,
+equal to the uninterrupted reference run (conftest.reference_run) to every digit."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from btrm import checkpoint, faults
+from conftest import REFERENCE, REPO, history, run_trainer, trainer_env
+
+INJECTION = (f"data.custom_cls.path={REPO / 'tests' / 'fault_injection.py'}", "data.custom_cls.name=PairDataset")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def start_trainer(tmp_path, model_dir, data_dir, *overrides, name, extra_env=None) -> subprocess.Popen:
+    """run_bt_rm.sh in the background (its bash execs the launcher: the PID is torchrun's)."""
+    env = {**trainer_env(tmp_path, model_dir, data_dir, 2, name), **(extra_env or {})}
+    return subprocess.Popen(
+        ["bash", str(REPO / "run_bt_rm.sh"), "trainer.logger=[console,file]", "trainer.device=cpu", *overrides],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def logged_steps(tmp_path, name) -> list[int]:
+    path = tmp_path / "ckpt" / name / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_step(process, tmp_path, name, step, timeout=240) -> None:
+    deadline = time.monotonic() + timeout
+    while max(logged_steps(tmp_path, name), default=0) < step:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"step {step} not reached"
+        time.sleep(0.1)
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the launcher's worker processes, read from /proc."""
+    pids = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher_pid:
+                continue
+            environ = dict(
+                item.split("=", 1) for item in (stat.parent / "environ").read_text().split("\0") if "=" in item
+            )
+        except (OSError, IndexError, ValueError):
+            continue
+        if "RANK" in environ:
+            pids[int(environ["RANK"])] = int(stat.parent.name)
+    return pids
+
+
+def finish(process, timeout=300) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def tracked_step(tmp_path, name) -> int:
+    return checkpoint.read_tracker(tmp_path / "ckpt" / name)
+
+
+# ----------------------------------------------------------------------------- stop signals
+
+
+def test_repeated_signal_is_one_request_and_a_second_ctrl_c_stops_at_once(monkeypatch):
+    with faults.StopSignals(["SIGTERM", "SIGINT", "SIGUSR1"]) as stops:
+        assert not stops.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's forward right after the scheduler's own
+        os.kill(os.getpid(), signal.SIGINT)  # within the repeat window: the same request
+        assert stops.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored on leaving
+    monkeypatch.setattr(faults, "REPEAT_WINDOW_S", 0.0)
+    with faults.StopSignals(["SIGINT"]) as stops, pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+    assert stops.received == signal.SIGINT
+
+
+def test_torchrun_forwards_the_configured_signals():
+    assert faults.torchrun_signals(["SIGTERM", "SIGUSR1"]) == "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def test_stop_signals_save_and_exit_75_and_the_rerun_equals_the_uninterrupted_run(
+    tmp_path, reference_run, tiny_model_dir, demo_data_dir
+):
+    """1: SIGUSR1 to rank 1 alone (the other rank learns of it at the step boundary); 2: SIGTERM to torchrun
+    and to both ranks, as a scheduler signals every process (each rank sees it twice); 3: Ctrl-C twice
+    exits at once; 4: the rerun ends equal to the uninterrupted run."""
+    _, _, full = reference_run
+    name = "stopped"
+
+    first = start_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, name=name)
+    wait_for_step(first, tmp_path, name, 4)
+    os.kill(rank_pids(first.pid)[1], signal.SIGUSR1)
+    code, out, err = finish(first)
+    stopped_at = max(logged_steps(tmp_path, name))
+    assert code == faults.EXIT_STOPPED, out[-2000:] + err[-3000:]
+    assert 4 <= stopped_at < 12
+    assert f"stopped by a signal another rank received after step {stopped_at} of 12: saved " in out
+    assert f"global_step_{stopped_at}. To resume, run the same command again" in out
+    assert tracked_step(tmp_path, name) == stopped_at  # the step during which the signal came, complete
+    assert (tmp_path / "ckpt" / name / f"global_step_{stopped_at}" / "bt_state.json").is_file()
+
+    second = start_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, name=name)
+    wait_for_step(second, tmp_path, name, stopped_at + 2)
+    ranks = rank_pids(second.pid)
+    for pid in (second.pid, *ranks.values()):
+        os.kill(pid, signal.SIGTERM)
+    code, out, err = finish(second)
+    stopped_again = max(logged_steps(tmp_path, name))
+    assert code == faults.EXIT_STOPPED, out[-2000:] + err[-3000:]
+    assert f"stopped by SIGTERM after step {stopped_again} of 12: saved " in out
+    assert out.count("stopped by SIGTERM") == 1  # twice received, one request, one line
+    assert tracked_step(tmp_path, name) == stopped_again
+
+    third = start_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, name=name)
+    wait_for_step(third, tmp_path, name, stopped_again + 1)
+    started = time.monotonic()
+    os.kill(third.pid, signal.SIGINT)
+    time.sleep(faults.REPEAT_WINDOW_S + 0.5)
+    os.kill(third.pid, signal.SIGINT)
+    code, out, err = finish(third)
+    assert code == 128 + signal.SIGINT, out[-2000:] + err[-3000:]
+    assert time.monotonic() - started < 60  # not torchrun's 900 s shutdown timeout
+    assert not rank_pids(third.pid)
+    resumable = checkpoint.find_resume_checkpoint(
+        tmp_path / "ckpt" / name, mode="auto", resume_from_path=None, world_size=2, load_contents=["model"]
+    )
+    assert resumable is not None  # whatever the interrupted save reached, the tracked checkpoint is complete
+
+    run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, name=name)
+    got = history(tmp_path, name)
+    for step in got:  # a stopped launch does not validate; its resumed launch does not validate that step again
+        if step in full and not any(k.startswith("val/") for k in got[step]):
+            full_step = {k: v for k, v in full[step].items() if not k.startswith("val/")}
+            assert got[step] == full_step, step
+        else:
+            assert got[step] == full[step], step
+    assert sorted(got) == sorted(full)
+    assert got[12] == full[12]
+
+
+# ----------------------------------------------------------------------------- a rank dies
+
+
+def test_killed_rank_restarts_through_torchrun_and_resumes_exactly(
+    tmp_path, reference_run, tiny_model_dir, demo_data_dir
+):
+    _, _, full = reference_run
+    name = "restarted"
+    process = start_trainer(
+        tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, name=name, extra_env={"MAX_RESTARTS": "1"}
+    )
+    wait_for_step(process, tmp_path, name, 4)
+    os.kill(rank_pids(process.pid)[1], signal.SIGKILL)
+    code, out, err = finish(process)
+    assert code == 0, out[-2000:] + err[-3000:]
+    assert "resumed from" in out and "global_step_3" in out
+    assert history(tmp_path, name) == full
+
+
+# ----------------------------------------------------------------------------- a peer hangs
+
+
+def test_a_hung_peer_times_out_with_one_line_naming_the_step_and_the_silent_rank(
+    tmp_path, tiny_model_dir, demo_data_dir
+):
+    name = "hung"
+    flag = tmp_path / "hang-now"
+    process = start_trainer(
+        tmp_path,
+        tiny_model_dir,
+        demo_data_dir,
+        *REFERENCE,
+        *INJECTION,
+        "trainer.collective_timeout_s=5",
+        name=name,
+        extra_env={"BTRM_TEST_HANG_FLAG": str(flag), "BTRM_TEST_HANG_RANK": "1", "SHUTDOWN_TIMEOUT": "3"},
+    )
+    wait_for_step(process, tmp_path, name, 2)
+    hung_at = max(logged_steps(tmp_path, name)) + 1
+    flag.touch()
+    code, out, err = finish(process)
+    assert code == 2, out[-2000:] + err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err[-3000:]
+    assert errors[0].startswith(
+        "error: rank 0: a collective did not complete within trainer.collective_timeout_s=5 s at step "
+    )
+    step = int(errors[0].split(" at step ")[1].split()[0])
+    assert hung_at <= step <= hung_at + 1
+    assert "rank(s) 1 did not answer" in errors[0]
+    assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- a save fails
+
+
+def test_full_disk_on_one_rank_during_a_save_loses_nothing_and_the_rerun_resumes_exactly(
+    tmp_path, reference_run, tiny_model_dir, demo_data_dir
+):
+    _, _, full = reference_run
+    name = "full-disk"
+    root = tmp_path / "ckpt" / name
+    failing = {"BTRM_TEST_FULL_DISK": "global_step_6/", "BTRM_TEST_FULL_DISK_RANK": "1"}
+    result, _ = run_trainer(
+        tmp_path,
+        tiny_model_dir,
+        demo_data_dir,
+        *REFERENCE,
+        *INJECTION,
+        name=name,
+        extra_env=failing,
+        expect_success=False,
+    )
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: saving {root}/global_step_6 failed: {root}/global_step_6/model_world_size_2_rank_1.pt: "
+        f"No space left on device (ENOSPC); nothing of it counts as a checkpoint, the latest complete checkpoint "
+        f"is still {root}/global_step_3 and a rerun resumes from it. Free space or restore write permission there, then rerun"
+    ], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert tracked_step(tmp_path, name) == 3
+    assert not (root / "global_step_6" / checkpoint.STATE_FILE).exists()
+    assert checkpoint.latest_complete(root) == root / "global_step_3"
+
+    second, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *REFERENCE, name=name)
+    assert "resumed from" in second.stdout and "global_step_3" in second.stdout
+    assert history(tmp_path, name) == full
+
+
+def failing(monkeypatch, target, attribute, pattern, error):
+    original = getattr(target, attribute)
+
+    def fail(*args, **kwargs):
+        path = str(args[1] if attribute in ("save", "replace") else args[0])
+        if pattern in path:
+            raise error(path)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, attribute, fail)
+
+
+def enospc(path):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def read_only(path):
+    return PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+
+def torch_write_failure(path):
+    return RuntimeError(
+        "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: file write failed"
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "attribute", "pattern", "error", "named"),
+    [
+        (
+            torch,
+            "save",
+            "model_world_size_1_rank_0.pt",
+            enospc,
+            "model_world_size_1_rank_0.pt: No space left on device (ENOSPC)",
+        ),
+        (torch, "save", "model_world_size_1_rank_0.pt", torch_write_failure, "write failed (torch.save"),
+        (torch, "save", "data.pt", enospc, "No space left on device (ENOSPC)"),
+        (os, "replace", checkpoint.STATE_FILE, read_only, "bt_state.json: Permission denied (EACCES)"),
+        (
+            os,
+            "replace",
+            checkpoint.TRACKER_FILE,
+            read_only,
+            "latest_checkpointed_iteration.txt: Permission denied (EACCES)",
+        ),
+    ],
+    ids=["shard-enospc", "shard-torch-writer", "data-state-enospc", "completeness-mark-eacces", "tracker-eacces"],
+)
+def test_a_failed_write_anywhere_in_a_save_is_one_line_and_keeps_the_previous_checkpoint(
+    one_rank_group, tmp_path, monkeypatch, target, attribute, pattern, error, named
+):
+    from test_bt_trainer import saving_trainer
+
+    model = torch.nn.Linear(4, 1)
+    saving_trainer(model, tmp_path).save_checkpoint(step=3)
+    failing(monkeypatch, target, attribute, pattern, error)
+    with pytest.raises(faults.CheckpointSaveError) as raised:
+        saving_trainer(model, tmp_path).save_checkpoint(step=6)
+    message = str(raised.value)
+    assert message.startswith(f"saving {tmp_path}/global_step_6 failed: ") and named in message
+    assert f"the latest complete checkpoint is still {tmp_path}/global_step_3" in message
+    monkeypatch.undo()
+    assert (tmp_path / checkpoint.TRACKER_FILE).read_text() == "3"
+    directory, state = checkpoint.find_resume_checkpoint(
+        tmp_path, mode="auto", resume_from_path=None, world_size=1, load_contents=["model"]
+    )
+    assert directory == tmp_path / "global_step_3" and state["step"] == 3
+    assert not list(tmp_path.glob("**/*.tmp*"))  # no temp file left behind
