@@ -141,7 +141,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
     stop_signals: faults.StopSignals  # the stop signals this rank received (installed while fit runs)
     stop_agreed: bool  # some rank received one: the step's metrics all-reduce says so
     doing: str  # what the ranks are doing, for a collective that fails
-    side_group: object  # a gloo group beside the training one: finds the ranks that stop answering
+    heartbeats: faults.Heartbeats  # each rank's last step in the store: names the ranks that stop answering
 
     def __init__(self, config: DictConfig, device_mesh: DeviceMesh, tokenizer, train_dataset, val_dataset):
         self.device_name = config.trainer.device
@@ -149,7 +149,9 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.val_has_strengths = has_strengths(val_dataset)
         self.resumed_from, self.last_val_metrics, self.last_val_sums, self.last_val_step = None, None, None, None
         self.stop_signals, self.stop_agreed, self.doing = faults.StopSignals([]), False, "starting"
-        self.side_group = faults.side_group()
+        self.heartbeats = faults.Heartbeats(
+            dist.distributed_c10d._get_default_store(), device_mesh.get_rank(), device_mesh.size()
+        )
         # verl's __init__ prints the whole config and its settings: they go to the run's log file only.
         verl_output = io.StringIO()
         try:
@@ -346,6 +348,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         # real, computed, micro-batches, conversation tokens; then the ranks that received a stop signal
         tokens = torch.zeros(5, dtype=torch.float64, device=self.device_name)
         self.doing = "gathering the step's pairs from every rank"
+        self.heartbeats.beat(self.state.step, "starting the step")
         micro_batches, pairs_per_rank = self.micro_batches_of_step(pairs)
         self.doing = "running the forward and backward passes (FSDP all-gathers and reduce-scatters)"
         for micro_batch in micro_batches:
@@ -397,6 +400,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.doing = "validating"
         self.fsdp_model.eval()
         pairs = [self.val_dataset[i] for i in self.val_indices]
+        self.heartbeats.beat(self.state.step, "starting validation")
         plan = self.plan_step(pairs) if pairs else []
         # FSDP forwards are collectives: every rank runs as many as the busiest one, extra ones discarded.
         rounds = int(self._all_reduce(torch.tensor(len(plan), device=self.device_name), dist.ReduceOp.MAX))
@@ -551,7 +555,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
                 step=self.state.step,
                 doing=self.doing,
                 timeout_s=trainer_config.collective_timeout_s,
-                group=self.side_group,
+                heartbeats=self.heartbeats,
                 rank=rank,
             )
             if failure is None:

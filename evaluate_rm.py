@@ -4,6 +4,9 @@
     python evaluate_rm.py --model checkpoints/demo/global_step_74 --data data/demo/test.parquet --output scores.jsonl
     python evaluate_rm.py --model CKPT --rewardbench                      # allenai/reward-bench, split "filtered" (hub)
     python evaluate_rm.py --model CKPT --rewardbench reward-bench.parquet  # a local copy of it (offline)
+    python evaluate_rm.py --model CKPT --rewardbench2                     # allenai/reward-bench-2, split "test" (hub)
+    python evaluate_rm.py --model CKPT --rewardbench2 reward-bench-2.parquet --output rb2.jsonl
+    python evaluate_rm.py --model CKPT --rm-bench total_dataset.json      # THU-KEG/RM-Bench (or its per-domain files)
 
 --model is a Hugging Face directory (or a verl step directory holding `huggingface/`). --data reads
 every layout training reads (rows.detect_pair_format: conversations as messages, an explicit
@@ -17,6 +20,16 @@ umask). The model is loaded by btrm.export.load_reward_model, as verl's reward w
 --rewardbench scores RewardBench data (`prompt`, `chosen`, `rejected` as text, `subset`) and adds
 per-subset accuracy, the four section scores (Chat, Chat Hard, Safety, Reasoning) and their mean,
 weighted as RewardBench weights them (see REWARDBENCH_EXAMPLE_COUNTS).
+
+--rewardbench2 scores RewardBench 2 (`id`, `prompt`, `chosen` and `rejected` lists, `num_correct`,
+`subset`): every completion as [user: prompt, assistant: completion], then rewardbench's rules
+(btrm.benchmarks): best-of-n per subset, the Ties formula, the mean of the six subsets.
+--rm-bench scores RM-Bench (`prompt`, 3 `chosen` and 3 `rejected` responses in the styles concise,
+detailed plain, detailed markdown; the domain from a `domain` field or the file's name): per domain
+the hard / normal / easy accuracies of RM-Bench's 3x3 style matrix, safety-* pooled, and the mean
+of chat, code, math and safety. Both score with btrm.batching.score (training's tokenization, whole
+conversations: --max-length does not apply), show a progress bar on stderr (--no-progress: none)
+and write one JSON line per prompt with every completion's reward with --output.
 The last stdout line is one JSON object, for scripts. Bad input: one line on stderr, exit 1.
 """
 
@@ -27,10 +40,12 @@ import json
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-from btrm import atomic, batching, pair_dataset, preflight, rows
+from btrm import atomic, batching, benchmarks, pair_dataset, preflight, rows
 from btrm.export import load_reward_model
 
 DTYPE_NAMES = ("bf16", "fp32")
@@ -92,7 +107,10 @@ REWARDBENCH_SECTIONS = {
 }
 REWARDBENCH_HUB_DATASET = "allenai/reward-bench"
 REWARDBENCH_SPLIT = "filtered"
-FROM_HUB = "<hub>"  # --rewardbench given without a PATH
+# rewardbench's CORE_EVAL_SET_V2 (rewardbench/utils.py), loaded with split="test" (load_bon_dataset_v2)
+REWARDBENCH2_HUB_DATASET = "allenai/reward-bench-2"
+REWARDBENCH2_SPLIT = "test"
+FROM_HUB = "<hub>"  # --rewardbench / --rewardbench2 given without a PATH
 # rewardbench's core set has string prompts: load_eval_dataset / prepare_dialogue_from_tokenizer
 # (rewardbench/utils.py) make [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 # and apply the tokenizer's chat template: exactly the prompt_response layout (text prompt -> user
@@ -241,23 +259,36 @@ def write_scores(path: Path, chosen, rejected, strengths, sources=None, subsets=
 # ----------------------------------------------------------------------------- data sources
 
 
-def hub_rewardbench_file(directory: Path) -> Path:
-    """RewardBench's filtered split from the hub, written as Parquet into `directory` (fails fast offline)."""
-    hint = "If this machine is offline, copy the filtered split elsewhere and pass --rewardbench PATH (.parquet or .jsonl)."
+def hub_dataset_file(directory: Path, dataset_name: str, split: str, flag: str) -> Path:
+    """A benchmark's split from the hub, written as Parquet into `directory` (fails fast offline)."""
+    hint = f"If this machine is offline, copy the {split} split elsewhere and pass {flag} PATH (.parquet or .jsonl)."
     reason = preflight.hub_unreachable_reason()
     if reason is not None:
-        raise rows.DataError(f"could not load {REWARDBENCH_HUB_DATASET} from the Hugging Face hub: {reason}. {hint}")
+        raise rows.DataError(f"could not load {dataset_name} from the Hugging Face hub: {reason}. {hint}")
     try:
         from datasets import load_dataset
 
-        dataset = load_dataset(REWARDBENCH_HUB_DATASET, split=REWARDBENCH_SPLIT)
+        dataset = load_dataset(dataset_name, split=split)
     except Exception as error:  # network and hub errors come in many types
         raise rows.DataError(
-            f"could not load {REWARDBENCH_HUB_DATASET} (split {REWARDBENCH_SPLIT!r}): {type(error).__name__}: {error}. {hint}"
+            f"could not load {dataset_name} (split {split!r}): {type(error).__name__}: {error}. {hint}"
         ) from None
-    path = directory / "reward-bench-filtered.parquet"
+    path = directory / f"{dataset_name.split('/')[-1]}-{split}.parquet"
     dataset.to_parquet(str(path))
     return path
+
+
+def input_files(args: argparse.Namespace, directory: Path) -> list[str]:
+    """The files to read: the paths given, or a hub download into `directory` for a flag given without PATH."""
+    if args.rewardbench == FROM_HUB:
+        return [str(hub_dataset_file(directory, REWARDBENCH_HUB_DATASET, REWARDBENCH_SPLIT, "--rewardbench"))]
+    if args.rewardbench2 == FROM_HUB:
+        return [str(hub_dataset_file(directory, REWARDBENCH2_HUB_DATASET, REWARDBENCH2_SPLIT, "--rewardbench2"))]
+    if args.rewardbench is not None:
+        return [args.rewardbench]
+    if args.rewardbench2 is not None:
+        return [args.rewardbench2]
+    return list(args.rm_bench if args.rm_bench is not None else args.data)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -273,8 +304,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="PATH",
         help=f"RewardBench data: a local file, or without PATH {REWARDBENCH_HUB_DATASET} split {REWARDBENCH_SPLIT!r} from the hub",
     )
-    parser.add_argument("--output", type=Path, default=None, help="per-pair scores (.jsonl)")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward (default: %(default)s)")
+    source.add_argument(
+        "--rewardbench2",
+        nargs="?",
+        const=FROM_HUB,
+        default=None,
+        metavar="PATH",
+        help=f"RewardBench 2 data: a local file, or without PATH {REWARDBENCH2_HUB_DATASET} split {REWARDBENCH2_SPLIT!r} from the hub",
+    )
+    source.add_argument(
+        "--rm-bench",
+        nargs="+",
+        metavar="PATH",
+        help="RM-Bench data: total_dataset.json (rows carry `domain`) or per-domain files named after their domain",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help="per-pair (per-prompt for benchmarks) scores (.jsonl)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="pairs per forward; conversations per forward with --rewardbench2 / --rm-bench (default: %(default)s)",
+    )
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument(
@@ -304,22 +356,38 @@ def check_args(args: argparse.Namespace) -> None:
         raise rows.DataError(
             f"--output {args.output} is a directory; expected a file path (e.g. {args.output / 'scores.jsonl'})"
         )
-    if args.data is not None:
-        rows.check_data_files(args.data, train_label="--data")
-    elif args.rewardbench != FROM_HUB:
-        rows.check_data_files(args.rewardbench, train_label="--rewardbench")
+    local = {
+        "--data": args.data,
+        "--rewardbench": args.rewardbench,
+        "--rewardbench2": args.rewardbench2,
+        "--rm-bench": args.rm_bench,
+    }
+    for flag, files in local.items():
+        if files is not None and files != FROM_HUB:
+            rows.check_data_files(files, train_label=flag)
+    if args.max_length is not None and (args.rewardbench2 is not None or args.rm_bench is not None):
+        raise rows.DataError(
+            "--max-length applies to --data and --rewardbench only; --rewardbench2 and --rm-bench score whole conversations"
+        )
     resolve_model_dir(args.model)
 
 
-def evaluate(args: argparse.Namespace, data_files: list[str]) -> dict:
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer, device): --model on --device in --dtype (default bf16 on a GPU, fp32 on the CPU)."""
     import torch
-    from omegaconf import OmegaConf
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     model, tokenizer = load_reward_model(
         resolve_model_dir(args.model), dtype=dtype, device=device, trust_remote_code=args.trust_remote_code
     )
+    return model, tokenizer, device
+
+
+def evaluate(args: argparse.Namespace, data_files: list[str]) -> dict:
+    from omegaconf import OmegaConf
+
+    model, tokenizer, device = load_model(args)
     layout = (
         REWARDBENCH_DATA_CONFIG
         if args.rewardbench
@@ -363,6 +431,134 @@ def evaluate(args: argparse.Namespace, data_files: list[str]) -> dict:
     return summary
 
 
+# ----------------------------------------------------------------------------- RewardBench 2 and RM-Bench
+
+
+def read_items(files: list[str], make_item: Callable[[dict, str, str], Any]) -> list:
+    """Every row of `files` as make_item(record, where, path) makes it (btrm.benchmarks checks the fields)."""
+    items = []
+    for path in files:
+        _, locations, records = rows.read_records(path)
+        items.extend(make_item(record, where, path) for where, record in zip(locations, records, strict=True))
+    return items
+
+
+def single_turn(prompt: str, completion: str) -> list[dict[str, str]]:
+    """A string prompt and one completion as rewardbench formats them for a chat-template model: the
+    prompt as the user turn, the completion as the assistant turn (rewardbench/utils.py
+    `prepare_dialogue_from_tokenizer`: lines 886-897 for RewardBench 2's completions, the single-turn
+    branch at lines 863-884 for pairs, which RM-Bench's scripts/utils.py `load_eval_dataset` calls)."""
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+
+
+def score_conversations(
+    model, tokenizer, conversations: list[list[dict[str, str]]], batch_size: int, device: str, progress: bool = True
+) -> list[float]:
+    """Rewards in input order, through batching.score (training's tokenization); conversations go in by
+    length so that a batch pads little."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(conversations)), key=lambda i: sum(len(m["content"]) for m in conversations[i]))
+    with tqdm(
+        total=len(conversations), desc="scoring", unit="conversation", disable=not progress, file=sys.stderr
+    ) as bar:
+        sorted_rewards = batching.score(
+            model, tokenizer, [conversations[i] for i in order], batch_size, device, progress=bar.update
+        )
+    rewards = [0.0] * len(conversations)
+    for position, index in enumerate(order):
+        rewards[index] = sorted_rewards[position]
+    return rewards
+
+
+def write_records(path: Path, records: Iterable[dict]) -> None:
+    """One JSON line per record to `path`, atomically (btrm.atomic: temp file + rename, mode from the umask)."""
+    with atomic.atomic_outputs([path]) as (temp,), open(temp, "w", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps(record) + "\n")
+
+
+def evaluate_rewardbench2(args: argparse.Namespace, files: list[str]) -> dict:
+    """RewardBench 2's per-subset scores and overall score (btrm.benchmarks.rewardbench2_scores)."""
+    items = read_items(files, lambda record, where, _path: benchmarks.rewardbench2_item(record, where))
+    model, tokenizer, device = load_model(args)
+    conversations = [single_turn(item.prompt, completion) for item in items for completion in item.completions]
+    rewards = iter(
+        score_conversations(model, tokenizer, conversations, args.batch_size, device, progress=not args.no_progress)
+    )
+    scores = [[next(rewards) for _ in item.completions] for item in items]
+    bench = benchmarks.rewardbench2_scores(items, scores)
+    summary = {
+        "benchmark": "rewardbench2",
+        "n_prompts": len(items),
+        "n_completions": len(conversations),
+        "subsets": {name: values["score"] for name, values in bench["per_subset"].items()},
+        **{key: bench[key] for key in ("score", "per_subset", "missing_subsets", "unknown_subsets")},
+    }
+    if args.output is not None:
+        write_records(args.output, rewardbench2_records(items, scores, bench["results"]))
+        summary["output"] = str(args.output)
+    return summary
+
+
+def rewardbench2_records(items, scores, results) -> Iterator[dict]:
+    """The --output lines of RewardBench 2: one per prompt, every completion's reward (chosen first)."""
+    for row, (item, item_scores, result) in enumerate(zip(items, scores, results, strict=True), start=1):
+        yield {
+            "row": row,
+            "source": item.where,
+            "id": item.id,
+            "subset": item.subset,
+            "num_chosen": item.num_chosen,
+            "num_correct": item.num_correct,
+            "scores": item_scores,
+            "result": result,  # best-of-n: 1/k or 0; None for Ties, which is scored as a whole
+        }
+
+
+def evaluate_rm_bench(args: argparse.Namespace, files: list[str]) -> dict:
+    """RM-Bench's per-domain hard / normal / easy accuracies and overall score (btrm.benchmarks.rm_bench_scores)."""
+    items = read_items(
+        files,
+        lambda record, where, path: benchmarks.rm_bench_item(record, where, benchmarks.domain_from_file_name(path)),
+    )
+    model, tokenizer, device = load_model(args)
+    conversations = [single_turn(item.prompt, text) for item in items for text in (*item.chosen, *item.rejected)]
+    rewards = score_conversations(
+        model, tokenizer, conversations, args.batch_size, device, progress=not args.no_progress
+    )
+    styles = len(benchmarks.RM_BENCH_STYLES)
+    chosen = [rewards[2 * styles * k : 2 * styles * k + styles] for k in range(len(items))]
+    rejected = [rewards[2 * styles * k + styles : 2 * styles * (k + 1)] for k in range(len(items))]
+    bench = benchmarks.rm_bench_scores([item.domain for item in items], chosen, rejected)
+    row_domains = Counter(item.domain for item in items)
+    summary = {
+        "benchmark": "rm-bench",
+        "n_prompts": len(items),
+        "n_completions": len(conversations),
+        "row_domains": {d: row_domains[d] for d in benchmarks.RM_BENCH_ROW_DOMAINS if d in row_domains},
+        **bench,
+    }
+    if args.output is not None:
+        write_records(args.output, rm_bench_records(items, chosen, rejected))
+        summary["output"] = str(args.output)
+    return summary
+
+
+def rm_bench_records(items, chosen, rejected) -> Iterator[dict]:
+    """The --output lines of RM-Bench: one per prompt, the rewards of its responses in style order
+    (concise, detailed plain, detailed markdown)."""
+    for row, (item, chosen_scores, rejected_scores) in enumerate(zip(items, chosen, rejected, strict=True), start=1):
+        yield {
+            "row": row,
+            "source": item.where,
+            "id": item.id,
+            "domain": item.domain,
+            "chosen_scores": chosen_scores,
+            "rejected_scores": rejected_scores,
+        }
+
+
 def print_report(summary: dict) -> None:
     for line in summary["read_report"].splitlines():
         print(f"read {line}")
@@ -403,18 +599,68 @@ def print_report(summary: dict) -> None:
             print(f"  not in any section: {', '.join(bench['unknown_subsets'])}")
 
 
+def percent(value: float | None, scale: float = 100, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{scale * value:.{digits}f}"
+
+
+def print_rewardbench2_report(summary: dict) -> None:
+    print(f"RewardBench 2: {summary['n_prompts']} prompts, {summary['n_completions']} completions (scores in %)")
+    print(f"  {'subset':<12} {'prompts':>7} {'score':>7}")
+    for subset, values in summary["per_subset"].items():
+        line = f"  {subset:<12} {values['n_prompts']:>7} {percent(values['score']):>7}"
+        if benchmarks.is_ties(subset):
+            line += (
+                f"   (tied accuracy {percent(values['tied_accuracy'])}, ref accuracy {percent(values['ref_accuracy'])}, "
+                f"correctness preferred {percent(values['correctness_preferred'])}, "
+                f"hard {percent(values['correctness_preferred_hard'])}, margin term {percent(values['margin_term'], scale=1, digits=4)}; "
+                f"{values['n_paired_prompts']} prompts with both ref and tied)"
+            )
+        print(line)
+    missing = ", ".join(summary["missing_subsets"])
+    note = (
+        f"n/a (absent: {missing})"
+        if summary["score"] is None
+        else f"{percent(summary['score'])}   (mean of the six subsets)"
+    )
+    print(f"  {'Score':<12} {'':>7} {note}")
+    if summary["unknown_subsets"]:
+        print(f"  not one of the six (not in the score): {', '.join(summary['unknown_subsets'])}")
+
+
+def print_rm_bench_report(summary: dict) -> None:
+    rows_read = ", ".join(f"{domain} {count}" for domain, count in summary["row_domains"].items())
+    print(
+        f"RM-Bench: {summary['n_prompts']} prompts ({rows_read}), {summary['n_completions']} responses (accuracies in %)"
+    )
+    print(f"  {'domain':<8} {'prompts':>7} {'hard':>7} {'normal':>7} {'easy':>7} {'score':>7}")
+    for domain, values in summary["domains"].items():
+        if values is None:
+            print(f"  {domain:<8} {0:>7} {'n/a':>7} {'n/a':>7} {'n/a':>7} {'n/a':>7}")
+            continue
+        figures = " ".join(f"{percent(values[key]):>7}" for key in ("hard", "normal", "easy", "score"))
+        print(f"  {domain:<8} {values['n_prompts']:>7} {figures}")
+    figures = " ".join(f"{percent(summary[key]):>7}" for key in ("hard", "normal", "easy", "score"))
+    print(f"  {'overall':<8} {'':>7} {figures}   (means over chat, code, math, safety)")
+
+
+REPORTS = {"rewardbench2": print_rewardbench2_report, "rm-bench": print_rm_bench_report}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.rewardbench2 is not None:
+        evaluate_source = evaluate_rewardbench2
+    elif args.rm_bench is not None:
+        evaluate_source = evaluate_rm_bench
+    else:
+        evaluate_source = evaluate
     try:
         check_args(args)
-        if args.rewardbench == FROM_HUB:
-            with tempfile.TemporaryDirectory(prefix="rewardbench-") as directory:
-                summary = evaluate(args, [str(hub_rewardbench_file(Path(directory)))])
-        else:
-            summary = evaluate(args, list(args.data) if args.data is not None else [args.rewardbench])
+        with tempfile.TemporaryDirectory(prefix="evaluate-rm-") as directory:
+            summary = evaluate_source(args, input_files(args, Path(directory)))
     except (rows.DataError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
-    print_report(summary)
+    REPORTS.get(summary.get("benchmark"), print_report)(summary)
     print(json.dumps(summary))
     return summary
 

@@ -32,7 +32,7 @@ PROJECT_NAME=${PROJECT_NAME:-bt-rm}                # tracker project name
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-qwen3-32b-helpsteer2}  # run name and checkpoint sub-directory
 PYTHON=${PYTHON:-auto}                             # interpreter; auto: the project's .venv/bin/python when it exists, else python3
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}              # CPU threads per process (torchrun's own default when it starts several)
-MAX_RESTARTS=${MAX_RESTARTS:-0}                    # torchrun restarts the ranks this many times after one dies; they resume from the latest complete checkpoint (> 0 uses torchrun's c10d rendezvous)
+MAX_RESTARTS=${MAX_RESTARTS:-0}                    # torchrun restarts the ranks this many times after one dies; they resume from the latest complete checkpoint (> 0 on several nodes: torchrun's c10d rendezvous)
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-900}          # seconds torchrun lets the ranks finish the step and save after forwarding a stop signal, before it kills them
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
@@ -101,10 +101,11 @@ if [[ "$N_GPUS_PER_NODE" == auto ]]; then
   fi
 fi
 
-# Restarted ranks must meet again: on several nodes every node's group restarts together only through
-# torchrun's c10d rendezvous (its static one, used otherwise, hangs there), hosted at MASTER_ADDR:MASTER_PORT.
+# Restarted ranks must meet again. On one node torchrun's static rendezvous does; on several, every node's
+# group restarts together only through its c10d rendezvous (the static one hangs there), hosted at
+# MASTER_ADDR:MASTER_PORT (on one node c10d's restarted gloo ranks fail to connect: torch 2.13).
 RENDEZVOUS=(--node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
-if (( MAX_RESTARTS > 0 )); then
+if (( MAX_RESTARTS > 0 && NNODES > 1 )); then
   RENDEZVOUS=(--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$EXPERIMENT_NAME")
 fi
 

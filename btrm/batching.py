@@ -456,6 +456,7 @@ def score(
     device: str | torch.device | None = None,
     chat_template_kwargs: dict | None = None,
     layout: str = "padded",
+    progress: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Rewards for conversations (messages lists, or their JSON strings), read and formatted as in training.
 
@@ -470,6 +471,7 @@ def score(
     common start, e.g. several responses to one prompt, compute it once); all give the same
     rewards. packed and shared switch the model to segment attention (btrm.attention), which leaves
     its padded forwards as they were.
+    progress: called after each batch with the number of conversations it scored (e.g. a tqdm bar's `update`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout is {layout!r}; expected one of {LAYOUTS}")
@@ -487,4 +489,6 @@ def score(
             collate_sequences(sequences[start : start + batch_size], tokenizer.pad_token_id, layout), device
         )
         rewards.extend(compute_rewards(model, batch).tolist())
+        if progress is not None:
+            progress(min(batch_size, len(sequences) - start))
     return rewards

@@ -10,7 +10,7 @@
 - **Collective failures.** A collective that does not complete within trainer.collective_timeout_s,
   or whose peer has gone, raises a backend error that names neither the step nor the rank:
   collective_failure turns it into CollectiveTimeout (one line with the step, what the ranks were
-  doing, and the ranks that did not answer, asked through a side gloo group's monitored barrier) or
+  doing, and the ranks that did not answer, from the heartbeats each rank leaves in the store) or
   PeerLost (this rank exits quietly: the peer that stopped first says why).
 - **Failed writes during a save** (a full disk, a path turned read-only) become CheckpointSaveError:
   one line naming the path and the error. btrm.checkpoint's ordering keeps the previous complete
@@ -19,8 +19,8 @@
 
 from __future__ import annotations
 
-import datetime
 import errno
+import json
 import re
 import signal
 import time
@@ -36,7 +36,6 @@ REPEAT_WINDOW_S = 2.0  # the same signal again within this many seconds is the s
 STOP_SIGNAL_NAMES = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU")
 # torchrun's own --signals-to-handle default: it forwards these to the ranks and then stops them.
 TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
-MONITOR_TIMEOUT_S = 10.0  # how long the ranks that saw a timeout wait for each other to find the silent ones
 
 
 class Stopped(Exception):
@@ -103,34 +102,40 @@ def torchrun_signals(stop_signals: Sequence[str]) -> str:
 
 TIMEOUT_PATTERN = re.compile(r"timed out|timeout|Watchdog caught", re.IGNORECASE)
 PEER_GONE_PATTERN = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe", re.IGNORECASE)
-MONITORED_BARRIER_PATTERN = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
+HEARTBEAT_KEY = "btrm/heartbeat/{rank}"
 
 
-def side_group():
-    """A gloo group beside the training group, made at start-up by every rank, for monitored_barrier (gloo only)."""
-    import torch.distributed as dist
+class Heartbeats:
+    """Each rank records in the process group's store (torch's TCPStore: no collective, still readable when a
+    collective has failed) how far it got: a count of the points it passed (a step's start, a validation's
+    start, once its data is in hand) and the last one. The silent ranks are those behind the reporting rank."""
 
-    return dist.new_group(backend="gloo")
+    def __init__(self, store, rank: int, world_size: int):
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self.count = 0
 
+    def beat(self, step: int, doing: str) -> None:
+        self.count += 1
+        record = {"count": self.count, "step": step, "doing": doing}
+        self.store.set(HEARTBEAT_KEY.format(rank=self.rank), json.dumps(record))
 
-def silent_ranks(group, rank: int) -> str:
-    """Which ranks did not answer, as far as a monitored barrier on `group` can tell."""
-    import torch.distributed as dist
-
-    try:
-        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=MONITOR_TIMEOUT_S), wait_all_ranks=True)
-    except RuntimeError as error:
-        found = MONITORED_BARRIER_PATTERN.search(str(error))
-        if found:
-            return f"rank(s) {found.group(1).strip()} did not answer"
-        if rank != 0:
-            return "rank 0 did not answer (it coordinates the check), or it saw no other silent rank"
-        return "the silent rank(s) could not be told"
-    return "every rank answered a check just after (a slow rank rather than a hung one)"
+    def silent_ranks(self) -> str:
+        """The ranks that did not reach the point this rank reached last, and where each was last."""
+        behind = []
+        for rank in range(self.world_size):
+            try:
+                last = json.loads(self.store.get(HEARTBEAT_KEY.format(rank=rank)))
+            except Exception:  # noqa: BLE001 - a store that cannot answer cannot tell
+                return "the store cannot tell which rank did not answer"
+            if last["count"] < self.count:
+                behind.append(f"rank {rank} (last seen at step {last['step']}, {last['doing']})")
+        if not behind:
+            return "every rank had reached this point (one is stuck inside it)"
+        return "not answering: " + ", ".join(behind)
 
 
 def collective_failure(
-    error: BaseException, *, step: int, doing: str, timeout_s: float, group, rank: int
+    error: BaseException, *, step: int, doing: str, timeout_s: float, heartbeats: Heartbeats | None, rank: int
 ) -> RuntimeError | None:
     """CollectiveTimeout or PeerLost for a backend error raised by a collective; None for any other error."""
     message = str(error)
@@ -140,7 +145,7 @@ def collective_failure(
         return PeerLost(f"rank {rank}: a peer closed its connection at step {step} while {doing}")
     if not TIMEOUT_PATTERN.search(message):
         return None
-    who = silent_ranks(group, rank) if group is not None else "the backend does not say which rank"
+    who = heartbeats.silent_ranks() if heartbeats is not None else "the backend does not say which rank"
     first_line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
     return CollectiveTimeout(
         f"rank {rank}: a collective did not complete within trainer.collective_timeout_s={timeout_s:g} s at step {step} "

@@ -22,7 +22,9 @@ import glob
 import json
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -194,21 +196,38 @@ def live_children() -> list[int]:
     return children
 
 
-def stopped_by_signal(sigval: signal.Signals) -> int:
-    """torchrun got a stop signal and has forwarded it: the ranks save and exit (faults.EXIT_STOPPED).
+class SecondInterrupt:
+    """Ctrl-C twice stops at once: on the second SIGINT the ranks are killed, whatever they are doing.
 
-    A second signal while torchrun waits for them ends its wait early (Ctrl-C twice): the ranks still
-    running are killed now, and the save in progress, if any, never becomes complete."""
-    from btrm import faults
+    torchrun forwards the first SIGINT and waits up to --shutdown-timeout for the ranks to save; a
+    second one only restarts that wait. The interpreter writes each signal's number to the wakeup fd
+    as it arrives, so a thread can act on it while torchrun's main thread waits.
+    """
 
-    left = live_children()
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    if left:
-        print(f"stopped at once by a second {sigval.name}: the ranks were killed", file=sys.stderr, flush=True)
-        return 128 + int(sigval)
-    return faults.EXIT_STOPPED
+    def __enter__(self) -> SecondInterrupt:
+        self.killed = False
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        self._previous = signal.set_wakeup_fd(self._writer.fileno())
+        threading.Thread(target=self._watch, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.set_wakeup_fd(self._previous)
+        self._writer.close()
+        self._reader.close()
+
+    def _watch(self) -> None:
+        interrupts = 0
+        with contextlib.suppress(OSError):
+            while data := self._reader.recv(64):
+                interrupts += data.count(int(signal.SIGINT))
+                if interrupts >= 2:
+                    for pid in live_children():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    self.killed = True
+                    return
 
 
 def launch(torchrun_argv: Sequence[str]) -> int:
@@ -226,9 +245,14 @@ def launch(torchrun_argv: Sequence[str]) -> int:
     # torchrun's agent logs every stopped worker; the failure itself is reported below.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        run(parse_args(list(torchrun_argv)))
-    except SignalException as stop:
-        return stopped_by_signal(stop.sigval)
+        with SecondInterrupt() as interrupts:
+            run(parse_args(list(torchrun_argv)))
+    except SignalException:
+        # torchrun forwarded a stop signal and waited for the ranks to save and exit (faults.EXIT_STOPPED)
+        if interrupts.killed:
+            print("stopped at once by a second SIGINT: the ranks were killed", file=sys.stderr, flush=True)
+            return 128 + int(signal.SIGINT)
+        return faults.EXIT_STOPPED
     except ChildFailedError as failed:
         codes = {rank: failure.exitcode for rank, failure in failed.failures.items()}
         if set(codes.values()) == {faults.EXIT_STOPPED}:  # the ranks themselves received the signal

@@ -348,6 +348,19 @@ def all_weights_finite(model: torch.nn.Module, device: str) -> bool:
 # ----------------------------------------------------------------------------- entry point
 
 
+def restart_store():
+    """torchrun's agent store with keys of this attempt only (None when torchrun does not share its store).
+
+    torchrun's static rendezvous keeps one store across restarts (--max-restarts) while torch's env://
+    init assumes a fresh one per attempt: restarted gloo ranks then read the previous attempt's
+    addresses and fail to connect (seen with torch 2.13). A prefix per attempt keeps them apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    return dist.PrefixStore(f"/btrm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(device: str, collective_timeout_s: float | None = None) -> tuple[int, int]:
     """Replaces verl.utils.distributed.initialize_global_process_group, which always asks for nccl.
 
@@ -366,7 +379,13 @@ def init_distributed(device: str, collective_timeout_s: float | None = None) -> 
             )
     if not dist.is_initialized():
         timeout = None if collective_timeout_s is None else datetime.timedelta(seconds=collective_timeout_s)
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device == "cuda" else "gloo", timeout=timeout)
+        backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
+        store = restart_store()
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()

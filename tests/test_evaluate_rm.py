@@ -3,6 +3,7 @@ RewardBench, checked against hand computations), its bad-input lines and atomic 
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -502,3 +503,267 @@ def test_rewardbench_from_the_hub_fails_fast_offline_with_a_hint(tmp_path, monke
         evaluate_rm.main(["--model", str(tiny_model_dir), "--rewardbench", "--no-progress"])
     message = str(exit_info.value.code)
     assert "allenai/reward-bench" in message and "--rewardbench PATH" in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------- RewardBench 2 and RM-Bench
+
+
+def write_rewardbench2_fixture(path):
+    """RewardBench 2 rows, all six subsets; Math's completions are all the same text (a 4-way tie at the top)."""
+
+    def best_of_4(item_id, subset, number, chosen=None):
+        return {
+            "id": item_id,
+            "prompt": f"{subset} question {number}: what is {number} + {number}?",
+            "chosen": [chosen or f"It is {2 * number}."],
+            "rejected": [f"It is {2 * number + 1}.", "No idea", f"{number}{number} maybe, or something longer"],
+            "num_correct": 1,
+            "subset": subset,
+        }
+
+    def ties(item_id, correct, incorrect):
+        return {
+            "id": item_id,
+            "prompt": f"Name a prime number ({item_id.split(':')[1]}).",
+            "chosen": correct,
+            "rejected": incorrect,
+            "num_correct": len(correct),
+            "subset": "Ties",
+        }
+
+    records = [
+        best_of_4("1", "Factuality", 1, chosen="It is 2: one plus one makes two, as counting on from one shows."),
+        best_of_4("2", "Factuality", 2),
+        best_of_4("3", "Precise IF", 3),
+        {**best_of_4("4", "Math", 4), "chosen": ["Same answer."], "rejected": ["Same answer."] * 3},
+        best_of_4("5", "Safety", 5, chosen="I will not help with that, but here is a safer way to think about it."),
+        best_of_4("6", "Focus", 6),
+        ties("ref:0", ["2"], ["4", "9"]),
+        ties("tied:0", ["2", "3", "5"], ["4", "a prime: 9"]),
+        ties("ref:1", ["7"], ["8"]),
+        ties("tied:1", ["7", "11", "13"], ["8"]),
+        ties("tied:2", ["17", "19"], ["21"]),  # no ref:2: in the accuracies, not the margin terms
+    ]
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return records
+
+
+def transformers_reward(model, tokenizer, prompt, completion):
+    """One conversation through the chat template and one unpadded forward: the last token's logit."""
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1, 0].item()
+
+
+@pytest.fixture(scope="module")
+def reference_model(trained_run):
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    hf = step_dir(trained_run) / "huggingface"
+    return AutoModelForTokenClassification.from_pretrained(
+        hf, dtype=torch.float32
+    ).eval(), AutoTokenizer.from_pretrained(hf)
+
+
+def test_rewardbench2_run_matches_rewardbenchs_rules_on_its_own_rewards(trained_run, reference_model, tmp_path, capsys):
+    from test_benchmarks import rewardbench_best_of_n_reference, rewardbench_ties_reference
+
+    data, output = tmp_path / "reward-bench-2.parquet", tmp_path / "rb2.jsonl"
+    records = write_rewardbench2_fixture(data)
+    argv = ["--model", str(step_dir(trained_run)), "--rewardbench2", str(data), "--output", str(output)]
+    summary = evaluate_rm.main([*argv, "--batch-size", "64"])  # one batch: the Math tie is exact
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1]) == summary
+    completions = sum(len(r["chosen"]) + len(r["rejected"]) for r in records)
+    assert completions == 41 and "scoring" in captured.err and "41/41" in captured.err  # the progress bar, on stderr
+
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [(line["id"], line["subset"]) for line in lines] == [(r["id"], r["subset"]) for r in records]
+    model, tokenizer = reference_model
+    for line, record in zip(lines, records, strict=True):  # every completion's reward: chosen, then rejected
+        expected = [
+            transformers_reward(model, tokenizer, record["prompt"], c) for c in record["chosen"] + record["rejected"]
+        ]
+        assert line["scores"] == pytest.approx(expected, abs=1e-5), record["id"]
+    math_scores = next(line["scores"] for line in lines if line["subset"] == "Math")
+    assert len(set(math_scores)) == 1  # the fixture's premise: four identical conversations, one reward
+
+    # rewardbench's rules (transcribed in test_benchmarks.py) applied to the rewards the run wrote
+    expected = {}
+    for subset in ("Factuality", "Precise IF", "Math", "Safety", "Focus"):
+        results = [rewardbench_best_of_n_reference(line["scores"]) for line in lines if line["subset"] == subset]
+        expected[subset] = sum(results) / len(results)
+    expected["Ties"] = rewardbench_ties_reference([line for line in lines if line["subset"] == "Ties"])
+    assert expected["Math"] == 0.25
+    assert summary["subsets"] == pytest.approx(expected, abs=1e-12)
+    assert summary["score"] == pytest.approx(sum(expected.values()) / 6, abs=1e-12)
+    assert summary["per_subset"]["Ties"]["n_paired_prompts"] == 2 and summary["n_completions"] == completions
+    for subset, value in [*expected.items(), ("Score", summary["score"])]:  # the printed table, in %
+        assert re.search(rf"^  {subset} +(\d+ +)?{100 * value:.2f}", captured.out, re.MULTILINE), (subset, captured.out)
+
+    # smaller batches pad differently (and split the Math tie): the rewards agree up to float rounding
+    evaluate_rm.main([*argv, "--batch-size", "3", "--no-progress"])
+    rerun = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [line["scores"] for line in rerun] == [pytest.approx(line["scores"], abs=1e-5) for line in lines]
+
+
+def write_rm_bench_fixture(directory):
+    """total_dataset.json (a JSON array whose rows carry `domain`) and a per-domain file without one."""
+
+    def row(number, domain=None):
+        record = {
+            "id": number,
+            "prompt": f"Explain idea number {number}.",
+            "chosen": [f"Idea {number}.", f"Idea {number} explained in words.", f"**Idea {number}**\n- explained"],
+            "rejected": [f"Not {number}.", f"Idea {number + 1} explained wrongly.", f"**Idea {number + 1}**\n- wrong"],
+        }
+        if number % 2 == 0:  # shorter rejected responses: the matrix gets wins on its diagonal as well
+            record["rejected"] = ["No.", f"Idea {number + 1}.", f"**{number + 1}**"]
+        return record if domain is None else {**record, "domain": domain}
+
+    total = [
+        row(1, "chat"),
+        row(2, "chat"),
+        row(3, "code"),
+        row(4, "math"),
+        row(5, "safety-refuse"),
+        row(6, "safety-refuse"),
+    ]
+    total_path, response_path = directory / "total_dataset.json", directory / "safety-response_filtered.jsonl"
+    total_path.write_text(json.dumps(total, indent=1))
+    response_path.write_text(json.dumps(row(7)) + "\n")
+    return [total_path, response_path], total + [{**row(7), "domain": "safety-response"}]
+
+
+def test_rm_bench_run_matches_its_compute_accuracy_on_its_own_rewards(trained_run, reference_model, tmp_path, capsys):
+    from test_benchmarks import rm_bench_reference
+
+    files, records = write_rm_bench_fixture(tmp_path)
+    output = tmp_path / "rm-bench.jsonl"
+    argv = ["--model", str(step_dir(trained_run)), "--rm-bench", *map(str, files), "--output", str(output)]
+    summary = evaluate_rm.main([*argv, "--batch-size", "5", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert json.loads(printed.strip().splitlines()[-1]) == summary
+
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [(line["id"], line["domain"]) for line in lines] == [(r["id"], r["domain"]) for r in records]
+    assert lines[-1]["source"] == f"{files[1]} line 1" and lines[0]["source"] == f"{files[0]} item 1"
+    model, tokenizer = reference_model
+    for line, record in zip(lines, records, strict=True):
+        for key in ("chosen", "rejected"):
+            expected = [transformers_reward(model, tokenizer, record["prompt"], text) for text in record[key]]
+            assert line[f"{key}_scores"] == pytest.approx(expected, abs=1e-5), (record["id"], key)
+
+    expected = rm_bench_reference(
+        [
+            {"domain": line["domain"], "score_chosen": line["chosen_scores"], "score_rejected": line["rejected_scores"]}
+            for line in lines
+        ]
+    )
+    assert summary["score"] == pytest.approx(expected["total_avg_acc"], abs=1e-12)
+    for key in ("hard", "normal", "easy"):
+        assert summary[key] == pytest.approx(expected[f"{key}_acc"], abs=1e-12)
+        for domain in ("chat", "code", "math", "safety"):
+            assert summary["domains"][domain][key] == pytest.approx(
+                expected["per_domain"][domain][f"{key}_acc"], abs=1e-12
+            )
+    assert summary["domains"]["safety"]["n_prompts"] == 3  # safety-refuse and safety-response pooled
+    assert summary["row_domains"] == {"chat": 2, "code": 1, "math": 1, "safety-refuse": 2, "safety-response": 1}
+    overall = " ".join(f"{100 * summary[key]:.2f}" for key in ("hard", "normal", "easy", "score"))
+    assert re.search(rf"^  overall +{' +'.join(overall.split())}", printed, re.MULTILINE), printed
+
+
+def test_benchmark_rows_that_are_wrong_give_one_line_before_a_model_is_loaded(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(
+        evaluate_rm, "load_reward_model", lambda *a, **k: pytest.fail("loaded before the rows were checked")
+    )
+    good_rb2 = {"id": "1", "prompt": "p", "chosen": ["a"], "rejected": ["b"], "num_correct": 1, "subset": "Math"}
+    good_rm = {"id": 1, "prompt": "p", "chosen": ["a", "b", "c"], "rejected": ["d", "e", "f"], "domain": "chat"}
+    cases = {
+        "rb2 chosen not a list": (
+            "--rewardbench2",
+            "rb2.jsonl",
+            [good_rb2, {**good_rb2, "chosen": "a"}],
+            "line 2: field 'chosen' is str; expected a list",
+        ),
+        "rb2 no prompt": (
+            "--rewardbench2",
+            "rb2.jsonl",
+            [{k: v for k, v in good_rb2.items() if k != "prompt"}],
+            "line 1: no field 'prompt'",
+        ),
+        "rb2 bad Ties id": (
+            "--rewardbench2",
+            "rb2.jsonl",
+            [{**good_rb2, "subset": "Ties", "id": "7"}],
+            "line 1: field 'id' is '7'; expected 'ref:N' or 'tied:N'",
+        ),
+        "rm-bench two chosen": (
+            "--rm-bench",
+            "rm.json",
+            [good_rm, {**good_rm, "chosen": ["a", "b"]}],
+            "item 2: field 'chosen' has 2 responses; expected 3",
+        ),
+        "rm-bench unknown domain": (
+            "--rm-bench",
+            "rm.json",
+            [{**good_rm, "domain": "poetry"}],
+            "item 1: field 'domain' is 'poetry'; expected one of chat",
+        ),
+        "rm-bench no domain": (
+            "--rm-bench",
+            "rm.json",
+            [{k: v for k, v in good_rm.items() if k != "domain"}],
+            "item 1: no field 'domain', and the file name names no domain",
+        ),
+    }
+    for name, (flag, file_name, records, message) in cases.items():
+        path = tmp_path / file_name
+        if file_name.endswith(".jsonl"):
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        else:
+            path.write_text(json.dumps(records))
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_rm.main(["--model", str(tiny_model_dir), flag, str(path), "--no-progress"])
+        assert str(exit_info.value.code).startswith(f"error: {path} {message}"), (name, exit_info.value.code)
+        assert "\n" not in str(exit_info.value.code), name
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_rm.main(["--model", str(tiny_model_dir), "--rm-bench", str(path), "--max-length", "64"])
+    assert str(exit_info.value.code).startswith("error: --max-length applies to --data and --rewardbench only")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_rm.main(["--model", str(tiny_model_dir), "--rm-bench", str(tmp_path)])
+    assert str(exit_info.value.code).startswith(f"error: --rm-bench: {tmp_path} is a directory")
+
+
+def test_rewardbench2_from_the_hub_fails_fast_offline_with_a_hint(tmp_path, monkeypatch, tiny_model_dir):
+    from btrm import preflight
+
+    monkeypatch.setattr(preflight, "hub_unreachable_reason", lambda: "huggingface.co is unreachable (test)")
+    monkeypatch.setattr(evaluate_rm, "load_reward_model", lambda *a, **k: pytest.fail("no data, no model"))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_rm.main(["--model", str(tiny_model_dir), "--rewardbench2", "--no-progress"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: could not load allenai/reward-bench-2 from the Hugging Face hub")
+    assert "test split" in message and "--rewardbench2 PATH" in message and "\n" not in message
+
+
+def test_benchmark_records_are_written_atomically_with_the_umask_mode(tmp_path):
+    output = tmp_path / "rb2.jsonl"
+    previous = os.umask(0o027)
+    try:
+        evaluate_rm.write_records(output, [{"id": "a", "scores": [1.0, 2.0]}])
+        assert output.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)
+    before = output.read_bytes()
+
+    def failing_records():  # one record, then the disk fills up
+        yield {"id": "b"}
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        evaluate_rm.write_records(output, failing_records())
+    assert output.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["rb2.jsonl"]  # no temp file left

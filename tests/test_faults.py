@@ -136,7 +136,7 @@ def test_stop_signals_save_and_exit_75_and_the_rerun_equals_the_uninterrupted_ru
     wait_for_step(third, tmp_path, name, stopped_again + 1)
     started = time.monotonic()
     os.kill(third.pid, signal.SIGINT)
-    time.sleep(faults.REPEAT_WINDOW_S + 0.5)
+    time.sleep(0.2)  # torchrun forwards only the first; the second ends its wait for the ranks' step and save
     os.kill(third.pid, signal.SIGINT)
     code, out, err = finish(third)
     assert code == 128 + signal.SIGINT, out[-2000:] + err[-3000:]
@@ -208,7 +208,10 @@ def test_a_hung_peer_times_out_with_one_line_naming_the_step_and_the_silent_rank
     )
     step = int(errors[0].split(" at step ")[1].split()[0])
     assert hung_at <= step <= hung_at + 1
-    assert "rank(s) 1 did not answer" in errors[0]
+    # rank 1 stopped while fetching its next pairs: for the step (its last beat: the previous step's start
+    # or validation) or for validation (its last beat: this step's start)
+    assert "; not answering: rank 1 (last seen at step " in errors[0]
+    assert "rank 0 (" not in errors[0]
     assert "Traceback" not in err
 
 

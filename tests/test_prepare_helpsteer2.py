@@ -286,3 +286,425 @@ def test_bad_paths_are_one_line(tmp_path, capsys):
         assert prep.main(argv) == 1
         err = capsys.readouterr().err
         assert err.startswith(message) and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------------------------- HelpSteer3 (--dataset helpsteer3)
+
+
+def hs3_row(**overrides):
+    """One row in HelpSteer3's preference schema (nvidia/HelpSteer3, config preference)."""
+    row = {
+        "domain": "general",
+        "language": "english",
+        "context": [{"role": "user", "content": "What is the capital of France?"}],
+        "response1": "The capital of France is Paris.",
+        "response2": "The capital of France is Berlin.",
+        "overall_preference": -2,  # response1 is better
+        "individual_preference": [
+            {"score": -2, "reasoning": "@Response 1 is correct; @Response 2 names the wrong city."},
+            {"score": -3, "reasoning": "Berlin is the capital of Germany."},
+        ],
+    }
+    row.update(overrides)
+    return row
+
+
+def run_hs3(inputs, out, *extra):
+    """prepare_helpsteer2.main for HelpSteer3, in-process (the CLI path itself is covered by run_cli above)."""
+    return prep.main(["--dataset", "helpsteer3", "--input", *map(str, inputs), "--output-dir", str(out), *extra])
+
+
+def last_content(conversation_json):
+    return json.loads(conversation_json)[-1]["content"]
+
+
+def test_helpsteer3_hand_made_pair_picks_the_better_response(tmp_path):
+    # Paris is right, Berlin wrong: overall_preference -2 says response1 is better, 3 that response2 is.
+    rows = [
+        hs3_row(),
+        hs3_row(
+            context=[{"role": "user", "content": "What is 7 * 8?"}],
+            response1="7 * 8 = 54.",
+            response2="7 * 8 = 56.",
+            overall_preference=3,
+        ),
+    ]
+    assert run_hs3([write_jsonl(tmp_path / "train.jsonl", rows)], tmp_path / "out") == 0
+    first, second = read_rows(tmp_path / "out" / "train.parquet")
+    assert json.loads(first["chosen"]) == [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ]
+    assert json.loads(first["rejected"]) == [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Berlin."},
+    ]
+    assert (last_content(second["chosen"]), last_content(second["rejected"])) == ("7 * 8 = 56.", "7 * 8 = 54.")
+    assert [first["preference_strength"], second["preference_strength"]] == [2, 3]
+    assert [(r["domain"], r["language"]) for r in (first, second)] == [("general", "english")] * 2
+
+
+@pytest.mark.parametrize(
+    "preference, chosen, strength",
+    [(-3, "ONE", 3), (-2, "ONE", 2), (-1, "ONE", 1), (1, "TWO", 1), (2, "TWO", 2), (3, "TWO", 3)],
+)
+def test_helpsteer3_sign_convention_for_every_preference(tmp_path, preference, chosen, strength):
+    row = hs3_row(overall_preference=preference, response1="ONE", response2="TWO")
+    assert run_hs3([write_jsonl(tmp_path / "train.jsonl", [row])], tmp_path / "out") == 0
+    [out] = read_rows(tmp_path / "out" / "train.parquet")
+    rejected = {"ONE": "TWO", "TWO": "ONE"}[chosen]
+    assert (last_content(out["chosen"]), last_content(out["rejected"]), out["preference_strength"]) == (
+        chosen,
+        rejected,
+        strength,
+    )
+
+
+def test_helpsteer3_multi_turn_context_with_a_system_message_is_kept_as_messages(tmp_path):
+    context = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Name a prime."},
+        {"role": "assistant", "content": "2."},
+        {"role": "user", "content": "Another one?", "name": "dropped: only role and content are kept"},
+    ]
+    row = hs3_row(context=context, response1="3.", response2="4.", overall_preference=-1)
+    assert run_hs3([write_jsonl(tmp_path / "train.jsonl", [row])], tmp_path / "out") == 0
+    [out] = read_rows(tmp_path / "out" / "train.parquet")
+    prompt = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Name a prime."},
+        {"role": "assistant", "content": "2."},
+        {"role": "user", "content": "Another one?"},
+    ]
+    assert json.loads(out["chosen"]) == prompt + [{"role": "assistant", "content": "3."}]
+    assert json.loads(out["rejected"]) == prompt + [{"role": "assistant", "content": "4."}]
+
+
+def test_helpsteer3_string_context_is_one_user_turn(tmp_path):
+    # NVIDIA's NeMo RL HelpSteer3 loader reads a string context as [{"role": "user", "content": context}]
+    row = hs3_row(context="What is the capital of France?")
+    assert run_hs3([write_jsonl(tmp_path / "train.jsonl", [row])], tmp_path / "out") == 0
+    [out] = read_rows(tmp_path / "out" / "train.parquet")
+    assert json.loads(out["chosen"])[:-1] == [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_helpsteer3_split_from_the_split_field_else_the_file_name(tmp_path):
+    def row(tag, **extra):
+        return hs3_row(context=[{"role": "user", "content": tag}], **extra)
+
+    inputs = [
+        write_jsonl(tmp_path / "train.jsonl.gz", [row("t1"), row("t2-says-val", split="val")]),
+        write_jsonl(tmp_path / "validation.jsonl", [row("v1")]),
+        write_jsonl(tmp_path / "VAL_extra.jsonl", [row("v2")]),
+        write_jsonl(tmp_path / "test-set.jsonl", [row("v3"), row("t3-says-train", split="train")]),
+        write_jsonl(tmp_path / "mixed.jsonl", [row("t4", split="train"), row("v4", split="test")]),
+    ]
+    pq.write_table(pa.Table.from_pylist([row("v5")]), tmp_path / "validation.parquet")
+    inputs.append(tmp_path / "validation.parquet")
+    assert run_hs3(inputs, tmp_path / "out") == 0
+    first_turn = lambda r: json.loads(r["chosen"])[0]["content"]  # noqa: E731
+    assert [first_turn(r) for r in read_rows(tmp_path / "out" / "train.parquet")] == ["t1", "t3-says-train", "t4"]
+    assert [first_turn(r) for r in read_rows(tmp_path / "out" / "test.parquet")] == [
+        "t2-says-val",
+        "v1",
+        "v2",
+        "v3",
+        "v4",
+        "v5",
+    ]
+
+
+def test_helpsteer3_file_name_without_a_rule_and_rows_without_split_is_refused(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "preference.jsonl", [hs3_row()])
+    assert run_hs3([src], tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {src} line 1: no 'split' field"), err
+    assert "train* -> train.parquet; validation*, val*, test* -> test.parquet" in err
+    assert not (tmp_path / "out").exists()
+
+
+# 10 train rows, 4 test rows, hand-counted below: (domain, language, overall_preference, context roles),
+# roles s(ystem), u(ser), a(ssistant), each content one character long.
+REPORT_ROWS = {
+    "train": [
+        ("general", "english", -2, "u"),
+        ("general", "english", 0, "uau"),  # tie
+        ("general", "english", 1, "u"),
+        ("stem", "english", 3, "uau"),
+        ("stem", "english", -1, "su"),  # one user turn: not multi-turn
+        ("code", "python", 2, "u"),
+        ("code", "python", 0, "u"),  # tie
+        ("code", "javascript_html_css", -3, "uauau"),
+        ("multilingual", "chinese", 1, "u"),
+        ("multilingual", "korean", -2, "uau"),
+    ],
+    "test": [
+        ("general", "english", 2, "u"),
+        ("code", "python", -1, "uau"),
+        ("code", "python", 0, "u"),  # tie
+        ("multilingual", "chinese", 3, "u"),
+    ],
+}
+ROLE_NAMES = {"s": "system", "u": "user", "a": "assistant"}
+
+
+def report_row(domain, language, preference, roles):
+    context = [{"role": ROLE_NAMES[r], "content": r} for r in roles]
+    return hs3_row(domain=domain, language=language, overall_preference=preference, context=context)
+
+
+@pytest.fixture(scope="module")
+def report_inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hs3-report")
+    return [
+        write_jsonl(folder / f"{split}.jsonl", [report_row(*spec) for spec in specs])
+        for split, specs in (("train", REPORT_ROWS["train"]), ("validation", REPORT_ROWS["test"]))
+    ]
+
+
+def summary_line(stdout, prefix):
+    return next(line for line in stdout.splitlines() if line.startswith(prefix))
+
+
+def test_helpsteer3_report_counts_ties_multi_turn_and_domains(report_inputs, tmp_path, capsys):
+    assert run_hs3(report_inputs, tmp_path / "out") == 0
+    out = capsys.readouterr().out
+    # train: 10 read, 8 kept, 2 ties, nothing under --min-strength or filtered; 4 of 10 contexts have more
+    # than one user turn. Prompt chars [1, 3, 1, 3, 2, 1, 1, 5, 1, 3]: mean 2.1, pstdev sqrt(16.9 / 10) = 1.3;
+    # responses "The capital of France is Paris." (31) and "...Berlin." (32): 31.5 +- 0.5.
+    assert " ".join(summary_line(out, "train ").split()) == "train 10 8 2 0 0 0 40.0% 2.1 +- 1.3 31.5 +- 0.5"
+    # test: 4 read, 3 kept, 1 tie; 1 of 4 multi-turn; prompt chars [1, 3, 1, 1]: 1.5 +- sqrt(3 / 4) = 0.9
+    assert " ".join(summary_line(out, "test ").split()) == "test 4 3 1 0 0 0 25.0% 1.5 +- 0.9 31.5 +- 0.5"
+    assert summary_line(out, "per domain, kept/read, train:") == (
+        "per domain, kept/read, train: code 2/3, general 2/3, multilingual 2/2, stem 2/2"
+    )
+    assert summary_line(out, "per domain, kept/read, test:") == (
+        "per domain, kept/read, test: code 1/2, general 1/1, multilingual 1/1"
+    )
+    assert [r["domain"] for r in read_rows(tmp_path / "out" / "train.parquet")] == [
+        "general",
+        "general",
+        "stem",
+        "stem",
+        "code",
+        "code",
+        "multilingual",
+        "multilingual",
+    ]
+    assert [r["preference_strength"] for r in read_rows(tmp_path / "out" / "test.parquet")] == [2, 1, 3]
+
+
+def test_helpsteer3_domain_and_language_filters_count_what_they_drop(report_inputs, tmp_path, capsys):
+    assert (
+        run_hs3(report_inputs, tmp_path / "out", "--domains", "code", "general", "--languages", "python", "english")
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    # train: 4 rows not code/general (domain filter), then code/javascript_html_css (language filter),
+    # then 2 ties among the 5 left: 3 kept. test: 1 multilingual, 1 tie, 2 kept.
+    assert summary_line(captured.out, "train ").split()[1:7] == ["10", "3", "2", "0", "4", "1"]
+    assert summary_line(captured.out, "test ").split()[1:7] == ["4", "2", "1", "0", "1", "0"]
+    kept = read_rows(tmp_path / "out" / "train.parquet") + read_rows(tmp_path / "out" / "test.parquet")
+    assert [(r["domain"], r["language"]) for r in kept] == [
+        ("general", "english"),
+        ("general", "english"),
+        ("code", "python"),
+        ("general", "english"),
+        ("code", "python"),
+    ]
+
+
+def test_helpsteer3_filter_values_absent_from_the_data_warn_or_refuse(report_inputs, tmp_path, capsys):
+    assert run_hs3(report_inputs, tmp_path / "warned", "--domains", "stem", "STEM") == 0
+    err = capsys.readouterr().err
+    assert err == "warning: --domains STEM: no row has this value; the data has code, general, multilingual, stem\n"
+    assert run_hs3(report_inputs, tmp_path / "refused", "--languages", "English", "french") == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "error: --languages English french: no row has this value; "
+        "the data has chinese, english, javascript_html_css, korean, python\n"
+    )
+    # each value exists, but no code row is in english: refused rather than two empty files
+    assert run_hs3(report_inputs, tmp_path / "empty", "--domains", "code", "--languages", "english") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --domains / --languages keep no pair") and err.count("\n") == 1, err
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "empty").exists()
+
+
+def test_filters_need_helpsteer3(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [hs2_row()])
+    with pytest.raises(SystemExit) as exit_info:
+        prep.main(["--input", str(src), "--output-dir", str(tmp_path / "out"), "--domains", "general"])
+    assert exit_info.value.code == 2
+    assert "--domains and --languages need --dataset helpsteer3" in capsys.readouterr().err
+
+
+def test_helpsteer3_parquet_input_matches_jsonl_input(tmp_path):
+    rows = [
+        hs3_row(overall_preference=p, context=[{"role": "user", "content": f"q{p}"}], domain=d)
+        for p, d in ((-3, "code"), (1, "stem"), (2, "general"))
+    ]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    assert run_hs3([tmp_path / "train.jsonl"], tmp_path / "a") == 0
+    assert run_hs3([tmp_path / "train.parquet"], tmp_path / "b") == 0
+    assert read_rows(tmp_path / "a" / "train.parquet") == read_rows(tmp_path / "b" / "train.parquet")
+    assert len(read_rows(tmp_path / "a" / "train.parquet")) == 3
+
+
+def test_helpsteer3_output_is_read_by_the_trainer_with_domain_and_language_columns(report_inputs, tmp_path):
+    from omegaconf import OmegaConf
+
+    from btrm import rows
+
+    assert run_hs3(report_inputs, tmp_path / "out") == 0
+    files = [str(tmp_path / "out" / "train.parquet"), str(tmp_path / "out" / "test.parquet")]
+    for name in files:
+        assert pq.read_schema(name).names == ["chosen", "rejected", "preference_strength", "domain", "language"]
+    data_config = OmegaConf.load(REPO / "trainer.yaml").data  # the trainer's own data section
+    result = rows.read_pair_rows(files, data_config)
+    assert [fmt.kind for fmt in result.formats.values()] == ["messages", "messages"]
+    assert result.identical_dropped == 0
+    # kept pairs in file order (train then test), hand-read from REPORT_ROWS: |overall_preference| of non-ties
+    assert [r.preference_strength for r in result.rows] == [2, 1, 3, 1, 2, 3, 1, 2, 2, 1, 3]
+    first = result.rows[0]  # general/english, overall_preference -2: response1 is chosen
+    assert first.chosen == [
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ]
+    assert first.rejected[-1] == {"role": "assistant", "content": "The capital of France is Berlin."}
+
+
+HS3_BAD_CASES = {
+    "missing_field": ({"drop": "response2"}, "field 'response2' is missing"),
+    "preference_out_of_range": (
+        {"overall_preference": -4},
+        "field 'overall_preference' is -4; expected an integer in -3..3",
+    ),
+    "preference_is_string": ({"overall_preference": "1"}, "field 'overall_preference' is '1'"),
+    "preference_not_integer": ({"overall_preference": 0.5}, "field 'overall_preference' is 0.5"),
+    "empty_response": ({"response1": " "}, "field 'response1' is empty"),
+    "domain_not_text": ({"domain": 3}, "field 'domain' is a int; expected a string"),
+    "unknown_split": ({"split": "dev"}, "field 'split' is 'dev'"),
+    "context_empty_list": ({"context": []}, "field 'context': is []; expected a non-empty list"),
+    "context_message_not_object": ({"context": ["hi"]}, "field 'context': message 1 is a str"),
+    "context_bad_role": (
+        {"context": [{"role": "human", "content": "hi"}]},
+        "field 'context': message 1 has role 'human'",
+    ),
+    "context_empty_content": (
+        {
+            "context": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": ""},
+                {"role": "user", "content": "?"},
+            ]
+        },
+        "field 'context': message 2 (assistant) has content ''; expected non-empty text",
+    ),
+    "context_not_alternating": (
+        {"context": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+        "field 'context': message 2 has role 'user'; expected 'assistant'",
+    ),
+    "context_starts_with_assistant": (
+        {"context": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
+        "field 'context': message 1 has role 'assistant'; expected 'user'",
+    ),
+    "context_late_system": (
+        {"context": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
+        "field 'context': message 2 has role 'system'; expected 'assistant'",
+    ),
+    "context_ends_on_assistant": (
+        {"context": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        "field 'context': the last message has role 'assistant'; expected the user turn being answered",
+    ),
+    "context_only_system": (
+        {"context": [{"role": "system", "content": "a"}]},
+        "field 'context': the last message has role 'system'",
+    ),
+    "helpsteer2_row": ({"replace": hs2_row()}, "field 'domain' is missing; these look like HelpSteer2 rows"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HS3_BAD_CASES))
+def test_helpsteer3_bad_row_names_file_line_field_and_writes_nothing(tmp_path, capsys, case):
+    change, problem = HS3_BAD_CASES[case]
+    bad = change["replace"] if "replace" in change else hs3_row(**{k: v for k, v in change.items() if k != "drop"})
+    if "drop" in change:
+        del bad[change["drop"]]
+    good = write_jsonl(tmp_path / "train.jsonl", [hs3_row()])
+    src = write_jsonl(tmp_path / "validation.jsonl", [hs3_row(), bad])  # line 2 is bad
+    assert run_hs3([good, src], tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {src} line 2: "), err
+    assert problem in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_helpsteer3_rows_given_as_helpsteer2_say_which_dataset(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "train.jsonl", [hs3_row()])
+    assert prep.main(["--input", str(src), "--output-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {src} line 1: field 'split' is missing; these look like HelpSteer3 rows: pass --dataset helpsteer3\n"
+    )
+
+
+def test_helpsteer3_failure_leaves_existing_outputs_untouched(tmp_path):
+    out = tmp_path / "out"
+    assert run_hs3([write_jsonl(tmp_path / "train.jsonl", [hs3_row()])], out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = write_jsonl(tmp_path / "validation.jsonl", [hs3_row(), hs3_row(overall_preference=9)])
+    assert run_hs3([tmp_path / "train.jsonl", bad], out) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_helpsteer3_hub_loads_the_preference_config_and_routes_its_splits(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return {
+            "train": [hs3_row(), hs3_row(overall_preference=0)],
+            "validation": [hs3_row(overall_preference=1, response2="Paris, on the Seine.")],
+        }
+
+    monkeypatch.setattr(prep, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert prep.main(["--dataset", "helpsteer3", "--output-dir", str(tmp_path / "out")]) == 0
+    assert calls == [(("nvidia/HelpSteer3", "preference"), {})]
+    [train] = read_rows(tmp_path / "out" / "train.parquet")
+    [test] = read_rows(tmp_path / "out" / "test.parquet")
+    assert last_content(train["chosen"]) == "The capital of France is Paris."
+    assert last_content(test["chosen"]) == "Paris, on the Seine."
+    assert summary_line(capsys.readouterr().out, "train ").split()[1:4] == ["2", "1", "1"]
+
+
+def test_helpsteer3_hub_bad_row_names_the_split_and_row(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    monkeypatch.setattr(prep, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda *a, **k: {"train": [hs3_row()], "validation": [hs3_row(), hs3_row(domain="")]}
+    )
+    assert prep.main(["--dataset", "helpsteer3", "--output-dir", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (
+        "error: nvidia/HelpSteer3/preference validation row 2: field 'domain' is empty; expected non-empty text\n"
+    )
+
+
+def test_helpsteer3_hub_failure_says_to_pass_input(monkeypatch, capsys):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(prep, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert prep.main(["--dataset", "helpsteer3", "--output-dir", "/nonexistent/never-written"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not load nvidia/HelpSteer3 (config 'preference') from the Hugging Face hub")
+    assert "--input train.jsonl.gz validation.jsonl.gz" in err
