@@ -255,12 +255,12 @@ def launch(torchrun_argv: Sequence[str]) -> int:
         return faults.EXIT_STOPPED
     except ChildFailedError as failed:
         codes = {rank: failure.exitcode for rank, failure in failed.failures.items()}
-        if set(codes.values()) == {faults.EXIT_STOPPED}:  # the ranks themselves received the signal
-            return faults.EXIT_STOPPED
-        # Ranks that reported (EXIT_REPORTED), ranks whose peer stopped first (EXIT_PEER_LOST), and
-        # ranks torchrun stopped once one had (SIGTERM, or SIGKILL after --shutdown-timeout).
-        reported = sorted(rank for rank, code in codes.items() if code == EXIT_REPORTED)
+        # Ranks whose peer stopped first (EXIT_PEER_LOST), and ranks torchrun stopped once one had
+        # (SIGTERM, or SIGKILL after --shutdown-timeout): they follow the rank that stopped first.
         followers = (faults.EXIT_PEER_LOST, -signal.SIGTERM, -signal.SIGKILL)
+        if faults.EXIT_STOPPED in codes.values() and set(codes.values()) <= {faults.EXIT_STOPPED, *followers}:
+            return faults.EXIT_STOPPED  # the ranks received the stop signal themselves and saved together
+        reported = sorted(rank for rank, code in codes.items() if code == EXIT_REPORTED)
         stopped = [rank for rank, code in codes.items() if code in followers]
         if not reported or len(reported) + len(stopped) != len(failed.failures):
             raise  # a crash: torchrun's report with the ranks' tracebacks
