@@ -360,29 +360,66 @@ def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
     }
 
 
+def grouped_sums(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    members: Sequence[Sequence[int]],
+    num_groups: int,
+) -> torch.Tensor:
+    """Per-group additive statistics: fp64 vector of num_groups * len(STRENGTH_SUM_FIELDS).
+
+    members[i] lists the groups pair i belongs to (any number, none included); entry
+    g * len(STRENGTH_SUM_FIELDS) + j holds field j summed over the pairs in group g. The length
+    depends only on num_groups, so every rank all-reduces the same shape whatever pairs it holds.
+    Losses are the plain BT loss (comparable across objectives).
+    """
+    import torch
+
+    with torch.no_grad():
+        losses = pair_losses(chosen_rewards, rejected_rewards).double()
+        per_pair = torch.stack(
+            [torch.ones_like(losses), losses, (chosen_rewards.detach() > rejected_rewards.detach()).double()], dim=1
+        )
+        pairs = [i for i, groups in enumerate(members) for _ in groups]
+        groups = [g for pair_groups in members for g in pair_groups]
+        sums = torch.zeros(num_groups, len(STRENGTH_SUM_FIELDS), dtype=torch.float64, device=losses.device)
+        if groups:
+            index = torch.tensor(groups, dtype=torch.long, device=losses.device)
+            sums.index_add_(0, index, per_pair[torch.tensor(pairs, dtype=torch.long, device=losses.device)])
+        return sums.flatten()
+
+
+def grouped_metrics_from_sums(sums: torch.Tensor, labels: Sequence[str]) -> dict[str, float]:
+    """{"accuracy_<label>", "loss_<label>", "pairs_<label>", ...} from (summed) grouped_sums.
+
+    A group with no pairs is left out (no key), rather than logged as NaN.
+    """
+    width = len(STRENGTH_SUM_FIELDS)
+    if sums.dim() != 1 or sums.numel() != len(labels) * width:
+        raise ValueError(
+            f"expected a vector of {len(labels)} groups x {width} sums ({', '.join(STRENGTH_SUM_FIELDS)}); "
+            f"got shape {tuple(sums.shape)}"
+        )
+    metrics: dict[str, float] = {}
+    for label, row in zip(labels, sums.view(-1, width).tolist(), strict=True):
+        values = dict(zip(STRENGTH_SUM_FIELDS, row, strict=True))
+        if values["pairs"] == 0:
+            continue
+        metrics[f"accuracy_{label}"] = values["correct"] / values["pairs"]
+        metrics[f"loss_{label}"] = values["loss"] / values["pairs"]
+        metrics[f"pairs_{label}"] = values["pairs"]
+    return metrics
+
+
 def strength_sums(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
     strengths: torch.Tensor | Sequence[Any],
     max_strength: int = MAX_STRENGTH,
 ) -> torch.Tensor:
-    """Per-|strength| additive statistics: fp64 vector of max_strength * len(STRENGTH_SUM_FIELDS).
-
-    Entry (k - 1) * len(STRENGTH_SUM_FIELDS) + j holds field j summed over the pairs with |s| = k.
-    The length depends only on max_strength, so every rank all-reduces the same shape even when a
-    rank sees no pair of some strength. Losses are the plain BT loss (comparable across objectives).
-    """
-    import torch
-
-    with torch.no_grad():
-        losses = pair_losses(chosen_rewards, rejected_rewards).double()
-        magnitudes = strength_magnitudes(strengths, losses.numel(), max_strength, losses.device)
-        per_pair = torch.stack(
-            [torch.ones_like(losses), losses, (chosen_rewards.detach() > rejected_rewards.detach()).double()], dim=1
-        )
-        sums = torch.zeros(max_strength, len(STRENGTH_SUM_FIELDS), dtype=torch.float64, device=losses.device)
-        sums.index_add_(0, magnitudes - 1, per_pair)
-        return sums.flatten()
+    """Per-|strength| additive statistics: grouped_sums with group k - 1 holding the pairs with |s| = k."""
+    magnitudes = strength_magnitudes(strengths, len(chosen_rewards), max_strength, chosen_rewards.device)
+    return grouped_sums(chosen_rewards, rejected_rewards, [[m - 1] for m in magnitudes.tolist()], max_strength)
 
 
 def strength_metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
@@ -395,15 +432,7 @@ def strength_metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
         raise ValueError(
             f"expected a vector of max_strength x {width} sums ({', '.join(STRENGTH_SUM_FIELDS)}); got shape {tuple(sums.shape)}"
         )
-    metrics: dict[str, float] = {}
-    for index, row in enumerate(sums.view(-1, width).tolist(), start=1):
-        values = dict(zip(STRENGTH_SUM_FIELDS, row, strict=True))
-        if values["pairs"] == 0:
-            continue
-        metrics[f"accuracy_s{index}"] = values["correct"] / values["pairs"]
-        metrics[f"loss_s{index}"] = values["loss"] / values["pairs"]
-        metrics[f"pairs_s{index}"] = values["pairs"]
-    return metrics
+    return grouped_metrics_from_sums(sums, [f"s{k}" for k in range(1, sums.numel() // width + 1)])
 
 
 # ----------------------------------------------------------------------------- reward normalization

@@ -65,6 +65,8 @@ from bt_loss import (
     STRENGTH_SUM_FIELDS,
     SUM_FIELDS,
     LossConfig,
+    grouped_metrics_from_sums,
+    grouped_sums,
     metrics_from_sums,
     preference_loss,
     reward_stats_from_sums,
@@ -80,9 +82,11 @@ from btrm.modeling import (
     seed_everything,
 )
 from btrm.pair_dataset import (
+    GroupIndex,
     TokenizedPair,
     check_strengths,
     create_pair_dataset,
+    group_index,
     has_strengths,
     load_tokenizer,
 )
@@ -132,6 +136,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
     checkpoint_manager: FSDPCheckpointManager
     loss_config: LossConfig
     val_has_strengths: bool
+    val_groups: GroupIndex  # validation pairs by data.group_columns' values, for val/accuracy_<column>_<value>
     state: checkpoint.TrainerState
     resume_global_step: int  # verl's name for the step a resumed run starts after
     resumed_from: Path | None
@@ -147,6 +152,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.device_name = config.trainer.device
         self.loss_config = LossConfig.from_mapping(OmegaConf.to_container(config.loss, resolve=True))
         self.val_has_strengths = has_strengths(val_dataset)
+        self.val_groups = group_index(val_dataset.groups, config.data.group_columns, config.data.max_groups_per_column)
         self.resumed_from, self.last_val_metrics, self.last_val_sums, self.last_val_step = None, None, None, None
         self.stop_signals, self.stop_agreed, self.doing = faults.StopSignals([]), False, "starting"
         self.heartbeats = faults.Heartbeats(
@@ -173,6 +179,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
                     total_steps=self.total_steps,
                     last_step=self.last_step(),
                     resumed=f"{self.resumed_from} (step {self.state.step})" if self.resumed_from else None,
+                    val_groups=self.val_groups,
                 )
             )
             fresh_head = self.built.newly_initialized and self.resumed_from is None  # a resumed head is the trained one
@@ -404,28 +411,41 @@ class BTRewardTrainer(FSDPSFTTrainer):
         plan = self.plan_step(pairs) if pairs else []
         # FSDP forwards are collectives: every rank runs as many as the busiest one, extra ones discarded.
         rounds = int(self._all_reduce(torch.tensor(len(plan), device=self.device_name), dist.ReduceOp.MAX))
-        max_strength = self.loss_config.max_strength
-        # one vector, one all-reduce: pair sums, then per-|strength| sums (zeros when there are no strengths)
-        sums = torch.zeros(
-            len(SUM_FIELDS) + max_strength * len(STRENGTH_SUM_FIELDS), dtype=torch.float64, device=self.device_name
-        )
+        # one vector, one all-reduce: pair sums, per-|strength| sums (zeros without strengths), per-group sums
+        strength_width = self.loss_config.max_strength * len(STRENGTH_SUM_FIELDS)
+        group_width = len(self.val_groups.labels) * len(STRENGTH_SUM_FIELDS)
+        sums = torch.zeros(len(SUM_FIELDS) + strength_width + group_width, dtype=torch.float64, device=self.device_name)
         for round_index in range(rounds):
             if round_index < len(plan):
-                micro = [pairs[i] for i in plan[round_index]]
-                result = self._compute_loss_and_backward(micro, do_backward=False)
-                sums[: len(SUM_FIELDS)] += result.sums
-                if self.val_has_strengths:
-                    sums[len(SUM_FIELDS) :] += strength_sums(
-                        result.chosen, result.rejected, [p.preference_strength for p in micro], max_strength
-                    )
+                indices = [self.val_indices[i] for i in plan[round_index]]
+                sums += self._validation_sums([pairs[i] for i in plan[round_index]], indices)
             else:
                 self._compute_loss_and_backward([self.val_dataset[0]], do_backward=False)
         self._all_reduce(sums)
         self.last_val_sums, self.last_val_step = sums[: len(SUM_FIELDS)].cpu(), self.state.step
-        metrics = {f"val/{k}": v for k, v in metrics_from_sums(sums[: len(SUM_FIELDS)]).items()}
+        pair_sums, strength_part, group_part = sums.split([len(SUM_FIELDS), strength_width, group_width])
+        metrics = metrics_from_sums(pair_sums)
         if self.val_has_strengths:
-            metrics.update({f"val/{k}": v for k, v in strength_metrics_from_sums(sums[len(SUM_FIELDS) :]).items()})
-        return metrics
+            metrics |= strength_metrics_from_sums(strength_part)
+        metrics |= grouped_metrics_from_sums(group_part, self.val_groups.labels)
+        return {f"val/{k}": v for k, v in metrics.items()}
+
+    def _validation_sums(self, micro: list[TokenizedPair], dataset_indices: list[int]) -> torch.Tensor:
+        """One validation micro-batch's sums: pair sums, then per-|strength|, then per-group (validation_step's layout)."""
+        result = self._compute_loss_and_backward(micro, do_backward=False)
+        max_strength = self.loss_config.max_strength
+        strengths = (
+            strength_sums(result.chosen, result.rejected, [p.preference_strength for p in micro], max_strength)
+            if self.val_has_strengths
+            else torch.zeros(max_strength * len(STRENGTH_SUM_FIELDS), dtype=torch.float64, device=result.sums.device)
+        )
+        groups = grouped_sums(
+            result.chosen,
+            result.rejected,
+            [self.val_groups.members[i] for i in dataset_indices],
+            len(self.val_groups.labels),
+        )
+        return torch.cat([result.sums.to(torch.float64), strengths, groups])
 
     # ---- checkpoints (btrm.checkpoint decides what counts; verl's manager writes the shards)
 

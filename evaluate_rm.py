@@ -2,6 +2,7 @@
 """Evaluate a trained reward model on preference pairs, or on RewardBench.
 
     python evaluate_rm.py --model checkpoints/demo/global_step_74 --data data/demo/test.parquet --output scores.jsonl
+    python evaluate_rm.py --model CKPT --data val.parquet --group-by domain language --max-groups 8
     python evaluate_rm.py --model CKPT --rewardbench                      # allenai/reward-bench, split "filtered" (hub)
     python evaluate_rm.py --model CKPT --rewardbench reward-bench.parquet  # a local copy of it (offline)
     python evaluate_rm.py --model CKPT --rewardbench2                     # allenai/reward-bench-2, split "test" (hub)
@@ -12,10 +13,14 @@
 every layout training reads (rows.detect_pair_format: conversations as messages, an explicit
 prompt with responses, plain text; .parquet / .jsonl / .json), read and formatted exactly as in
 training (btrm.pair_dataset.PairDataset; messages keep their role and content only). Prints accuracy
-overall and per |preference_strength| (pairs without a strength form the group "none"), reward
-means and stds, how many pairs were truncated or dropped, and the read report (formats, dropped
-pairs and message keys); writes per-pair scores with --output (.jsonl, atomically, mode from the
-umask). The model is loaded by btrm.export.load_reward_model, as verl's reward worker loads it.
+overall and per |preference_strength| (pairs without a strength form the group "none"), per group
+of the categorical columns --group-by names (default: trainer.yaml's data.group_columns: domain,
+language, subset, where present; labels and pooling as in training's val/accuracy_<column>_<value>,
+btrm.pair_dataset.group_index: a column with more than --max-groups values keeps the largest and
+pools the rest as <column>_other), reward means and stds, how many pairs were truncated or dropped,
+and the read report (formats, dropped pairs and message keys); writes per-pair scores (with the
+pair's groups) with --output (.jsonl, atomically, mode from the umask). The model is loaded by
+btrm.export.load_reward_model, as verl's reward worker loads it.
 
 --rewardbench scores RewardBench data (`prompt`, `chosen`, `rejected` as text, `subset`) and adds
 per-subset accuracy, the four section scores (Chat, Chat Hard, Safety, Reasoning) and their mean,
@@ -122,6 +127,7 @@ REWARDBENCH_DATA_CONFIG = {
     "chosen_key": "chosen",
     "rejected_key": "rejected",
     "drop_identical_pairs": False,
+    "group_columns": [rows.SUBSET_KEY],  # evaluate() puts --group-by's columns here
 }
 
 
@@ -231,9 +237,40 @@ def summarize(chosen: list[float], rejected: list[float], strengths: list[int | 
     return summary
 
 
-def score_lines(chosen, rejected, strengths, sources, subsets) -> Iterator[str]:
+def group_accuracies(correct: list[bool], groups: list[dict[str, str]], columns: list[str], max_groups: int) -> dict:
+    """{"accuracy_by_group": {label: {accuracy, n_pairs, column, value}}, "pooled_groups": {column: values pooled}}
+    with training's labels and pooling (pair_dataset.group_index); {} when no pair has a group column.
+
+    "pooled_groups" appears only when a column had more than max_groups values; its pooled group's
+    value is pair_dataset.OTHER_GROUP.
+    """
+    index = pair_dataset.group_index(groups, columns, max_groups)
+    if not index.labels:
+        return {}
+    n_pairs, n_correct = [0] * len(index.labels), [0] * len(index.labels)
+    values_of: list[set[str]] = [set() for _ in index.labels]  # the values each group's pairs have
+    for ok, pair_groups, members in zip(correct, groups, index.members, strict=True):
+        for member in members:
+            n_pairs[member] += 1
+            n_correct[member] += int(ok)
+            values_of[member].add(pair_groups[index.columns[member]])
+    by_group = {}
+    for member, (label, column) in enumerate(zip(index.labels, index.columns, strict=True)):
+        by_group[label] = {
+            "accuracy": n_correct[member] / n_pairs[member],
+            "n_pairs": n_pairs[member],
+            "column": column,
+            # a pooled group holds several values
+            "value": values_of[member].pop() if len(values_of[member]) == 1 else pair_dataset.OTHER_GROUP,
+        }
+    return {"accuracy_by_group": by_group, **({"pooled_groups": index.pooled} if index.pooled else {})}
+
+
+def score_lines(chosen, rejected, strengths, sources, subsets, groups) -> Iterator[str]:
     """One JSON line per pair, in data order; `source` is the file and row the pair came from."""
-    for index, (c, r, s, source, subset) in enumerate(zip(chosen, rejected, strengths, sources, subsets, strict=True)):
+    for index, (c, r, s, source, subset, pair_groups) in enumerate(
+        zip(chosen, rejected, strengths, sources, subsets, groups, strict=True)
+    ):
         record = {
             "row": index + 1,
             "source": source,
@@ -245,14 +282,18 @@ def score_lines(chosen, rejected, strengths, sources, subsets) -> Iterator[str]:
         }
         if subset is not None:
             record["subset"] = subset
+        if pair_groups:
+            record["groups"] = pair_groups
         yield json.dumps(record) + "\n"
 
 
-def write_scores(path: Path, chosen, rejected, strengths, sources=None, subsets=None) -> None:
+def write_scores(path: Path, chosen, rejected, strengths, sources=None, subsets=None, groups=None) -> None:
     """Per-pair scores to `path`, atomically (btrm.atomic: temp file + rename, mode from the umask)."""
     n = len(chosen)
     with atomic.atomic_outputs([path]) as (temp,), open(temp, "w", encoding="utf-8") as out:
-        for line in score_lines(chosen, rejected, strengths, sources or [None] * n, subsets or [None] * n):
+        for line in score_lines(
+            chosen, rejected, strengths, sources or [None] * n, subsets or [None] * n, groups or [{}] * n
+        ):
             out.write(line)
 
 
@@ -289,6 +330,26 @@ def input_files(args: argparse.Namespace, directory: Path) -> list[str]:
     if args.rewardbench2 is not None:
         return [args.rewardbench2]
     return list(args.rm_bench if args.rm_bench is not None else args.data)
+
+
+def add_grouping_arguments(parser: argparse.ArgumentParser) -> None:
+    """--group-by and --max-groups: trainer.yaml's data.group_columns and data.max_groups_per_column for evaluation."""
+    parser.add_argument(
+        "--group-by",
+        nargs="*",
+        metavar="COL",
+        default=None,
+        help="categorical columns to report accuracy by (--data, --rewardbench), as data.group_columns; "
+        "none given: no groups (default: trainer.yaml's data.group_columns)",
+    )
+    parser.add_argument(
+        "--max-groups",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a column with more values reports its N-1 largest groups and pools the rest as <column>_other "
+        "(default: trainer.yaml's data.max_groups_per_column)",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -341,6 +402,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-key", default="prompt")
     parser.add_argument("--chosen-key", default="chosen")
     parser.add_argument("--rejected-key", default="rejected")
+    add_grouping_arguments(parser)
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -365,11 +427,30 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, files in local.items():
         if files is not None and files != FROM_HUB:
             rows.check_data_files(files, train_label=flag)
-    if args.max_length is not None and (args.rewardbench2 is not None or args.rm_bench is not None):
+    whole_conversations = args.rewardbench2 is not None or args.rm_bench is not None
+    if args.max_length is not None and whole_conversations:
         raise rows.DataError(
             "--max-length applies to --data and --rewardbench only; --rewardbench2 and --rm-bench score whole conversations"
         )
+    if (args.group_by is not None or args.max_groups is not None) and whole_conversations:
+        raise rows.DataError(
+            "--group-by and --max-groups apply to --data and --rewardbench only; --rewardbench2 and --rm-bench report their own subsets or domains"
+        )
+    check_grouping(args)
     resolve_model_dir(args.model)
+
+
+def check_grouping(args: argparse.Namespace) -> None:
+    """--group-by and --max-groups as trainer.yaml's rules take data.group_columns and data.max_groups_per_column."""
+    if args.max_groups is not None and args.max_groups < 2:
+        raise rows.DataError(
+            f"--max-groups must be at least 2 (the largest group and the pooled rest), got {args.max_groups}"
+        )
+    for position, column in enumerate(args.group_by or []):
+        if not column.strip():
+            raise rows.DataError(f"--group-by: column {position + 1} is empty; expected a column name")
+        if column in args.group_by[:position]:
+            raise rows.DataError(f"--group-by lists {column!r} twice; each pair would count twice in its groups")
 
 
 def load_model(args: argparse.Namespace):
@@ -384,10 +465,21 @@ def load_model(args: argparse.Namespace):
     return model, tokenizer, device
 
 
-def evaluate(args: argparse.Namespace, data_files: list[str]) -> dict:
+def grouping(args: argparse.Namespace) -> tuple[list[str], int]:
+    """(--group-by columns, --max-groups), each defaulting to trainer.yaml's data section."""
+    defaults = None
+    if args.group_by is None or args.max_groups is None:
+        from btrm import schema
+
+        defaults = schema.trainer_yaml_knobs()
+    columns = list(defaults["data.group_columns"]) if args.group_by is None else list(args.group_by)
+    return columns, defaults["data.max_groups_per_column"] if args.max_groups is None else args.max_groups
+
+
+def pair_data_config(args: argparse.Namespace, group_columns: list[str]):
+    """The data config PairDataset (and rows.read_pair_rows) reads: every key, as trainer.yaml's data section has them."""
     from omegaconf import OmegaConf
 
-    model, tokenizer, device = load_model(args)
     layout = (
         REWARDBENCH_DATA_CONFIG
         if args.rewardbench
@@ -399,11 +491,21 @@ def evaluate(args: argparse.Namespace, data_files: list[str]) -> dict:
             "drop_identical_pairs": True,
         }
     )
-    # every key PairDataset reads, as trainer.yaml's data section has them
-    data_config = OmegaConf.create(
-        {**layout, "apply_chat_template_kwargs": {}, "max_length": args.max_length or sys.maxsize, "truncation": "left"}
+    return OmegaConf.create(
+        {
+            **layout,
+            "group_columns": group_columns,
+            "apply_chat_template_kwargs": {},
+            "max_length": args.max_length or sys.maxsize,
+            "truncation": "left",
+        }
     )
-    dataset = pair_dataset.PairDataset(data_files, tokenizer, data_config)
+
+
+def evaluate(args: argparse.Namespace, data_files: list[str]) -> dict:
+    model, tokenizer, device = load_model(args)
+    group_columns, max_groups = grouping(args)
+    dataset = pair_dataset.PairDataset(data_files, tokenizer, pair_data_config(args, group_columns))
     if len(dataset) == 0:
         raise rows.DataError(
             f"{' '.join(data_files)}: no pairs left to score ({dataset.identical_pairs_dropped} dropped: chosen equals rejected)"
@@ -418,15 +520,17 @@ def evaluate(args: argparse.Namespace, data_files: list[str]) -> dict:
     chosen, rejected = score_pairs(model, tokenizer, dataset, args.batch_size, device, progress=not args.no_progress)
     strengths = [dataset[i].preference_strength for i in range(len(dataset))]
     summary = summarize(chosen, rejected, strengths)
+    correct = [c > r for c, r in zip(chosen, rejected, strict=True)]
+    summary.update(group_accuracies(correct, dataset.groups, group_columns, max_groups))
     summary["truncated_pairs"] = int(dataset.truncated_pairs)
     summary["dropped_tokens"] = int(dataset.dropped_tokens)
     summary["identical_pairs_dropped"] = int(dataset.identical_pairs_dropped)
     summary["formats"] = {path: fmt.describe() for path, fmt in dataset.formats.items()}
     summary["read_report"] = dataset.read_report  # formats, then what reading left out (pairs, message keys)
     if args.rewardbench:
-        summary["rewardbench"] = rewardbench_scores([c > r for c, r in zip(chosen, rejected, strict=True)], subsets)
+        summary["rewardbench"] = rewardbench_scores(correct, subsets)
     if args.output is not None:
-        write_scores(args.output, chosen, rejected, strengths, dataset.sources, subsets)
+        write_scores(args.output, chosen, rejected, strengths, dataset.sources, subsets, dataset.groups)
         summary["output"] = str(args.output)
     return summary
 
@@ -573,6 +677,11 @@ def print_report(summary: dict) -> None:
     for strength, values in summary.get("accuracy_by_abs_strength", {}).items():
         label = "no strength" if strength == "none" else f"|strength| {strength}"
         print(f"{label}: accuracy {values['accuracy']:.4f} over {values['n_pairs']} pairs")
+    pooled = summary.get("pooled_groups", {})
+    for values in summary.get("accuracy_by_group", {}).values():
+        column, value = values["column"], values["value"]
+        others = f" ({pooled[column]} values pooled)" if column in pooled and value == pair_dataset.OTHER_GROUP else ""
+        print(f"{column}={value}: accuracy {values['accuracy']:.4f} over {values['n_pairs']} pairs{others}")
     bench = summary.get("rewardbench")
     if bench:
         print("RewardBench subsets:")

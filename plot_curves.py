@@ -3,6 +3,7 @@
 
     python plot_curves.py checkpoints/demo/metrics.jsonl                 # -> checkpoints/demo/metrics_curves.png
     python plot_curves.py METRICS.jsonl --output curves.png --smoothing 0.6
+    python plot_curves.py METRICS.jsonl --group-columns domain task_type   # which val/accuracy_<label> are groups
 
 The file holds one JSON object a line, `{"step": N, "data": {"train/loss": ..., ...}}`: the
 trainer's history file (trainer.history_file) or verl's "file" logger output. Values that are null
@@ -12,6 +13,15 @@ Each panel shows the per-step train values faintly, their smoothed line on top (
 moving average, debiased as TensorBoard does: see ema_smooth), validation points, and, when the
 validation data has preference strengths, one dashed line per |preference_strength|
 (val/accuracy_s1, val/loss_s1, ...).
+
+When the validation data has group columns (trainer.yaml data.group_columns, e.g. domain, language,
+subset), a second row holds one panel per column that has metrics, in group_columns order: the
+validation accuracy of each of the column's values against step (val/accuracy_<column>_<value>),
+labelled with its pair count (val/pairs_<column>_<value>), largest group first; the legend lists at
+most LEGEND_GROUPS of them. A metric name does not say where the column ends and the value begins
+(both may contain '_'), so the columns are given: --group-columns, by default trainer.yaml's
+data.group_columns; a key is read as the longest given column it starts with. The per-strength keys
+(`_s<digits>`) are never read as groups.
 
 The default output sits next to the metrics file as `<metrics stem>_curves.png`, so the PNG the
 trainer wrote at the end of the run (training_curves.png) is left alone. An existing file is never
@@ -27,12 +37,15 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from btrm.atomic import atomic_outputs
 
 PANELS = (("loss", "BT loss  -log sigmoid(r_chosen - r_rejected)"), ("accuracy", "accuracy (r_chosen > r_rejected)"))
 DEFAULT_SMOOTHING = 0.9  # per-step BT metrics of one batch are noisy; 0.9 averages roughly the last 10 steps
 STRENGTH_METRIC = re.compile(r"^val/(?P<name>loss|accuracy)_s(?P<strength>\d+)$")
+GROUP_ACCURACY_PREFIX, GROUP_PAIRS_PREFIX = "val/accuracy_", "val/pairs_"
+LEGEND_GROUPS = 12  # trainer.yaml's max_groups_per_column: more entries would hide the lines
 
 History = dict[str, list[tuple[int, float]]]
 
@@ -87,55 +100,141 @@ def strength_series(history: History, name: str) -> list[tuple[int, list[tuple[i
     return sorted(found)
 
 
-def build_figure(history: History, title: str = "", smoothing: float = DEFAULT_SMOOTHING):
-    """A matplotlib Figure with two panels (loss, accuracy); see the module docstring for the lines."""
+class GroupSeries(NamedTuple):
+    value: str  # the metric label's part after "<column>_" (the trainer's group_label of the value)
+    points: list[tuple[int, float]]  # (step, validation accuracy)
+    pairs: int | None  # val/pairs_<column>_<value> at its last step (the validation set does not change)
+
+
+def group_series(history: History, columns: Sequence[str]) -> dict[str, list[GroupSeries]]:
+    """{column: its values' accuracy series, largest group first} for the columns with metrics, in `columns` order.
+
+    A key val/accuracy_<label> belongs to the longest column that <label> starts with followed by
+    '_' (with columns `task` and `task_type`, `task_type_qa` is task_type's value qa).
+    """
+    longest_first = sorted(set(columns), key=len, reverse=True)
+    found: dict[str, list[GroupSeries]] = {}
+    for key, points in history.items():
+        label = key.removeprefix(GROUP_ACCURACY_PREFIX)
+        if label == key or not points:
+            continue
+        column = next((c for c in longest_first if label.startswith(f"{c}_")), None)
+        if column is None:
+            continue
+        pairs = history.get(GROUP_PAIRS_PREFIX + label)
+        value = label[len(column) + 1 :]
+        found.setdefault(column, []).append(GroupSeries(value, points, round(pairs[-1][1]) if pairs else None))
+    return {
+        column: sorted(found[column], key=lambda series: (-(series.pairs or 0), series.value))
+        for column in dict.fromkeys(columns)
+        if column in found
+    }
+
+
+def figure_axes(figure, group_panels: int) -> tuple[list, list]:
+    """(loss and accuracy axes, group axes): the group panels, if any, fill a second row."""
+    if not group_panels:
+        return list(figure.subplots(1, 2)), []
+    width = math.lcm(2, group_panels)  # grid columns that both rows divide evenly
+    grid = figure.add_gridspec(2, width)
+    top = [figure.add_subplot(grid[0, k * width // 2 : (k + 1) * width // 2]) for k in range(2)]
+    step = width // group_panels
+    return top, [figure.add_subplot(grid[1, k * step : (k + 1) * step]) for k in range(group_panels)]
+
+
+def draw_metric_panel(axis, history: History, name: str, label: str, smoothing: float) -> None:
+    """Train (raw and smoothed), validation and per-strength lines of one metric (loss or accuracy)."""
+    train = history.get(f"train/{name}")
+    if train:
+        steps, values = zip(*train, strict=True)
+        if smoothing > 0 and len(values) > 1:
+            axis.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8, label="train (per step)")
+            axis.plot(
+                steps, ema_smooth(values, smoothing), color="C0", linewidth=1.8, label=f"train (EMA {smoothing:g})"
+            )
+        else:
+            axis.plot(steps, values, color="C0", linewidth=1.2, label="train")
+    val = history.get(f"val/{name}")
+    if val:
+        steps, values = zip(*val, strict=True)
+        axis.plot(steps, values, color="C1", marker="o", linewidth=2, label="val")
+    for index, (strength, points) in enumerate(strength_series(history, name)):
+        steps, values = zip(*points, strict=True)
+        axis.plot(
+            steps,
+            values,
+            color=f"C{2 + index % 8}",
+            marker=".",
+            linestyle="--",
+            linewidth=1,
+            label=f"val |strength|={strength}",
+        )
+    axis.set_xlabel("step")
+    axis.set_ylabel(label)
+    axis.grid(alpha=0.3)
+    if axis.lines:
+        axis.legend(fontsize="small")
+
+
+def draw_group_panel(axis, column: str, series: list[GroupSeries]) -> None:
+    """One line per value of `column`; the legend names the LEGEND_GROUPS largest with their pair counts."""
+    for index, group in enumerate(series):
+        steps, values = zip(*group.points, strict=True)
+        axis.plot(
+            steps,
+            values,
+            color=f"C{index % 10}",
+            linestyle="-" if index < 10 else ":",  # the colour cycle has 10 colours
+            marker="o",
+            markersize=3,
+            linewidth=1.2,
+            label=group.value if group.pairs is None else f"{group.value} (n={group.pairs})",
+        )
+    axis.set_title(f"validation accuracy by {column}", fontsize="medium")
+    axis.set_xlabel("step")
+    axis.set_ylabel("accuracy")
+    axis.grid(alpha=0.3)
+    more = len(series) > LEGEND_GROUPS
+    axis.legend(
+        handles=axis.lines[:LEGEND_GROUPS],
+        fontsize="x-small",
+        title=f"largest {LEGEND_GROUPS} of {len(series)}" if more else None,
+        title_fontsize="x-small",
+    )
+
+
+def build_figure(
+    history: History, title: str = "", smoothing: float = DEFAULT_SMOOTHING, group_columns: Sequence[str] = ()
+):
+    """A matplotlib Figure: loss and accuracy panels, then one panel per group column with metrics
+    (see the module docstring for the lines)."""
     # Figure without pyplot: no global backend switch or figure registry in the calling process.
     from matplotlib.figure import Figure
 
     if not any(f"{split}/{name}" in history for split in ("train", "val") for name, _ in PANELS):
         raise ValueError("no train/ or val/ loss or accuracy in the metrics")
     ema_smooth([], smoothing)  # validate the weight before drawing anything
-    figure = Figure(figsize=(11, 4.2))
-    axes = figure.subplots(1, 2)
-    for axis, (name, label) in zip(axes, PANELS, strict=True):
-        train = history.get(f"train/{name}")
-        if train:
-            steps, values = zip(*train, strict=True)
-            if smoothing > 0 and len(values) > 1:
-                axis.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8, label="train (per step)")
-                axis.plot(
-                    steps, ema_smooth(values, smoothing), color="C0", linewidth=1.8, label=f"train (EMA {smoothing:g})"
-                )
-            else:
-                axis.plot(steps, values, color="C0", linewidth=1.2, label="train")
-        val = history.get(f"val/{name}")
-        if val:
-            steps, values = zip(*val, strict=True)
-            axis.plot(steps, values, color="C1", marker="o", linewidth=2, label="val")
-        for index, (strength, points) in enumerate(strength_series(history, name)):
-            steps, values = zip(*points, strict=True)
-            axis.plot(
-                steps,
-                values,
-                color=f"C{2 + index % 8}",
-                marker=".",
-                linestyle="--",
-                linewidth=1,
-                label=f"val |strength|={strength}",
-            )
-        axis.set_xlabel("step")
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-        if axis.lines:
-            axis.legend(fontsize="small")
+    groups = group_series(history, group_columns)
+    figure = Figure(figsize=(max(11, 4.5 * len(groups)), 8.4) if groups else (11, 4.2))
+    metric_axes, group_axes = figure_axes(figure, len(groups))
+    for axis, (name, label) in zip(metric_axes, PANELS, strict=True):
+        draw_metric_panel(axis, history, name, label, smoothing)
+    for axis, (column, series) in zip(group_axes, groups.items(), strict=True):
+        draw_group_panel(axis, column, series)
     figure.suptitle(title or "Bradley-Terry reward model training")
     figure.tight_layout()
     return figure
 
 
-def plot_curves(history: History, output: Path, title: str = "", smoothing: float = DEFAULT_SMOOTHING) -> Path:
+def plot_curves(
+    history: History,
+    output: Path,
+    title: str = "",
+    smoothing: float = DEFAULT_SMOOTHING,
+    group_columns: Sequence[str] = (),
+) -> Path:
     """build_figure written as a PNG atomically (atomic.atomic_outputs), replacing `output`."""
-    figure = build_figure(history, title, smoothing)
+    figure = build_figure(history, title, smoothing, group_columns)
     output = Path(output)
     with atomic_outputs([output]) as (temp,):
         figure.savefig(temp, format="png", dpi=100)  # the temp name ends in .tmp: say the format
@@ -145,6 +244,13 @@ def plot_curves(history: History, output: Path, title: str = "", smoothing: floa
 def default_output(metrics: Path) -> Path:
     """`<metrics stem>_curves.png` beside the metrics file (not the trainer's training_curves.png)."""
     return metrics.with_name(f"{metrics.stem}_curves.png")
+
+
+def default_group_columns() -> list[str]:
+    """trainer.yaml's data.group_columns (the trainer.yaml beside this script, read by btrm.schema)."""
+    from btrm import schema
+
+    return list(schema.trainer_yaml_knobs()["data.group_columns"])
 
 
 def smoothing_weight(text: str) -> float:
@@ -171,6 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         help="EMA weight for the train lines, in [0, 1); 0 = raw only (default: %(default)s)",
     )
     parser.add_argument("--title", default="")
+    parser.add_argument(
+        "--group-columns",
+        nargs="*",
+        metavar="COL",
+        default=default_group_columns(),
+        help="the validation data's group columns, for the val/accuracy_<column>_<value> panels; none: no such "
+        "panels (default: trainer.yaml's data.group_columns: %(default)s)",
+    )
     args = parser.parse_args(argv)
     output = args.output or default_output(args.metrics)
     if args.output is None and output.exists() and not args.force:
@@ -178,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         history = read_history(args.metrics)
-        written = plot_curves(history, output, args.title, args.smoothing)
+        written = plot_curves(history, output, args.title, args.smoothing, args.group_columns)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

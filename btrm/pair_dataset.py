@@ -15,6 +15,8 @@ scoring-time formatting cannot drift apart. (The benchmark's pairs are token ids
 
 from __future__ import annotations
 
+import collections
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -160,6 +162,9 @@ class PreferenceDataset(Protocol):
     formats: dict[str, PairFormat]  # file -> the format it was read in
     sources: list[str]  # where each pair came from ("file row N"), in dataset order
     subsets: list[str | None]  # RewardBench's subset of each pair (None without a subset column)
+    groups: list[
+        dict[str, str]
+    ]  # {column: value} of data.group_columns each pair's row has (validation metrics by group)
 
     def __len__(self) -> int: ...  # number of pairs
 
@@ -188,6 +193,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.identical_pairs_dropped = read.identical_dropped  # chosen == rejected: no preference signal
         self.sources = [row.where for row in kept]  # "file row N" of each pair, in order
         self.subsets = [row.subset for row in kept]  # RewardBench's subset column (None elsewhere)
+        self.groups = [row.groups for row in kept]  # data.group_columns' values of each pair
 
         def encode(side, where: str) -> list[int]:
             if isinstance(side, str):  # data.format=text: no chat template; encode_plain_text appends eos
@@ -241,6 +247,53 @@ def create_pair_dataset(files, data_config, tokenizer) -> PreferenceDataset:
             "the trainer and evaluate_rm.py read every member of btrm.pair_dataset.PreferenceDataset"
         )
     return dataset
+
+
+OTHER_GROUP = "other"  # the values of a column beyond data.max_groups_per_column, pooled
+
+
+@dataclass(frozen=True)
+class GroupIndex:
+    """Pairs grouped by the values of categorical columns (data.group_columns), for metrics per group."""
+
+    labels: list[str]  # "<column>_<value>": columns in data.group_columns order, each column's values largest first
+    members: list[list[int]]  # per pair: the indices into labels of its groups (one per column its row has)
+    pooled: dict[str, int]  # column -> how many of its values were pooled into "<column>_other"
+    columns: list[str]  # the column of each label
+
+
+def group_label(column: str, value: str) -> str:
+    """The metric-name part of a group: whitespace and '/' (trackers' section separator) become '_'."""
+    return re.sub(r"[\s/]+", "_", f"{column}_{value}")
+
+
+def group_index(groups: Sequence[dict[str, str]], columns: Sequence[str], max_groups: int) -> GroupIndex:
+    """Each column's values, largest group first; a column with more than max_groups values keeps the
+    max_groups - 1 largest and pools the rest as OTHER_GROUP. Ties in size are ordered by value, so
+    every rank, which holds the whole validation set, builds the same index. Values whose labels
+    coincide ("a b" and "a_b"; a value named "other" and the pooled ones) are one group: one metric each."""
+    labels: list[str] = []
+    members: list[list[int]] = [[] for _ in groups]
+    pooled: dict[str, int] = {}
+    label_columns: list[str] = []
+    for column in columns:
+        counts = collections.Counter(pair[column] for pair in groups if column in pair)
+        ranked = sorted(counts, key=lambda value: (-counts[value], value))
+        kept = ranked if len(ranked) <= max_groups else ranked[: max_groups - 1]
+        if len(kept) < len(ranked):
+            pooled[column] = len(ranked) - len(kept)
+        position: dict[str, int] = {}  # label -> index in labels
+        for value in ranked:
+            label = group_label(column, value if value in kept else OTHER_GROUP)
+            if label not in position:
+                position[label] = len(labels)
+                labels.append(label)
+                label_columns.append(column)
+        for pair, pair_members in zip(groups, members, strict=True):
+            if column in pair:
+                value = pair[column]
+                pair_members.append(position[group_label(column, value if value in kept else OTHER_GROUP)])
+    return GroupIndex(labels, members, pooled, label_columns)
 
 
 def dataset_strengths(dataset) -> list:

@@ -7,6 +7,7 @@ non-finite values) that plot_curves.py reads. Rank 0 prints the start-up summary
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ class StartupFacts:
     layout: str
     train_pairs: int
     val_pairs: int
+    val_groups: str  # the validation metrics' groups (data.group_columns), e.g. "domain (4), language (2)"; "" without
     mean_tokens: float
     max_tokens: int
     max_length: int
@@ -93,7 +95,7 @@ def format_startup_summary(facts: StartupFacts) -> str:
         ),
         ("attention", f"{f.attention}, {f.layout} layout"),
         ("train data", f"{f.train_pairs:,} pairs"),
-        ("val data", f"{f.val_pairs:,} pairs"),
+        ("val data", f"{f.val_pairs:,} pairs" + (f", metrics by {f.val_groups}" if f.val_groups else "")),
         (
             "tokens",
             f"{f.mean_tokens:,.0f} mean, {f.max_tokens:,} max per conversation (data.max_length={f.max_length:,})",
@@ -117,6 +119,17 @@ def format_startup_summary(facts: StartupFacts) -> str:
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
 
+def describe_groups(index) -> str:
+    """ "domain (4), language (2, 5 pooled as other)" from a pair_dataset.GroupIndex; "" for none."""
+    if index is None or not index.labels:
+        return ""
+    counts = collections.Counter(index.columns)
+    return ", ".join(
+        f"{column} ({count}" + (f", {index.pooled[column]} pooled as other" if column in index.pooled else "") + ")"
+        for column, count in counts.items()
+    )
+
+
 def gather_startup_facts(
     config: DictConfig,
     built,
@@ -130,6 +143,7 @@ def gather_startup_facts(
     total_steps: int,
     last_step: int,
     resumed: str | None,
+    val_groups=None,
 ) -> StartupFacts:
     """The start-up facts of a run: its config, the model btrm.modeling.build_model built, the datasets and the schedule."""
     import torch.distributed as dist
@@ -157,6 +171,7 @@ def gather_startup_facts(
         layout=built.layout,
         train_pairs=len(train_dataset),
         val_pairs=len(val_dataset),
+        val_groups=describe_groups(val_groups),
         mean_tokens=mean_tokens,
         max_tokens=max_tokens,
         max_length=data.max_length,
@@ -195,7 +210,10 @@ def print_final_report(config: DictConfig, step: int, val_metrics: dict[str, flo
         from plot_curves import plot_curves, read_history
 
         curves = plot_curves(
-            read_history(trainer_config.history_file), trainer_config.curves_png, trainer_config.experiment_name
+            read_history(trainer_config.history_file),
+            trainer_config.curves_png,
+            trainer_config.experiment_name,
+            group_columns=list(data.group_columns),
         )
         print(f"training curves: {curves}")
 

@@ -400,12 +400,20 @@ class PairRow:
     preference_strength: int | None
     where: str  # file and row, e.g. "data/train.parquet row 7"
     subset: str | None = None  # RewardBench's `subset` column, when the file has one
+    groups: dict[str, str] = field(default_factory=dict)  # {column: value} of data.group_columns the row has
 
 
-def pair_from_record(record: dict, fmt: PairFormat, where: str, dropped_keys: DroppedKeys | None = None) -> PairRow:
+def pair_from_record(
+    record: dict,
+    fmt: PairFormat,
+    where: str,
+    dropped_keys: DroppedKeys | None = None,
+    group_columns: Sequence[str] = (),
+) -> PairRow:
     """One record as a PairRow in format `fmt`; DataError names where, the field and what was expected.
 
     `dropped_keys` counts the messages whose keys other than role/content were dropped (parse_messages).
+    `group_columns` (data.group_columns): the categorical columns kept as the row's groups, when present.
     """
 
     def value_of(key: str) -> Any:
@@ -444,7 +452,25 @@ def pair_from_record(record: dict, fmt: PairFormat, where: str, dropped_keys: Dr
         rejected = prompt + response(fmt.rejected_key, rejected_where)
     strength = _strength(_decoded(record.get(STRENGTH_KEY)), f"{where} field '{STRENGTH_KEY}'")
     subset = record.get(SUBSET_KEY)
-    return PairRow(chosen, rejected, strength, where, None if subset is None else str(subset))
+    groups = {column: _group_value(record.get(column), f"{where} field '{column}'") for column in group_columns}
+    return PairRow(
+        chosen,
+        rejected,
+        strength,
+        where,
+        None if subset is None else str(subset),
+        {column: value for column, value in groups.items() if value is not None},
+    )
+
+
+def _group_value(value: Any, where: str) -> str | None:
+    """A categorical column's value as text (None when null); lists and mappings are no category."""
+    value = _decoded(value)
+    if value is None:
+        return None
+    if isinstance(value, (list, dict)):
+        raise DataError(f"{where}: is a {type(value).__name__}; expected a category (text or number) or null")
+    return str(value)
 
 
 @dataclass
@@ -484,14 +510,15 @@ def read_pair_rows(files, data_config, *, drop_identical: bool = True) -> PairRo
             raise DataError(f"{name} is a directory; pass the data files themselves, not a directory")
         if not path.is_file():
             raise DataError(f"{name}: no such file")
-        keep = {data_config.chosen_key, data_config.rejected_key, data_config.prompt_key}
+        keep = {data_config.chosen_key, data_config.rejected_key, data_config.prompt_key, *data_config.group_columns}
         columns, locations, records = read_records(path, keep=keep | {STRENGTH_KEY, SUBSET_KEY})
+        group_columns = [column for column in data_config.group_columns if column in columns]
         fmt = detect_pair_format(
             columns, records[0] if records else None, data_config, name, locations[0] if locations else None
         )
         result.formats[name] = fmt
         for where, record in zip(locations, records, strict=True):
-            row = pair_from_record(record, fmt, where, result.dropped_keys)
+            row = pair_from_record(record, fmt, where, result.dropped_keys, group_columns)
             if drop_identical and row.chosen == row.rejected:
                 result.identical_dropped += 1
                 if len(result.identical_examples) < 3:

@@ -190,6 +190,11 @@ KNOB_RULES: dict[str, Rule] = {
     "data.format": one_of(*rows.PAIR_FORMATS),
     "data.prompt_key": text(),
     "data.drop_identical_pairs": flag(),
+    "data.group_columns": Rule(
+        "a [list] of column names (empty: no metrics by group)",
+        lambda v: isinstance(v, list) and all(isinstance(c, str) and c.strip() for c in v) and len(set(v)) == len(v),
+    ),
+    "data.max_groups_per_column": integer(2),
     "data.train_batch_size": integer(1),
     "data.micro_batch_size_per_gpu": integer(1, also=(None,)),
     "data.max_tokens_per_micro_batch": integer(2, also=(None, "auto")),

@@ -131,6 +131,8 @@ from bt_loss import (  # noqa: E402
     STRENGTH_SUM_FIELDS,
     LossConfig,
     RewardStats,
+    grouped_metrics_from_sums,
+    grouped_sums,
     normalize_rewards,
     preference_loss,
     require_strengths,
@@ -355,6 +357,25 @@ def test_strength_sums_have_a_fixed_shape_and_add_up_over_ranks():
     assert strength_sums(C6, R6, S6, max_strength=5).numel() == 5 * len(STRENGTH_SUM_FIELDS)
     with pytest.raises(ValueError, match="over loss.max_strength=2"):
         strength_sums(C6, R6, S6, max_strength=2)
+
+
+def test_grouped_metrics_match_hand_computation_with_pairs_in_several_groups_or_none():
+    # pair i -> groups: 0 in {a, x}; 1 in {a}; 2 in none; 3 in {b, x}; 4 in {b}; 5 in {x}
+    labels = ["domain_a", "domain_b", "lang_x"]
+    members = [[0, 2], [0], [], [1, 2], [1], [2]]
+    metrics = grouped_metrics_from_sums(grouped_sums(C6, R6, members, 3), labels)
+    c, r = C6.tolist(), R6.tolist()
+    for g, label in enumerate(labels):
+        in_group = [i for i, groups in enumerate(members) if g in groups]
+        assert metrics[f"pairs_{label}"] == len(in_group)
+        assert metrics[f"accuracy_{label}"] == sum(c[i] > r[i] for i in in_group) / len(in_group)
+        assert metrics[f"loss_{label}"] == pytest.approx(sum(log1p_exp(r[i] - c[i]) for i in in_group) / len(in_group))
+    # By hand: domain_a = pairs 0 (right) and 1; lang_x = pairs 0, 3, 5 (5 is wrong: 0.1 < 1.2).
+    assert metrics["pairs_lang_x"] == 3 and metrics["pairs_domain_a"] == 2
+    split = grouped_sums(C6[:3], R6[:3], members[:3], 3) + grouped_sums(C6[3:], R6[3:], members[3:], 3)
+    assert grouped_metrics_from_sums(split, labels) == metrics  # summed over ranks: exactly the whole
+    assert "pairs_domain_b" not in grouped_metrics_from_sums(grouped_sums(C6[:3], R6[:3], members[:3], 3), labels)
+    assert grouped_sums(C6[:0], R6[:0], [], 3).shape == (3 * len(STRENGTH_SUM_FIELDS),)
 
 
 def test_metrics_with_non_finite_rewards_are_representable():

@@ -363,7 +363,23 @@ def test_resume_loads_shards_as_plain_tensors_and_never_runs_a_planted_payload(o
 # ---- real runs: torchrun, 2 CPU ranks, gloo, FSDP2
 
 
+def with_group_columns(source, destination):
+    """The validation file with a `domain` column (code, code, chat, chat, math, repeating) and a `language`
+    column ("en", null every 7th row): validation metrics by group (data.group_columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(source)
+    domains = [("code", "code", "chat", "chat", "math")[i % 5] for i in range(table.num_rows)]
+    languages = [None if i % 7 == 0 else "en" for i in range(table.num_rows)]
+    pq.write_table(
+        table.append_column("domain", pa.array(domains)).append_column("language", pa.array(languages)), destination
+    )
+    return destination, domains, languages
+
+
 def test_two_rank_run_learns_and_writes_hf_checkpoint(tmp_path, tiny_model_dir, demo_data_dir):
+    val_file, domains, languages = with_group_columns(demo_data_dir / "test.parquet", tmp_path / "val.parquet")
     result, metrics_file = run_trainer(
         tmp_path,
         tiny_model_dir,
@@ -372,6 +388,7 @@ def test_two_rank_run_learns_and_writes_hf_checkpoint(tmp_path, tiny_model_dir, 
         "trainer.test_freq=5",
         "optim.warmup_steps_ratio=0.05",
         name="learn",
+        extra_env={"VAL_FILE": str(val_file)},
     )
     metrics = read_metrics(metrics_file)
     val_accuracy = {step: m["val/accuracy"] for step, m in metrics.items() if "val/accuracy" in m}
@@ -411,6 +428,21 @@ def test_two_rank_run_learns_and_writes_hf_checkpoint(tmp_path, tiny_model_dir, 
     assert stored["count"] == len(rewards) and stored["step"] == 40
     assert stored["mean"] == pytest.approx(statistics.fmean(rewards), abs=1e-5)
     assert stored["std"] == pytest.approx(statistics.pstdev(rewards), abs=1e-5)
+
+    # validation by group, summed over both ranks == the export's rewards grouped here by the file's columns
+    n = len(domains)
+    chosen, rejected = rewards[:n], rewards[n:]
+    hand_groups = {f"domain_{d}": [i for i in range(n) if domains[i] == d] for d in set(domains)}
+    hand_groups["language_en"] = [i for i in range(n) if languages[i] == "en"]
+    for label, members in hand_groups.items():
+        near_ties = sum(abs(chosen[i] - rejected[i]) < 1e-4 for i in members)
+        assert metrics[40][f"val/pairs_{label}"] == len(members), label
+        hand_accuracy = sum(chosen[i] > rejected[i] for i in members) / len(members)
+        assert abs(metrics[40][f"val/accuracy_{label}"] - hand_accuracy) <= near_ties / len(members), label
+        hand_loss = statistics.fmean(math.log1p(math.exp(rejected[i] - chosen[i])) for i in members)
+        assert metrics[40][f"val/loss_{label}"] == pytest.approx(hand_loss, abs=1e-5), label
+    assert not any(key.startswith("val/pairs_language_") and key != "val/pairs_language_en" for key in metrics[40])
+    assert re.search(r"^val data\s+177 pairs, metrics by domain \(3\), language \(1\)$", result.stdout, re.M)
 
 
 def test_micro_batching_and_layouts_do_not_change_training(tmp_path, tiny_model_dir, demo_data_dir):

@@ -158,6 +158,7 @@ def test_evaluate_cli_matches_hand_computation(trained_run, demo_data_dir, tmp_p
         f"{demo_data_dir / 'test.parquet'} row {n}" for n in range(1, len(rows) + 1)
     ]
     assert summary["truncated_pairs"] == 0 and summary["identical_pairs_dropped"] == 0
+    assert "accuracy_by_group" not in summary and "groups" not in lines[0]  # the demo data has no group column
 
 
 def test_evaluate_cli_refuses_a_directory_without_a_model(tmp_path):
@@ -255,6 +256,18 @@ def bad_input_cases(tmp_path, model_dir, demo_data_dir):
         "rewardbench directory": (
             ["--model", model_dir, "--rewardbench", str(tmp_path)],
             f"error: --rewardbench: {tmp_path} is a directory",
+        ),
+        "one group per column": (
+            ["--model", model_dir, "--data", data, "--max-groups", "1"],
+            "error: --max-groups must be at least 2",
+        ),
+        "a group column twice": (
+            ["--model", model_dir, "--data", data, "--group-by", "domain", "language", "domain"],
+            "error: --group-by lists 'domain' twice",
+        ),
+        "groups of a benchmark scored whole": (
+            ["--model", model_dir, "--rm-bench", data, "--group-by", "domain"],
+            "error: --group-by and --max-groups apply to --data and --rewardbench only",
         ),
     }
 
@@ -441,7 +454,8 @@ def test_rewardbench_cli_on_a_local_fixture(trained_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     print(result.stdout)
-    bench = json.loads(result.stdout.strip().splitlines()[-1])["rewardbench"]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    bench = summary["rewardbench"]
 
     # RewardBench's formatting for chat-template models: [user prompt, assistant response]; scored independently here
     from transformers import AutoModelForTokenClassification, AutoTokenizer
@@ -462,7 +476,7 @@ def test_rewardbench_cli_on_a_local_fixture(trained_run, tmp_path):
     assert all(abs(c - r) > 1e-4 for c, r in twins)  # the fixture's premise: the two responses score differently
 
     # by construction: twins 1/2, ties 0 (kept and scored as wrong, as RewardBench does)
-    assert {s: v["accuracy"] for s, v in bench["per_subset"].items()} == {
+    bench_accuracy = {
         "alpacaeval-easy": 0.5,
         "mt-bench-med": 0.0,
         "llmbar-natural": 0.5,
@@ -472,11 +486,16 @@ def test_rewardbench_cli_on_a_local_fixture(trained_run, tmp_path):
         "hep-python": 0.0,
         "my-own-subset": 0.5,
     }
+    assert {s: v["accuracy"] for s, v in bench["per_subset"].items()} == bench_accuracy
     expected = {
         "Chat": (100 * 0.5 + 40 * 0.0) / 140,
         "Chat Hard": 0.5,
         "Safety": (250 * 0.5 + 154 * 0.0) / 404,
         "Reasoning": (984 * 0.5 + 164 * 0.0) / 1148,
+    }
+    # trainer.yaml's group columns include `subset`: its 8 values (at most 12) are groups of their own
+    assert {label: (v["accuracy"], v["n_pairs"]) for label, v in summary["accuracy_by_group"].items()} == {
+        f"subset_{subset}": (accuracy, 2 if accuracy else 1) for subset, accuracy in bench_accuracy.items()
     }
     assert bench["sections"] == pytest.approx(expected, abs=1e-12)
     assert bench["score"] == pytest.approx(sum(expected.values()) / 4, abs=1e-12)
@@ -767,3 +786,141 @@ def test_benchmark_records_are_written_atomically_with_the_umask_mode(tmp_path):
         evaluate_rm.write_records(output, failing_records())
     assert output.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["rb2.jsonl"]  # no temp file left
+
+
+# ----------------------------------------------------------------------------- accuracy by group
+
+
+def write_grouped_fixture(path):
+    """Prompt/response rows with a `domain` column (code 4, chat 3, "web dev" 2, one null) and a
+    `language` column on some rows. Some pairs have their sides swapped (a terse "chosen"), so that
+    the groups' accuracies differ whatever the tiny model prefers."""
+    domains = ["code", "chat", "code", "web dev", "chat", "code", None, "web dev", "chat", "code"]
+    languages = ["en", "en", "de", None, "en", None, "en", "de", None, None]
+    swapped = [False, True, True, False, True, False, False, False, False, False]
+    records = []
+    for number, (domain, language) in enumerate(zip(domains, languages, strict=True)):
+        long = f"Step {number} is explained here{', with details' * (number % 3)}."
+        short = f"{'No. ' * (1 + number % 4)}{number}"
+        record = {
+            "prompt": f"Request {number}: explain step {number} of the plan.",
+            "chosen": short if swapped[number] else long,
+            "rejected": long if swapped[number] else short,
+            "domain": domain,
+        }
+        if language is not None:
+            record["language"] = language
+        records.append(record)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return records
+
+
+def by_hand(lines, records, column, label_of=lambda value: value):
+    """{label: (accuracy, n_pairs)} of the --output lines grouped by the records' `column` values."""
+    correct: dict[str, list[bool]] = {}
+    for line, record in zip(lines, records, strict=True):
+        if record.get(column) is not None:
+            correct.setdefault(label_of(record[column]), []).append(line["chosen_reward"] > line["rejected_reward"])
+    return {label: (sum(oks) / len(oks), len(oks)) for label, oks in correct.items()}
+
+
+def test_accuracy_by_group_matches_the_scores_grouped_by_hand(trained_run, tmp_path, capsys):
+    data, output = tmp_path / "grouped.jsonl", tmp_path / "scores.jsonl"
+    records = write_grouped_fixture(data)
+    # trainer.yaml's data.group_columns (domain, language, subset) and max_groups_per_column (12)
+    summary = evaluate_rm.main(
+        ["--model", str(step_dir(trained_run)), "--data", str(data), "--output", str(output), "--no-progress"]
+    )
+    printed = capsys.readouterr().out
+    assert json.loads(printed.strip().splitlines()[-1]) == summary
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(lines) == 10
+    expected_groups = [
+        {key: record[key] for key in ("domain", "language") if record.get(key) is not None} for record in records
+    ]
+    assert [line.get("groups") for line in lines] == [groups or None for groups in expected_groups]
+
+    domains = by_hand(lines, records, "domain")
+    languages = by_hand(lines, records, "language")
+    assert {k: n for k, (_, n) in domains.items()} == {"code": 4, "chat": 3, "web dev": 2}
+    assert {k: n for k, (_, n) in languages.items()} == {"en": 4, "de": 2}
+    assert len({accuracy for accuracy, _ in domains.values()}) > 1  # the premise: groups differ, so a mix-up shows
+    # labels as training logs them (val/accuracy_<label>): "<column>_<value>", whitespace -> "_"; largest first
+    expected = {
+        "domain_code": ("domain", "code"),
+        "domain_chat": ("domain", "chat"),
+        "domain_web_dev": ("domain", "web dev"),
+        "language_en": ("language", "en"),
+        "language_de": ("language", "de"),
+    }
+    assert list(summary["accuracy_by_group"]) == list(expected)
+    for label, (column, value) in expected.items():
+        accuracy, n_pairs = (domains if column == "domain" else languages)[value]
+        assert summary["accuracy_by_group"][label] == {
+            "accuracy": pytest.approx(accuracy, abs=1e-12),
+            "n_pairs": n_pairs,
+            "column": column,
+            "value": value,
+        }
+        assert f"{column}={value}: accuracy {accuracy:.4f} over {n_pairs} pairs\n" in printed
+    assert "pooled_groups" not in summary
+
+
+def test_max_groups_pools_the_smaller_values_and_no_columns_means_no_groups(trained_run, tmp_path, capsys):
+    data, output = tmp_path / "grouped.jsonl", tmp_path / "scores.jsonl"
+    records = write_grouped_fixture(data)
+    argv = ["--model", str(step_dir(trained_run)), "--data", str(data), "--output", str(output), "--no-progress"]
+    # --max-groups 2: domain keeps its largest value (code) and pools chat and web dev as domain_other
+    summary = evaluate_rm.main([*argv, "--group-by", "domain", "--max-groups", "2"])
+    printed = capsys.readouterr().out
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    pooled = by_hand(lines, records, "domain", lambda value: "code" if value == "code" else "other")
+    assert pooled["other"][1] == 5
+    assert summary["accuracy_by_group"] == {
+        "domain_code": {
+            "accuracy": pytest.approx(pooled["code"][0]),
+            "n_pairs": 4,
+            "column": "domain",
+            "value": "code",
+        },
+        "domain_other": {
+            "accuracy": pytest.approx(pooled["other"][0]),
+            "n_pairs": 5,
+            "column": "domain",
+            "value": "other",
+        },
+    }
+    assert summary["pooled_groups"] == {"domain": 2}
+    assert f"domain=other: accuracy {pooled['other'][0]:.4f} over 5 pairs (2 values pooled)\n" in printed
+
+    # no columns asked for: no groups, and the per-pair lines carry none
+    summary = evaluate_rm.main([*argv, "--group-by"])
+    assert "accuracy_by_group" not in summary
+    assert all("groups" not in json.loads(line) for line in output.read_text().splitlines())
+
+
+def test_group_accuracies_against_hand_counts():
+    correct = [True, False, True, False, False, True, True]
+    groups = [
+        {"domain": "a", "language": "en"},
+        {"domain": "a"},
+        {"domain": "b", "language": "en"},
+        {"domain": "c", "language": "fr"},
+        {},
+        {"domain": "a", "language": "fr"},
+        {"domain": "d"},
+    ]
+    # domain: a 3 pairs (T F T), b 1 (T), c 1 (F), d 1 (T); max 3 groups: a, then b (ties by value), c and d pooled
+    # language: en 2 (T T), fr 2 (F T); the pair without columns is in no group
+    result = evaluate_rm.group_accuracies(correct, groups, ["domain", "language"], 3)
+    assert result == {
+        "accuracy_by_group": {
+            "domain_a": {"accuracy": 2 / 3, "n_pairs": 3, "column": "domain", "value": "a"},
+            "domain_b": {"accuracy": 1.0, "n_pairs": 1, "column": "domain", "value": "b"},
+            "domain_other": {"accuracy": 0.5, "n_pairs": 2, "column": "domain", "value": "other"},
+            "language_en": {"accuracy": 1.0, "n_pairs": 2, "column": "language", "value": "en"},
+            "language_fr": {"accuracy": 0.5, "n_pairs": 2, "column": "language", "value": "fr"},
+        },
+        "pooled_groups": {"domain": 2},
+    }
+    assert evaluate_rm.group_accuracies(correct, [{}] * 7, ["domain"], 3) == {}

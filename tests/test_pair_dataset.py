@@ -308,6 +308,7 @@ class Complete:
         self.formats = {}
         self.sources = ["custom 1"]
         self.subsets = [None]
+        self.groups = [{}]
 
     def __len__(self):
         return len(self.pairs)
@@ -346,7 +347,7 @@ def test_a_custom_dataset_lacking_members_of_the_protocol_is_refused_naming_them
         pair_dataset.create_pair_dataset(str(data), custom_config(module, "WithoutReportAndSubsets"), tokenizer)
     message = str(error.value)
     assert message == (
-        f"data.custom_cls.path={module} data.custom_cls.name=WithoutReportAndSubsets: the dataset lacks read_report, subsets; "
+        f"data.custom_cls.path={module} data.custom_cls.name=WithoutReportAndSubsets: the dataset lacks read_report, subsets, groups; "
         "the trainer and evaluate_rm.py read every member of btrm.pair_dataset.PreferenceDataset"
     )
 
@@ -369,7 +370,54 @@ def test_pair_dataset_satisfies_the_protocol(tokenizer, tmp_path):
             "formats",
             "sources",
             "subsets",
+            "groups",
             "__len__",
             "__getitem__",
         )
     )
+
+
+def test_group_index_orders_values_by_size_pools_beyond_the_cap_and_skips_missing_columns():
+    groups = [
+        {"domain": "code", "language": "en"},
+        {"domain": "code"},
+        {"domain": "chat", "language": "de"},
+        {"domain": "math", "language": "en"},
+        {"domain": "code", "language": "en"},
+        {"domain": "safety"},
+        {},
+        {"domain": "chat"},
+    ]
+    index = pair_dataset.group_index(groups, ["domain", "language", "subset"], max_groups=3)
+    # domain: code 3, chat 2, math 1, safety 1 -> 4 values over the cap of 3: code, chat kept, math + safety pooled
+    assert index.labels == ["domain_code", "domain_chat", "domain_other", "language_en", "language_de"]
+    assert index.pooled == {"domain": 2}
+    assert index.columns == ["domain"] * 3 + ["language"] * 2
+    assert index.members == [[0, 3], [0], [1, 4], [2, 3], [0, 3], [2], [], [1]]
+    uncapped = pair_dataset.group_index(groups, ["domain"], max_groups=4)
+    # sizes tie (math 1, safety 1): ordered by value, the same on every rank
+    assert uncapped.labels == ["domain_code", "domain_chat", "domain_math", "domain_safety"] and uncapped.pooled == {}
+    assert pair_dataset.group_label("task type", "a/b") == "task_type_a_b"
+    # values whose labels coincide are one group: one metric key each
+    merged = pair_dataset.group_index([{"d": "a b"}, {"d": "a_b"}, {"d": "other"}, {"d": "x"}, {"d": "y"}], ["d"], 3)
+    # sizes tie, so by value: "a b" and "a_b" kept (one label), "other", "x", "y" pooled (with the real "other")
+    assert merged.labels == ["d_a_b", "d_other"] and merged.members == [[0], [0], [1], [1], [1]]
+    assert merged.pooled == {"d": 3}
+
+
+def test_group_columns_are_read_from_parquet_and_jsonl_rows(tmp_path):
+    records = [
+        {**pair_record(good="g1"), "domain": "code", "language": None},
+        {**pair_record(good="g2"), "domain": 7},
+        pair_record(good="g3"),
+    ]
+    parquet = write_parquet(
+        tmp_path / "val.parquet", [{**r, "domain": str(r.get("domain", "")) or None} for r in records]
+    )
+    jsonl = write_jsonl(tmp_path / "val.jsonl", records)  # domain 7 a number here, missing in the third row
+    for path in (parquet, jsonl):
+        read = rows.read_pair_rows([str(path)], data_config(group_columns=["domain", "language"]))
+        assert [row.groups for row in read.rows] == [{"domain": "code"}, {"domain": "7"}, {}], path
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**pair_record(), "domain": ["a", "b"]}])
+    with pytest.raises(DataError, match=r"bad.jsonl line 1 field 'domain': is a list; expected a category"):
+        rows.read_pair_rows([str(bad)], data_config(group_columns=["domain"]))

@@ -130,3 +130,89 @@ def test_cli_reports_bad_input_without_writing(tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))
     with pytest.raises(SystemExit):
         plot_curves.main([str(empty), "--smoothing", "1.5"])
+
+
+def grouped_records():
+    """demo_records plus group metrics at the validation steps: column `domain` (code 120 pairs,
+    chat 40), column `task_type` (a name with '_'; qa 30) and column `task` (a prefix of it; chat 20)."""
+    records = demo_records()
+    accuracies = {"domain_code": 0.6, "domain_chat": 0.55, "task_type_qa": 0.7, "task_chat": 0.4}
+    pairs = {"domain_code": 120, "domain_chat": 40, "task_type_qa": 30, "task_chat": 20}
+    for s in (4, 8, 12):
+        data = {f"val/accuracy_{label}": accuracy + 0.01 * s for label, accuracy in accuracies.items()}
+        data |= {f"val/loss_{label}": 0.6 for label in accuracies}
+        data |= {f"val/pairs_{label}": float(n) for label, n in pairs.items()}
+        records.append((s, data))
+    return records
+
+
+def test_group_panels_have_one_line_per_value_with_its_pair_count(tmp_path):
+    history = plot_curves.read_history(write_metrics(tmp_path / "m.jsonl", grouped_records()))
+    figure = plot_curves.build_figure(history, smoothing=0.5, group_columns=["domain", "language", "task", "task_type"])
+    # loss, accuracy, then the columns with metrics in group_columns order (language has none: no panel)
+    loss_axis, accuracy_axis, domain_axis, task_axis, task_type_axis = figure.axes
+    assert [axis.get_title() for axis in (domain_axis, task_axis, task_type_axis)] == [
+        "validation accuracy by domain",
+        "validation accuracy by task",
+        "validation accuracy by task_type",
+    ]
+    assert [line.get_label() for line in domain_axis.lines] == ["code (n=120)", "chat (n=40)"]  # largest first
+    assert [line.get_label() for line in task_axis.lines] == ["chat (n=20)"]
+    assert [line.get_label() for line in task_type_axis.lines] == ["qa (n=30)"]
+    assert list(domain_axis.lines[0].get_xdata()) == [4, 8, 12]
+    assert list(domain_axis.lines[0].get_ydata()) == pytest.approx([0.64, 0.68, 0.72])  # 0.6 + 0.01 * step
+    assert list(domain_axis.lines[1].get_ydata()) == pytest.approx([0.59, 0.63, 0.67])
+    assert list(task_type_axis.lines[0].get_ydata()) == pytest.approx([0.74, 0.78, 0.82])
+    assert list(task_axis.lines[0].get_ydata()) == pytest.approx([0.44, 0.48, 0.52])
+    # the group panels sit below the two metric panels
+    assert max(axis.get_position().y0 for axis in figure.axes[2:]) < min(
+        axis.get_position().y0 for axis in figure.axes[:2]
+    )
+    # the per-strength lines stay in the accuracy panel, and only there
+    assert [line.get_label() for line in accuracy_axis.lines][3:] == ["val |strength|=1", "val |strength|=3"]
+
+
+def test_strength_keys_and_unknown_columns_are_not_groups(tmp_path):
+    history = plot_curves.read_history(write_metrics(tmp_path / "m.jsonl", grouped_records()))
+    assert len(plot_curves.build_figure(history).axes) == 2  # no group columns given: no group panels
+    assert len(plot_curves.build_figure(history, group_columns=["language"]).axes) == 2
+    # val/accuracy_s1 and val/accuracy_s3 are strengths: a column "s" would need keys val/accuracy_s_<value>
+    assert plot_curves.group_series(history, ["s", "domain"]).keys() == {"domain"}
+    series = plot_curves.group_series(history, ["task"])  # without task_type, its key reads as task's "type_qa"
+    assert [(group.value, group.pairs) for group in series["task"]] == [("type_qa", 30), ("chat", 20)]
+
+
+def test_a_group_legend_lists_at_most_legend_groups_entries(tmp_path):
+    values = [f"v{k:02d}" for k in range(plot_curves.LEGEND_GROUPS + 3)]
+    records = demo_records() + [
+        (
+            s,
+            {f"val/accuracy_language_{v}": 0.5 for v in values}
+            | {f"val/pairs_language_{v}": 100.0 - k for k, v in enumerate(values)},
+        )
+        for s in (4, 8)
+    ]
+    history = plot_curves.read_history(write_metrics(tmp_path / "m.jsonl", records))
+    language_axis = plot_curves.build_figure(history, group_columns=["language"]).axes[2]
+    assert len(language_axis.lines) == len(values)  # every value is drawn
+    legend = language_axis.get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == [f"{v} (n={100 - k})" for k, v in enumerate(values)][
+        : plot_curves.LEGEND_GROUPS
+    ]
+    assert legend.get_title().get_text() == f"largest {plot_curves.LEGEND_GROUPS} of {len(values)}"
+
+
+def test_cli_group_columns_default_to_trainer_yaml(tmp_path, monkeypatch):
+    metrics = write_metrics(tmp_path / "metrics.jsonl", grouped_records())
+    drawn = []
+    real = plot_curves.build_figure
+    monkeypatch.setattr(plot_curves, "build_figure", lambda *args: drawn.append(args[3]) or real(*args))
+    assert plot_curves.main([str(metrics), "--output", str(tmp_path / "a.png")]) == 0
+    assert plot_curves.main([str(metrics), "--output", str(tmp_path / "b.png"), "--group-columns", "task_type"]) == 0
+    assert plot_curves.main([str(metrics), "--output", str(tmp_path / "c.png"), "--group-columns"]) == 0
+    from omegaconf import OmegaConf
+
+    trainer_yaml = OmegaConf.load(plot_curves.Path(plot_curves.__file__).with_name("trainer.yaml"))
+    assert drawn == [list(trainer_yaml.data.group_columns), ["task_type"], []]
+    assert drawn[0] == ["domain", "language", "subset"]  # as trainer.yaml has it today
+    assert (tmp_path / "a.png").read_bytes()[:8] == PNG_SIGNATURE

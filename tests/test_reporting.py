@@ -23,6 +23,7 @@ def test_startup_summary_is_aligned_and_complete():
             layout="shared",
             train_pairs=6766,
             val_pairs=352,
+            val_groups="domain (4), language (12, 3 pooled as other)",
             mean_tokens=1130.4,
             max_tokens=4096,
             max_length=4096,
@@ -46,7 +47,7 @@ def test_startup_summary_is_aligned_and_complete():
         "cpu (gloo), 2 ranks on 1 node",
         "32.8 B (32.8 B trainable)",
         "6,766 pairs",
-        "352 pairs",
+        "352 pairs, metrics by domain (4), language (12, 3 pooled as other)",
         "1,130 mean, 4,096 max",
         "12 pairs, 3,456 tokens dropped",
         "26 steps/epoch x 3 epochs = 78 steps, stopping at step 2",
@@ -59,6 +60,8 @@ def test_startup_summary_is_aligned_and_complete():
         pair_dataset.TokenizedPair(chosen=[1] * 10, rejected=[1] * 4),
         pair_dataset.TokenizedPair(chosen=[1] * 6, rejected=[1] * 20),
     ]
+    index = pair_dataset.group_index([{"domain": "a", "language": "x"}, {"domain": "b"}], ["domain", "language"], 12)
+    assert reporting.describe_groups(index) == "domain (2), language (1)" and reporting.describe_groups(None) == ""
     assert reporting.conversation_token_stats(pairs) == (10.0, 20) and reporting.conversation_token_stats([]) == (
         0.0,
         0,

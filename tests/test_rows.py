@@ -25,6 +25,7 @@ def data_config(**overrides):
         "prompt_key": "prompt",
         "format": "auto",
         "drop_identical_pairs": True,
+        "group_columns": ["domain", "language", "subset"],
         "max_length": 4096,
         "truncation": "error",
         "apply_chat_template_kwargs": {},
