@@ -10,14 +10,14 @@
 | `_build_model_optimizer`     | replaces         | verl builds a causal LM with flash_attention_2 and bf16; ours is btrm.modeling.build_model |
 | `_compute_loss_and_backward` | replaces         | token cross-entropy under a hard-coded bf16 autocast becomes the preference loss    |
 | `training_step`              | replaces         | micro-batches dealt over ranks by tokens; metrics over all ranks (verl all-reduces only on CUDA); a non-finite step is skipped |
-| `validation_step`            | replaces         | every validation pair scored once; metrics over the whole set and all ranks         |
-| `save_checkpoint`            | replaces         | verl tracks and prunes before the save is complete, saves non-finite weights, pickles data.pt |
+| `validation_step`            | replaces         | every validation pair scored once; metrics over the whole set and all ranks, per strength and per group |
+| `save_checkpoint`            | replaces         | verl tracks and prunes before the save is complete, saves non-finite weights, pickles data.pt; a failed write is one line |
 | `_init_checkpoint_manager`   | extends          | under LoRA verl's HF export would write peft keys as a plain model; ours replaces it |
 | `load_checkpoint`            | replaces         | verl restarts at step 0 without a tracker, replays epochs, loads with weights_only=False |
 | `_load_dataloader_state`     | inherited, unused | only verl's load_checkpoint calls it                                               |
 | `_determine_resume_path`     | inherited, unused | only verl's load_checkpoint calls it (btrm.checkpoint.find_resume_checkpoint here) |
 | `_find_latest_checkpoint`    | inherited, unused | only verl's load_checkpoint calls it                                               |
-| `fit`                        | replaces         | logs BT metrics, keeps the epoch schedule under total_training_steps, stops a diverged run unsaved |
+| `fit`                        | replaces         | logs BT metrics, keeps the epoch schedule under total_training_steps, stops a diverged run unsaved, saves and exits on a stop signal, names a hung peer |
 
 verl's module-level `run_sft` / `main` always ask for nccl: `run` / `main` here start gloo on CPU.
 
@@ -33,7 +33,11 @@ The recipe:
   the new one is complete (btrm.checkpoint); a HF export every consumer scores alike (btrm.export);
 - guards: non-finite steps skipped and counted, a run that keeps diverging stops, non-finite weights are
   never saved, a failing validation saves the trained state first;
-- reporting: a start-up summary, one console line a step, a history file, trackers, curves (btrm.reporting).
+- faults (btrm.faults): a stop signal (preemption, Ctrl-C) saves at the step boundary and exits 75, a
+  collective that times out names the step and the silent ranks, a failed write during a save is one
+  line and keeps the previous checkpoint; torchrun restarts resume exactly (run_bt_rm.sh MAX_RESTARTS);
+- reporting: a start-up summary, one console line a step, validation metrics per |strength| and per value
+  of data.group_columns, a history file, trackers, curves (btrm.reporting).
 """
 
 from __future__ import annotations

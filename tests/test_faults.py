@@ -159,6 +159,30 @@ def test_stop_signals_save_and_exit_75_and_the_rerun_equals_the_uninterrupted_ru
     assert got[12] == full[12]
 
 
+def test_heartbeats_name_the_ranks_behind_the_reporting_one():
+    from torch.distributed import HashStore
+
+    store = HashStore()
+    ranks = [faults.Heartbeats(store, rank, 3) for rank in range(3)]
+    for rank in ranks:
+        rank.beat(5, "starting the step")
+    ranks[0].beat(5, "starting validation")
+    ranks[2].beat(5, "starting validation")
+    assert ranks[0].silent_ranks() == "not answering: rank 1 (last seen at step 5, starting the step)"
+    ranks[1].beat(5, "starting validation")
+    assert ranks[0].silent_ranks() == "every rank had reached this point (one is stuck inside it)"
+    timeout = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation")
+    failure = faults.collective_failure(timeout, step=5, doing="validating", timeout_s=5, heartbeats=ranks[0], rank=0)
+    assert isinstance(failure, faults.CollectiveTimeout) and " at step 5 while validating; every rank had" in str(
+        failure
+    )
+    gone = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:60545")
+    assert isinstance(
+        faults.collective_failure(gone, step=5, doing="x", timeout_s=5, heartbeats=None, rank=1), faults.PeerLost
+    )
+    assert faults.collective_failure(ValueError("x"), step=5, doing="x", timeout_s=5, heartbeats=None, rank=0) is None
+
+
 # ----------------------------------------------------------------------------- a rank dies
 
 
