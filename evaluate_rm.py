@@ -266,8 +266,8 @@ def group_accuracies(correct: list[bool], groups: list[dict[str, str]], columns:
     return {"accuracy_by_group": by_group, **({"pooled_groups": index.pooled} if index.pooled else {})}
 
 
-def score_lines(chosen, rejected, strengths, sources, subsets, groups) -> Iterator[str]:
-    """One JSON line per pair, in data order; `source` is the file and row the pair came from."""
+def score_records(chosen, rejected, strengths, sources, subsets, groups) -> Iterator[dict]:
+    """One record per pair, in data order; `source` is the file and row the pair came from."""
     for index, (c, r, s, source, subset, pair_groups) in enumerate(
         zip(chosen, rejected, strengths, sources, subsets, groups, strict=True)
     ):
@@ -284,17 +284,16 @@ def score_lines(chosen, rejected, strengths, sources, subsets, groups) -> Iterat
             record["subset"] = subset
         if pair_groups:
             record["groups"] = pair_groups
-        yield json.dumps(record) + "\n"
+        yield record
 
 
 def write_scores(path: Path, chosen, rejected, strengths, sources=None, subsets=None, groups=None) -> None:
     """Per-pair scores to `path`, atomically (btrm.atomic: temp file + rename, mode from the umask)."""
     n = len(chosen)
-    with atomic.atomic_outputs([path]) as (temp,), open(temp, "w", encoding="utf-8") as out:
-        for line in score_lines(
-            chosen, rejected, strengths, sources or [None] * n, subsets or [None] * n, groups or [{}] * n
-        ):
-            out.write(line)
+    write_records(
+        path,
+        score_records(chosen, rejected, strengths, sources or [None] * n, subsets or [None] * n, groups or [{}] * n),
+    )
 
 
 # ----------------------------------------------------------------------------- data sources

@@ -185,13 +185,14 @@ def world_size_from(torchrun_args: Sequence[str]) -> int | None:
     return int(nnodes) * int(nproc) if nnodes.isdigit() and nproc.isdigit() else None
 
 
-def live_children() -> list[int]:
-    """PIDs of this process's live child processes (Linux /proc; empty elsewhere)."""
+def live_children(parent: int | None = None) -> list[int]:
+    """PIDs of the live child processes of `parent` (default: this process); Linux /proc, empty elsewhere."""
+    parent = os.getpid() if parent is None else parent
     children = []
     for stat in glob.glob("/proc/[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            if int(fields[1]) == parent and fields[0] != "Z":
                 children.append(int(Path(stat).parent.name))
     return children
 

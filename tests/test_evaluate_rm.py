@@ -345,11 +345,11 @@ def test_scores_file_is_atomic_and_gets_the_umask_mode(tmp_path, monkeypatch):
     before = output.read_bytes()
     assert [json.loads(line)["correct"] for line in before.decode().splitlines()] == [True, False]
 
-    def failing_lines(*args):  # the first line is written, then the disk fills up
-        yield '{"row": 1}\n'
+    def failing_records(*args):  # the first line is written, then the disk fills up
+        yield {"row": 1}
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(evaluate_rm, "score_lines", failing_lines)
+    monkeypatch.setattr(evaluate_rm, "score_records", failing_records)
     with pytest.raises(OSError, match="No space left"):
         evaluate_rm.write_scores(output, [5.0], [4.0], [None])
     assert output.read_bytes() == before

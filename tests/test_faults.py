@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from btrm import checkpoint, faults
+from btrm import checkpoint, faults, launcher
 from conftest import REFERENCE, REPO, history, run_trainer, trainer_env
 
 INJECTION = (f"data.custom_cls.path={REPO / 'tests' / 'fault_injection.py'}", "data.custom_cls.name=PairDataset")
@@ -51,19 +51,16 @@ def wait_for_step(process, tmp_path, name, step, timeout=240) -> None:
 
 
 def rank_pids(launcher_pid: int) -> dict[int, int]:
-    """{rank: pid} of the launcher's worker processes, read from /proc."""
+    """{rank: pid} of the launcher's worker processes (their RANK from /proc/PID/environ)."""
     pids = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid in launcher.live_children(launcher_pid):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher_pid:
-                continue
-            environ = dict(
-                item.split("=", 1) for item in (stat.parent / "environ").read_text().split("\0") if "=" in item
-            )
-        except (OSError, IndexError, ValueError):
+            environ = Path(f"/proc/{pid}/environ").read_text().split("\0")
+        except OSError:
             continue
-        if "RANK" in environ:
-            pids[int(environ["RANK"])] = int(stat.parent.name)
+        rank = next((item.split("=", 1)[1] for item in environ if item.startswith("RANK=")), None)
+        if rank is not None:
+            pids[int(rank)] = pid
     return pids
 
 
