@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.bench_vs_trl                 # both sides: 128 pairs, 8 steps of 16 (a few minutes)
     .venv/bin/python -m bench.bench_vs_trl --skip-trl      # bt-rm only; TRL's figures from its last run of this config
     .venv/bin/python -m bench.bench_vs_trl --btrm-override data.share_prompt=false   # an experiment on bt-rm's side
+    .venv/bin/python -m bench.bench_vs_trl --trl-per-device-batch 1   # TRL at its fastest here: one pair per device micro-step
     .venv/bin/python -m bench.bench_vs_trl --dry           # build model, data and both command lines; run nothing
 
 TRL runs from the project's test venv (`bash setup.sh --test`: requirements-test.txt pins trl 1.16.0 next to the
@@ -218,7 +219,7 @@ def trl_command(paths: dict[str, Path], args, port: int, python: str) -> tuple[l
         "--output-dir",
         str(paths["work"] / "trl"),
         "--per-device-batch",
-        str(PAIRS_PER_RANK),
+        str(args.trl_per_device_batch),
         "--max-steps",
         str(args.steps if args.steps < args.pairs // STEP_PAIRS else -1),
         "--lr",
@@ -333,6 +334,7 @@ def fingerprint(args) -> dict:
         "max_length": args.max_length,
         "lr": args.lr,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "trl_per_device_batch": args.trl_per_device_batch,
         "data_seed": args.data_seed,
         "model": model_dims(),
         "val_pairs": VAL_PAIRS,
@@ -418,7 +420,10 @@ def run_trl_worker(ns) -> None:
             "train_runtime": output.metrics["train_runtime"],
             "train_begin": timer.begin,
             "step_ends": timer.ends,
-            "train_pairs": len(timer.ends) * config.per_device_train_batch_size * trainer.accelerator.num_processes,
+            "train_pairs": len(timer.ends)
+            * config.per_device_train_batch_size
+            * config.gradient_accumulation_steps
+            * trainer.accelerator.num_processes,
             "train_dataset_pairs": len(trainer.train_dataset),
             "computed_tokens": int(computed.item()),
             "conversation_tokens": int(conversation_tokens),
@@ -442,7 +447,8 @@ def trl_config(ns):
         output_dir=ns.output_dir,
         per_device_train_batch_size=ns.per_device_batch,
         per_device_eval_batch_size=ns.per_device_batch,
-        gradient_accumulation_steps=1,
+        # the same pairs a step either way: 8 per device at once (TRL's default shape), or one at a time
+        gradient_accumulation_steps=PAIRS_PER_RANK // ns.per_device_batch,
         num_train_epochs=1,
         max_steps=ns.max_steps,
         learning_rate=ns.lr,
@@ -492,6 +498,14 @@ def parse_args(argv=None):
         help="extra Hydra overrides for bt-rm only, e.g. data.share_prompt=false",
     )
     parser.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off", help="on both sides")
+    parser.add_argument(
+        "--trl-per-device-batch",
+        type=int,
+        choices=(PAIRS_PER_RANK, 1),
+        default=PAIRS_PER_RANK,
+        help=f"TRL's pairs per device micro-step: {PAIRS_PER_RANK} (its default shape, padded to the longest) or 1 "
+        f"(its fastest here: no padding, {PAIRS_PER_RANK} accumulation steps); 16 pairs a step either way",
+    )
     parser.add_argument("--max-length", type=int, default=MAX_LENGTH)
     parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--data-seed", type=int, default=0)

@@ -157,6 +157,18 @@ def test_trl_config_matches_btrm_where_it_must(tmp_path):
     assert config.use_cpu and config.seed == 42 and config.dataloader_num_workers == 0 and config.report_to == []
 
 
+def test_trl_one_pair_per_device_step_keeps_16_pairs_a_step(tmp_path):
+    """TRL's fastest shape here: one pair per device micro-step (no padding), accumulated to the same 16 a step."""
+    pytest.importorskip("trl")
+    args = bench.parse_args(["--trl-per-device-batch", "1"])
+    trl, _ = bench.trl_command(fake_paths(tmp_path), args, 29502, "python")
+    worker = bench.parse_args(["--trl-worker", "--output-dir", str(tmp_path), *trl[trl.index("--per-device-batch") :]])
+    config = bench.trl_config(worker)
+    assert config.per_device_train_batch_size == 1 and config.gradient_accumulation_steps == 8
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps * bench.RANKS == 16
+    assert bench.fingerprint(args) != bench.fingerprint(bench.parse_args([]))  # --skip-trl never reuses the other
+
+
 def test_worker_imports_only_the_standard_library_at_module_level():
     """torchrun runs this file in the TRL venv, which has neither the project's modules nor its other packages."""
     tree = ast.parse((REPO / "bench" / "bench_vs_trl.py").read_text())
