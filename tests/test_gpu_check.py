@@ -3,8 +3,8 @@
 The GPU run is what measures; this keeps its script from rotting between GPU sessions: every part runs with
 SIZES['dry'] (tiny models, fp32, a per-segment sdpa stand-in for varlen_attn) and reports results, not errors,
 into a results folder the device tool can bring back whole, even when the command is killed partway.
-About 2 minutes on 2 idle cores (one subprocess per part, one trainer launch, one btrm.plan call), plus a
-second run killed once its first part is done.
+About 4 minutes on 2 cores shared with other jobs (one subprocess per part, one trainer launch, one btrm.plan
+call), plus a second run killed once its first part is done (under a minute).
 """
 
 import contextlib

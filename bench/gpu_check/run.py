@@ -82,8 +82,7 @@ def run_part(ctx: Context, part: str, progress: list[dict], save) -> dict:
     remaining = ctx.remaining()
     if remaining < MIN_PART_S:
         return {"status": "skipped", "skipped": f"out of time ({remaining:.0f} s left of total_s)"}
-    last = part == PART_ORDER[-1]
-    timeout = remaining if last else min(ctx.sizes["part_s"][part], remaining)
+    timeout = min(ctx.sizes["part_s"][part], remaining)
     print(f"gpu_check: {part} (limit {timeout:.0f} s) ...", file=sys.stderr, flush=True)
     start = time.monotonic()
 
