@@ -83,15 +83,19 @@ def test_the_probe_masks_are_aligned_as_named():
 
 
 def test_a_command_s_lines_arrive_while_it_runs(tmp_path):
-    """Progress lines reach the main process as they are written, not when the command ends."""
+    """Progress lines reach the main process as they are written, not when the command ends (or is stopped)."""
     seen = []
     code = "import time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(1.5 if i == 1 else 0)\ntime.sleep(30)"
     started = time.monotonic()
     result = common.run_command(
-        [sys.executable, "-c", code], tmp_path / "log", timeout=4, on_line=lambda line: seen.append(line)
+        [sys.executable, "-c", code],
+        tmp_path / "log",
+        timeout=6,
+        on_line=lambda line: seen.append((line, time.monotonic() - started)),
     )
     assert result["timed_out"] and time.monotonic() - started < 20
-    assert seen == ["0", "1", "2"]
+    assert [line for line, _ in seen] == ["0", "1", "2"]
+    assert all(arrived < 5.5 for _, arrived in seen), seen  # before the command was stopped at 6 s
 
 
 def test_a_part_cut_off_keeps_the_modes_it_finished():
