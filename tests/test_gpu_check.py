@@ -243,7 +243,7 @@ def test_a_run_killed_partway_leaves_the_parts_it_finished(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.communicate()
-    assert status == "ok"
+    assert status == "ok" and proc.returncode == -signal.SIGKILL  # killed partway, not finished
     files = files_below(out)
     assert len(files) <= 4, files
     result = json.loads((out / report.REPORT_FILE).read_text())
