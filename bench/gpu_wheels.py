@@ -25,10 +25,16 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.markers import Marker
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
-from packaging.version import InvalidVersion, Version
+try:
+    from packaging.markers import Marker
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import InvalidVersion, Version
+except ImportError:  # a bare python3 with pip alone (gpu_prepare.sh needs pip anyway): pip's own copy
+    from pip._vendor.packaging.markers import Marker
+    from pip._vendor.packaging.requirements import InvalidRequirement, Requirement
+    from pip._vendor.packaging.utils import canonicalize_name
+    from pip._vendor.packaging.version import InvalidVersion, Version
 
 REPO = Path(__file__).resolve().parent.parent
 
