@@ -251,3 +251,31 @@ def test_a_run_killed_partway_leaves_the_parts_it_finished(tmp_path):
     assert result["parts"]["smoke"]["status"] == "ok" and result["parts"]["smoke"]["result"]["kernel"]
     assert result["parts"]["throughput_large"]["status"] == "not run"
     assert "[smoke] ok" in (out / report.SUMMARY_FILE).read_text()
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_sigterm_stops_the_running_part_and_prints_the_table(tmp_path):
+    out = tmp_path / "out"
+    proc = start_dry_run(out, tmp_path / "work", "--parts", "smoke")
+    deadline = time.monotonic() + 120
+    status = None
+    while time.monotonic() < deadline and proc.poll() is None and status != "running":
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            status = json.loads((out / report.REPORT_FILE).read_text())["parts"]["smoke"]["status"]
+        time.sleep(0.2)
+    workers = common.descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)  # gpu_check.sh execs python: this is the main process
+    stdout, _ = proc.communicate(timeout=60)
+    assert status == "running" and workers and proc.returncode == 143
+    assert not [pid for pid in workers if running(pid)]  # the part's worker and what it started were stopped
+    result = json.loads((out / report.REPORT_FILE).read_text())
+    assert result["interrupted"] and result["parts"]["smoke"]["status"] == "interrupted"
+    assert stdout.rstrip().endswith((out / report.SUMMARY_FILE).read_text().strip())
+    assert "[smoke] interrupted" in stdout

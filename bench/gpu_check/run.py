@@ -214,6 +214,7 @@ def main(argv=None) -> dict | None:
         for part in report["part_order"]:
             current, progress = part, []
             report["parts"][part] = {"status": "running"}
+            save()  # a kill now shows which part was running
 
             def save_progress(part=part, progress=progress) -> None:
                 report["parts"][part] = {"status": "running", **partial(progress)}
@@ -223,6 +224,7 @@ def main(argv=None) -> dict | None:
             current = None
             save()
     except (Interrupted, KeyboardInterrupt):
+        report["interrupted"] = True
         if current is not None:
             report["parts"][current] = {**report["parts"][current], "status": "interrupted"}
             report["parts"][current]["error"] = "stopped by a signal (the command's time limit?)"
