@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The whole GPU check in one command (bench/gpu_check.py: segment layouts, throughput and MFU, peak memory against
-# btrm.plan, the real trainer under FSDP2 / FSDP1 / CPU offload), writing one JSON. Under 8 minutes on 1x H200.
+# The whole GPU check in one command (python -m bench.gpu_check; docs/gpu.md, "On a GPU for the first time").
 #
-#   bash bench/gpu_check.sh              # on the lent GPU box, from a copy of the repository with .whl/ and .raystub/
-#   bash bench/gpu_check.sh --dry        # anywhere: the same script on CPU with tiny sizes (well under a minute)
-#   bash bench/gpu_check.sh --help       # gpu_check.py's options (--out, --parts, --workdir ...)
+#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh   # on the GPU box, from a copy with .whl/ and .raystub/
+#   bash bench/gpu_check.sh --dry                    # anywhere: the same parts on CPU with tiny sizes
+#   bash bench/gpu_check.sh --help                   # the options (--results, --parts, --workdir)
 #
-# Setup (not with --dry): the box has its own torch (2.11, CUDA 13) and transformers 5.x but no registry, so the
-# carried wheels in .whl/ (../shared/gpu/fetch_wheels.sh: verl 0.6.1, transformers 4.57.6, ...) are installed once
-# into /tmp/site and put first on PYTHONPATH with the ray stub in .raystub/ (../shared/gpu/README.md).
-# When $OUT is set (the device tool's folder, the only one that comes back), the JSON and the logs are copied there.
+# Prepare with `bash bench/gpu_prepare.sh` on a machine that reaches the package registry. The box has its own
+# torch (2.11, CUDA 13) and transformers 5.x but no registry: the carried wheels in .whl/ are installed once into
+# /tmp/site and put first on PYTHONPATH with the ray stub in .raystub/. With $OUT set (the device tool's folder,
+# the only one that comes back) the results go there: gpu_check.json, gpu_check.txt, gpu_check-logs.tar.gz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export GPU_CHECK_T0=${GPU_CHECK_T0:-$(date +%s)}   # the parts' deadline counts from here (the install included)
+export PYTHONUNBUFFERED=1                           # every line reaches the log (and the tool's tail) at once
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1   # no hub: fail at once, never wait on it
+export GPU_CHECK_COMMAND="bash bench/gpu_check.sh $*"
 
 PYTHON=${PYTHON:-auto}   # interpreter; auto: the project's .venv/bin/python when it exists, else python3
 SITE=${GPU_CHECK_SITE:-/tmp/site}  # where the carried wheels are installed
@@ -34,7 +37,7 @@ elif compgen -G '.whl/*.whl' >/dev/null; then
     touch "$SITE/.gpu_check_installed"
     setup="installed $(ls .whl/*.whl | wc -l) wheels from .whl/ into $SITE in $((SECONDS - start)) s"
   else
-    # recorded rather than fatal: the parts then fail one by one with their import errors in the JSON
+    # recorded rather than fatal: the smoke part then shows which import fails
     setup="pip install of .whl/ into $SITE FAILED"
   fi
   [[ -d .raystub ]] || setup="$setup; no .raystub/ (verl imports ray at import time)"
@@ -44,5 +47,5 @@ export GPU_CHECK_SETUP="$setup"
 echo "gpu_check.sh: $setup" >&2
 
 args=("$@")
-if [[ -n "${OUT:-}" ]]; then args+=(--copy-to "$OUT"); fi
-exec "$PYTHON" bench/gpu_check.py "${args[@]}"
+if [[ -n "${OUT:-}" ]]; then args+=(--results "$OUT"); fi
+exec "$PYTHON" -m bench.gpu_check "${args[@]}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How close btrm.plan's planned peak is to a real step's, measured independently on CPU.
 
-    .venv/bin/python bench/plan_accuracy.py [--cases NAME ...] [--workdir DIR]
+    .venv/bin/python -m bench.plan_accuracy [--cases NAME ...] [--workdir DIR]   # from the repository root
 
 For each case (a random Qwen3 large enough that tensors dominate the process; full fine-tuning and LoRA, the
 packed and padded layouts, with and without gradient checkpointing), on one CPU rank in fp32:
@@ -166,7 +166,7 @@ def run_measurement(overrides: list[str], tokens: int) -> dict:
     spec = {"overrides": overrides, "tokens": tokens, "port": free_port()}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(
-        [sys.executable, __file__, "--measure", json.dumps(spec)],
+        [sys.executable, "-m", "bench.plan_accuracy", "--measure", json.dumps(spec)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -236,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where the random models go (default: a temp dir)")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # the subprocess's spec
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO))
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure))))
         return 0

@@ -239,15 +239,17 @@ def launch(torchrun_argv: Sequence[str]) -> int:
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import get_args_parser, run
 
     from btrm import faults
 
+    parser = get_args_parser()
+    torchrun_argv = fitted_to_torchrun(parser, torchrun_argv)
     # torchrun's agent logs every stopped worker; the failure itself is reported below.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         with SecondInterrupt() as interrupts:
-            run(parse_args(list(torchrun_argv)))
+            run(parser.parse_args(torchrun_argv))
     except SignalException:
         # torchrun forwarded a stop signal and waited for the ranks to save and exit (faults.EXIT_STOPPED)
         if interrupts.killed:
@@ -271,6 +273,66 @@ def launch(torchrun_argv: Sequence[str]) -> int:
                 print(message, file=sys.stderr, flush=True)
         return EXIT_REPORTED
     return 0
+
+
+def torchrun_grace_default() -> str:
+    """How long this torch's torchrun waits for the ranks after forwarding a stop signal, when no option says:
+    the default of its process context's close() (30 s in torch 2.11, hard-coded there, no environment variable)."""
+    import inspect
+
+    try:
+        from torch.distributed.elastic.multiprocessing.api import PContext
+
+        return f"{inspect.signature(PContext.close).parameters['timeout'].default} s"
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+        return "its own default"
+
+
+def fitted_to_torchrun(parser, argv: Sequence[str]) -> list[str]:
+    """torchrun's arguments less the ones this torch's torchrun does not have, each said in one line.
+
+    run_bt_rm.sh always passes --shutdown-timeout, which torchrun gained after torch 2.11 (a cluster image or
+    GPU box with an older torch than the pin); without it torchrun would refuse the whole launch. Only options
+    before the training script are torchrun's; the rest are the script's own.
+    """
+    known = set(parser._option_string_actions)
+    argv = list(argv)
+    script = next((i for i, arg in enumerate(argv) if arg.endswith(".py")), len(argv))
+    kept: list[str] = []
+    index = 0
+    while index < script:
+        arg = argv[index]
+        option, has_value, value = arg.partition("=")
+        if option not in TORCHRUN_OPTIONAL or option in known:
+            kept.append(arg)
+            index += 1
+            continue
+        if not has_value and index + 1 < script:  # `--shutdown-timeout 900`
+            value = argv[index + 1]
+            index += 1
+        index += 1
+        print(TORCHRUN_OPTIONAL[option](value), file=sys.stderr, flush=True)
+    return kept + argv[script:]
+
+
+# torchrun options the launcher passes that an older torchrun lacks: what happens without each, in one line.
+TORCHRUN_OPTIONAL: dict[str, Callable[[str], str]] = {
+    **dict.fromkeys(
+        ("--shutdown-timeout", "--shutdown_timeout"),
+        lambda value: (
+            f"note: this torch's torchrun has no --shutdown-timeout (added after torch 2.11): after a stop signal "
+            f"the ranks get torchrun's own grace period, {torchrun_grace_default()}, to save, not {value} s "
+            f"(SHUTDOWN_TIMEOUT); a save cut short leaves the last complete checkpoint"
+        ),
+    ),
+    **dict.fromkeys(
+        ("--signals-to-handle", "--signals_to_handle"),
+        lambda value: (
+            f"note: this torch's torchrun has no --signals-to-handle: it forwards only its default stop signals, "
+            f"not all of {value} (trainer.stop_signals)"
+        ),
+    ),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

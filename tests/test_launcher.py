@@ -369,3 +369,60 @@ def test_launcher_reports_a_rank_failure_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torchrun, "run", failing_with({0: failure(0, 1), 1: failure(1, 2, line)}))
     with pytest.raises(ChildFailedError):
         launcher.launch(LAUNCHER)
+
+
+# ---- torchrun parsers of other torch versions (torch 2.11's has no --shutdown-timeout)
+
+
+def torchrun_parser_without(*options: str):
+    """torch's torchrun parser less `options`, as an older torch builds it: the option is refused on the command
+    line, and its namespace attribute keeps the default (torch 2.13's run() still reads it)."""
+    import torch.distributed.run as torchrun
+
+    real = torchrun.get_args_parser
+
+    def get_args_parser():
+        parser = real()
+        for option in options:
+            action = parser._option_string_actions[option]
+            parser._remove_action(action)
+            for name in action.option_strings:
+                del parser._option_string_actions[name]
+            for group in parser._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            parser.set_defaults(**{action.dest: action.default})
+        return parser
+
+    return get_args_parser
+
+
+def test_launch_with_a_torchrun_that_lacks_shutdown_timeout_starts_the_ranks(tmp_path, monkeypatch, capsys):
+    import torch.distributed.run as torchrun
+
+    monkeypatch.setattr(torchrun, "get_args_parser", torchrun_parser_without("--shutdown-timeout"))
+    with pytest.raises(SystemExit):  # the stand-in refuses the option, as torch 2.11's torchrun does
+        torchrun.parse_args(["--shutdown-timeout=900", "x.py"])
+    capsys.readouterr()
+    script = tmp_path / "worker.py"
+    script.write_text("import os, sys\nopen(os.path.join(sys.argv[1], 'rank' + os.environ['RANK']), 'w').close()\n")
+    argv = ["--nnodes=1", "--nproc_per_node=2", f"--master_port={free_port()}", "--shutdown-timeout=900"]
+    assert launcher.launch([*argv, str(script), str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0", "rank1"]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "no --shutdown-timeout" in notes[0], notes
+    assert "grace period, 30 s, to save, not 900 s" in notes[0]  # torch 2.11's PContext.close(timeout=30)
+
+
+def test_torchrun_arguments_are_kept_where_torchrun_has_them(capsys):
+    from torch.distributed.run import get_args_parser
+
+    argv = ["--nnodes=1", "--shutdown-timeout=900", "--signals-to-handle=SIGTERM", "bt_trainer.py", "a=1"]
+    assert launcher.fitted_to_torchrun(get_args_parser(), argv) == argv
+    older = torchrun_parser_without("--shutdown-timeout", "--signals-to-handle")()
+    spaced = ["--nnodes=1", "--shutdown-timeout", "900", "--signals-to-handle=SIGTERM", "bt_trainer.py", "a=1"]
+    assert launcher.fitted_to_torchrun(older, spaced) == ["--nnodes=1", "bt_trainer.py", "a=1"]
+    assert len(capsys.readouterr().err.splitlines()) == 2
+    # the script's own arguments are never touched, even when they look like torchrun's
+    script_args = ["--nnodes=1", "bt_trainer.py", "--shutdown-timeout=5"]
+    assert launcher.fitted_to_torchrun(older, script_args) == script_args
