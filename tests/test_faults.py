@@ -327,6 +327,13 @@ def torch_write_failure(path):
     )
 
 
+def safetensors_full(path):
+    """What safetensors (the HF export: transformers' save_pretrained) raises on a full disk: not an OSError."""
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
 @pytest.mark.parametrize(
     ("target", "attribute", "pattern", "error", "named"),
     [
@@ -338,6 +345,7 @@ def torch_write_failure(path):
             "model_world_size_1_rank_0.pt: No space left on device (ENOSPC)",
         ),
         (torch, "save", "model_world_size_1_rank_0.pt", torch_write_failure, "write failed (torch.save"),
+        (torch, "save", "model_world_size_1_rank_0.pt", safetensors_full, "No space left on device (ENOSPC)"),
         (torch, "save", "data.pt", enospc, "No space left on device (ENOSPC)"),
         (os, "replace", checkpoint.STATE_FILE, read_only, "bt_state.json: Permission denied (EACCES)"),
         (
@@ -348,7 +356,14 @@ def torch_write_failure(path):
             "latest_checkpointed_iteration.txt: Permission denied (EACCES)",
         ),
     ],
-    ids=["shard-enospc", "shard-torch-writer", "data-state-enospc", "completeness-mark-eacces", "tracker-eacces"],
+    ids=[
+        "shard-enospc",
+        "shard-torch-writer",
+        "export-safetensors-enospc",
+        "data-state-enospc",
+        "completeness-mark-eacces",
+        "tracker-eacces",
+    ],
 )
 def test_a_failed_write_anywhere_in_a_save_is_one_line_and_keeps_the_previous_checkpoint(
     one_rank_group, tmp_path, monkeypatch, target, attribute, pattern, error, named
