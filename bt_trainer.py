@@ -465,7 +465,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.doing = f"saving {directory}"
         try:
             self._write_checkpoint(step, directory)
-        except (OSError, RuntimeError) as error:
+        except Exception as error:  # a failed write is told apart by type (faults.save_failure); the rest re-raised
             failure = faults.save_failure(error, directory, checkpoint.tracked_checkpoint(root))
             if failure is None:
                 raise

@@ -201,16 +201,21 @@ def collective_failure(
 
 # torch.save reports a failed write from its zip writer as a RuntimeError without an errno.
 TORCH_WRITE_FAILURE = re.compile(r"PytorchStreamWriter failed|file write failed|unexpected pos", re.IGNORECASE)
+# safetensors (the HF export) reports one as SafetensorError "... I/O error: <strerror> (os error N)".
+SAFETENSORS_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def save_failure(error: BaseException, directory, latest) -> CheckpointSaveError | None:
-    """One line for a write that failed while saving `directory`; None when `error` is not a failed write."""
+    """One line for a write that failed while saving `directory`; None when `error` is not a failed write.
+    Told apart by type: OSError, safetensors' SafetensorError, torch.save's plain RuntimeError (its zip writer)."""
     if isinstance(error, OSError):
-        name = errno.errorcode.get(error.errno, "") if error.errno else ""
-        what = f"{error.strerror or error}" + (f" ({name})" if name else "")
-        path = error.filename or directory
-    elif isinstance(error, RuntimeError) and TORCH_WRITE_FAILURE.search(str(error)):
-        what, path = "write failed (torch.save; the disk may be full)", directory
+        what, path = _os_error_text(error.errno, error.strerror or str(error)), error.filename or directory
+    elif _is_safetensors_error(error):
+        code = SAFETENSORS_OS_ERROR.search(str(error))
+        text = os.strerror(int(code.group(1))) if code else "write failed"
+        what, path = _os_error_text(int(code.group(1)) if code else None, text) + " (safetensors)", directory
+    elif type(error) is RuntimeError and TORCH_WRITE_FAILURE.search(str(error)):
+        what, path = f"write failed (torch.save){_free_space(directory)}", directory
     else:
         return None
     kept = (
@@ -434,3 +439,24 @@ class StopRelay:
                 )
             (self.directory / STOP_RELAYED).touch()
             return
+
+
+def _os_error_text(code: int | None, text: str) -> str:
+    name = errno.errorcode.get(code, "") if code else ""
+    return text + (f" ({name})" if name else "")
+
+
+def _is_safetensors_error(error: BaseException) -> bool:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return False
+    return isinstance(error, SafetensorError)
+
+
+def _free_space(directory) -> str:
+    """'; N bytes free on its filesystem' (torch's zip writer does not say why a write failed)."""
+    for path in (Path(directory), *Path(directory).parents):
+        with contextlib.suppress(OSError):
+            return f"; {shutil.disk_usage(path).free:,} bytes free on its filesystem"
+    return ""
