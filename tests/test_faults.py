@@ -200,6 +200,7 @@ def test_a_stop_signal_to_the_ranks_alone_ends_the_job_though_torchrun_may_resta
     assert (tmp_path / "ckpt" / name / f"global_step_{saved}" / checkpoint.STATE_FILE).is_file()
     assert max(logged_steps(tmp_path, name)) <= saved + 2, out[-2000:]
     assert "resumed from" not in out
+    assert "ended an earlier attempt" not in out  # the launcher relayed the stop: torchrun restarted nothing
     assert f"stopped by SIGTERM after step {saved} of 24: saved " in out
 
 
@@ -475,3 +476,50 @@ def test_stop_after_a_signal_exits_75_only_when_every_rank_says_it_saved(tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: stopped by SIGTERM, but rank 1 ended without saying it saved") and "killed" in err
     assert not [key for key in os.environ if key == "BTRM_OUTCOME_DIR"]  # the launch's own, removed after it
+
+
+def test_a_rank_restarted_after_a_stop_exits_75_at_once_and_records_how_each_rank_ended(tmp_path, monkeypatch):
+    """The backstop when torchrun restarts the ranks anyway (the relay could not signal it): the restarted
+    rank does not train on. And each rank's record says how it ended (RankOutcome)."""
+    monkeypatch.setenv("BTRM_OUTCOME_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    with faults.RankOutcome():  # a first attempt that finishes: 0
+        pass
+    assert json.loads((tmp_path / "rank-1.json").read_text()) == {"rank": 1, "attempt": 0, "exit": 0}
+    monkeypatch.setattr(faults, "RELAY_WAIT_S", 0.2)
+    with pytest.raises(SystemExit), faults.RankOutcome():
+        faults.announce_stop(["SIGTERM", "SIGINT"])
+        raise SystemExit(faults.EXIT_STOPPED)
+    assert json.loads((tmp_path / "rank-1.json").read_text())["exit"] == faults.EXIT_STOPPED
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    trained = []
+    with pytest.raises(SystemExit) as exited, faults.RankOutcome():
+        trained.append(True)
+    assert exited.value.code == faults.EXIT_STOPPED and not trained
+    assert json.loads((tmp_path / "rank-1.json").read_text()) == {"rank": 1, "attempt": 1, "exit": 75}
+
+
+def test_the_launcher_relays_a_stop_the_ranks_alone_received_to_torchrun_once(monkeypatch):
+    """StopRelay signals this process (torchrun's agent) with one of the ranks' stop signals that torchrun
+    handles, never SIGINT, and not at all when this process was signalled itself."""
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        with faults.StopRelay(["SIGINT", "SIGTERM", "SIGUSR1"], lambda: False) as relay:
+            monkeypatch.setenv("RANK", "0")
+            faults.announce_stop(["SIGINT", "SIGUSR1"])  # SIGINT first in trainer.stop_signals: skipped
+            deadline = time.monotonic() + 10
+            while not (relay.directory / faults.STOP_RELAYED).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert received == [signal.SIGUSR1] and relay.relayed == signal.SIGUSR1
+        with faults.StopRelay(["SIGTERM", "SIGUSR1"], lambda: True) as relay:
+            faults.announce_stop(["SIGUSR1"])
+            deadline = time.monotonic() + 10
+            while not (relay.directory / faults.STOP_RELAYED).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert received == [signal.SIGUSR1] and relay.relayed is None  # torchrun was signalled already
+        assert not relay.directory.exists() and "BTRM_OUTCOME_DIR" not in os.environ
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
