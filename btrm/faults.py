@@ -292,16 +292,19 @@ class RankOutcome:
         self.directory = _outcome_dir()
         if self.directory is None:
             return self
+        earlier = rank_records(self.directory).get(_rank(), {}).get("exit")
         self._record(None)
         if _attempt() > 0 and stop_announced(self.directory) is not None:
+            # the earlier attempt's own status: 75 after a save, 2 after a failed one (its line said why)
+            status = earlier if isinstance(earlier, int) and earlier not in (0, EXIT_PEER_LOST) else EXIT_STOPPED
             if _rank() == 0:
                 print(
-                    "stopped: a stop signal ended an earlier attempt of this launch after its checkpoint was saved; "
-                    "not training on after torchrun's restart. Run the same command again to resume",
+                    "stopped: a stop signal ended an earlier attempt of this launch; not training on after "
+                    "torchrun's restart. Run the same command again to resume",
                     flush=True,
                 )
-            self._record(EXIT_STOPPED)
-            raise SystemExit(EXIT_STOPPED)
+            self._record(status)
+            raise SystemExit(status)
         return self
 
     def __exit__(self, exc_type, error, traceback) -> None:
