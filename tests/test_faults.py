@@ -92,6 +92,20 @@ def test_repeated_signal_is_one_request_and_a_second_ctrl_c_stops_at_once(monkey
     assert stops.received == signal.SIGINT
 
 
+def test_a_rank_leaving_on_a_stop_ignores_further_stop_signals():
+    """After the save, torchrun's forward or the launcher's relay of the stop must not kill the rank before it
+    reports (its record says 75 only once it exits through bt_trainer.main)."""
+    try:
+        with pytest.raises(faults.Stopped), faults.StopSignals(["SIGTERM", "SIGUSR1"]):
+            raise faults.Stopped("stopped by SIGTERM after step 3 of 12: saved ...")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # would end this test process with the default action
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+
 def test_torchrun_forwards_the_configured_signals():
     assert faults.torchrun_signals(["SIGTERM", "SIGUSR1"]) == "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
