@@ -378,9 +378,11 @@ def stop_status(records: dict[int, dict], received: signal.Signals) -> tuple[int
     if reported:
         line = records[reported[0]].get("line") if reported[0] != 0 else None
         return EXIT_FAILED_SAVE, line
+    if not records:
+        return 128 + int(received), f"error: stopped by {received.name} before any rank started; nothing was saved"
     unsaved = [rank for rank, status in statuses.items() if status != EXIT_STOPPED]
     ranks = ", ".join(str(rank) for rank in unsaved)
-    which = (f"rank {ranks} ended" if len(unsaved) == 1 else f"ranks {ranks} ended") if unsaved else "no rank reported"
+    which = f"rank {ranks} ended" if len(unsaved) == 1 else f"ranks {ranks} ended"
     return 128 + int(received), (
         f"error: stopped by {received.name}, but {which} without saying it saved (killed by the signal before "
         "training began, or by torchrun after --shutdown-timeout (SHUTDOWN_TIMEOUT) while saving, or failed "
