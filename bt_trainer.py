@@ -465,7 +465,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.doing = f"saving {directory}"
         try:
             self._write_checkpoint(step, directory)
-        except (OSError, RuntimeError) as error:
+        except Exception as error:  # a failed write is told apart by type (faults.save_failure); the rest re-raised
             failure = faults.save_failure(error, directory, checkpoint.tracked_checkpoint(root))
             if failure is None:
                 raise
@@ -639,6 +639,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         step, root = self.state.step, self.config.trainer.default_local_dir
         received = self.stop_signals.received
         by = received.name if received is not None else "a signal another rank received"
+        faults.announce_stop(self.config.trainer.stop_signals)  # so the launcher ends torchrun's run: no restart
         if self.state.consecutive_skipped_steps:
             saved = (
                 f"not saved (the last {self.state.consecutive_skipped_steps} steps had non-finite gradients); "
@@ -778,6 +779,7 @@ def run(config: DictConfig):
 
 
 @hydra.main(config_path=".", config_name="trainer", version_base=None)
+@faults.reports_outcome  # how this rank ended, for the launcher (btrm.faults.RankOutcome)
 def main(config: DictConfig):
     from btrm import launcher
 

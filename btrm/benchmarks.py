@@ -106,11 +106,14 @@ def rewardbench2_item(record: dict, where: str) -> RewardBench2Item:
 
 def best_of_n_result(scores: Sequence[float]) -> float:
     """One prompt's result: 1/k when chosen[0] (scores[0]) has the highest reward and k completions share it, else 0.
+    A NaN reward anywhere scores 0, as numpy makes it upstream.
 
     rewardbench/utils.py `reroll_and_score_dataset` lines 569-571:
         max_val = np.max(scores)
         new_row["results"] = (1 / np.sum(scores == max_val)) if scores[0] == max_val else 0
     """
+    if any(math.isnan(score) for score in scores):
+        return 0.0  # np.max propagates NaN and NaN equals nothing: scores[0] == max_val is False
     best = max(scores)
     return 1 / sum(score == best for score in scores) if scores[0] == best else 0.0
 

@@ -207,6 +207,7 @@ class SecondInterrupt:
 
     def __enter__(self) -> SecondInterrupt:
         self.killed = False
+        self.signals = 0  # any signal this process received (faults.StopRelay relays a stop only when none came)
         self._reader, self._writer = socket.socketpair()
         self._writer.setblocking(False)
         self._previous = signal.set_wakeup_fd(self._writer.fileno())
@@ -222,6 +223,7 @@ class SecondInterrupt:
         interrupts = 0
         with contextlib.suppress(OSError):
             while data := self._reader.recv(64):
+                self.signals += len(data)
                 interrupts += data.count(int(signal.SIGINT))
                 if interrupts >= 2:
                     for pid in live_children():
@@ -234,7 +236,9 @@ class SecondInterrupt:
 def launch(torchrun_argv: Sequence[str]) -> int:
     """torchrun, in this process. Ranks that stopped on an expected error have said why already
     (or left it in their error file): the launch ends with their exit status and no failure report.
-    Ranks that stopped on a signal after saving end it with faults.EXIT_STOPPED."""
+    Ranks that stopped on a signal end it with faults.EXIT_STOPPED when each says it saved
+    (faults.stop_status); a stop that reached only the ranks is relayed to torchrun (faults.StopRelay)
+    so that it does not restart them."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -247,15 +251,20 @@ def launch(torchrun_argv: Sequence[str]) -> int:
     torchrun_argv = fitted_to_torchrun(parser, torchrun_argv)
     # torchrun's agent logs every stopped worker; the failure itself is reported below.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    args = parser.parse_args(list(torchrun_argv))
+    handled = [name.strip() for name in getattr(args, "signals_to_handle", "SIGTERM").split(",")]
     try:
-        with SecondInterrupt() as interrupts:
-            run(parser.parse_args(torchrun_argv))
-    except SignalException:
-        # torchrun forwarded a stop signal and waited for the ranks to save and exit (faults.EXIT_STOPPED)
+        with SecondInterrupt() as interrupts, faults.StopRelay(handled, lambda: interrupts.signals > 0) as relay:
+            run(args)
+    except SignalException as stop:
+        # torchrun forwarded a stop signal and waited for the ranks to save and exit (or killed them)
         if interrupts.killed:
             print("stopped at once by a second SIGINT: the ranks were killed", file=sys.stderr, flush=True)
             return 128 + int(signal.SIGINT)
-        return faults.EXIT_STOPPED
+        status, line = faults.stop_status(relay.records, stop.sigval)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+        return status
     except ChildFailedError as failed:
         codes = {rank: failure.exitcode for rank, failure in failed.failures.items()}
         # Ranks whose peer stopped first (EXIT_PEER_LOST), and ranks torchrun stopped once one had

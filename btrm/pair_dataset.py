@@ -271,8 +271,11 @@ def group_index(groups: Sequence[dict[str, str]], columns: Sequence[str], max_gr
     """Each column's values, largest group first; a column with more than max_groups values keeps the
     max_groups - 1 largest and pools the rest as OTHER_GROUP. Ties in size are ordered by value, so
     every rank, which holds the whole validation set, builds the same index. Values whose labels
-    coincide ("a b" and "a_b"; a value named "other" and the pooled ones) are one group: one metric each."""
+    coincide ("a b" and "a_b"; a value named "other" and the pooled ones) are one group: one metric each.
+    Labels of two columns that coincide (domain=code_py and domain_code=py) are refused (ValueError): one
+    metric would silently overwrite the other."""
     labels: list[str] = []
+    owner: dict[str, tuple[str, str]] = {}  # label -> (column, value) that first named it
     members: list[list[int]] = [[] for _ in groups]
     pooled: dict[str, int] = {}
     label_columns: list[str] = []
@@ -284,7 +287,14 @@ def group_index(groups: Sequence[dict[str, str]], columns: Sequence[str], max_gr
             pooled[column] = len(ranked) - len(kept)
         position: dict[str, int] = {}  # label -> index in labels
         for value in ranked:
-            label = group_label(column, value if value in kept else OTHER_GROUP)
+            shown = value if value in kept else OTHER_GROUP
+            label = group_label(column, shown)
+            first_column, first_value = owner.setdefault(label, (column, shown))
+            if first_column != column:
+                raise ValueError(
+                    f"data.group_columns: {first_column}={first_value} and {column}={shown} both name the metric "
+                    f"val/accuracy_{label}; rename one of the columns (or values) so their labels differ"
+                )
             if label not in position:
                 position[label] = len(labels)
                 labels.append(label)

@@ -111,6 +111,27 @@ def test_best_of_n_is_one_over_the_number_sharing_the_top_when_chosen_is_on_top(
     assert benchmarks.best_of_n_result([5.0]) == 1.0
 
 
+@pytest.mark.parametrize(
+    "scores",
+    [
+        [1.0, math.nan],
+        [math.nan, 1.0],
+        [2.0, 1.0, math.nan],
+        [math.inf, 1.0],
+        [1.0, math.inf],
+        [math.inf, math.inf, 0.0],
+    ],
+)
+def test_best_of_n_with_non_finite_rewards_is_rewardbench_numpy_result(scores):
+    """numpy's max of scores with a NaN is NaN, and NaN equals nothing: rewardbench scores the prompt 0."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = rewardbench_best_of_n_reference(scores)
+    assert benchmarks.best_of_n_result(scores) == expected
+    if any(math.isnan(score) for score in scores):
+        assert expected == 0
+
+
 def rb2_item(subset, item_id, completions, num_chosen=1, num_correct=None):
     return benchmarks.RewardBench2Item(
         item_id, subset, "p", tuple(completions), num_chosen, num_correct, f"fixture {subset} {item_id}"

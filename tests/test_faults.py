@@ -92,6 +92,20 @@ def test_repeated_signal_is_one_request_and_a_second_ctrl_c_stops_at_once(monkey
     assert stops.received == signal.SIGINT
 
 
+def test_a_rank_leaving_on_a_stop_ignores_further_stop_signals():
+    """After the save, torchrun's forward or the launcher's relay of the stop must not kill the rank before it
+    reports (its record says 75 only once it exits through bt_trainer.main)."""
+    try:
+        with pytest.raises(faults.Stopped), faults.StopSignals(["SIGTERM", "SIGUSR1"]):
+            raise faults.Stopped("stopped by SIGTERM after step 3 of 12: saved ...")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # would end this test process with the default action
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+
 def test_torchrun_forwards_the_configured_signals():
     assert faults.torchrun_signals(["SIGTERM", "SIGUSR1"]) == "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
@@ -180,6 +194,30 @@ def test_heartbeats_name_the_ranks_behind_the_reporting_one():
     assert faults.collective_failure(ValueError("x"), step=5, doing="x", timeout_s=5, heartbeats=None, rank=0) is None
 
 
+def test_a_stop_signal_to_the_ranks_alone_ends_the_job_though_torchrun_may_restart_them(
+    tmp_path, tiny_model_dir, demo_data_dir
+):
+    """SIGTERM to both ranks (torchrun itself not signalled, as when a scheduler or an operator signals the
+    workers) at step 12 or later of 24, MAX_RESTARTS=2: the ranks save and the job exits 75; no restart trains on."""
+    name = "stop-restarts"
+    overrides = ("data.max_samples=48", "trainer.total_epochs=4", "trainer.test_freq=-1", "trainer.save_freq=6")
+    process = start_trainer(
+        tmp_path, tiny_model_dir, demo_data_dir, *overrides, name=name, extra_env={"MAX_RESTARTS": "2"}
+    )
+    wait_for_step(process, tmp_path, name, 12)
+    for pid in rank_pids(process.pid).values():
+        os.kill(pid, signal.SIGTERM)
+    code, out, err = finish(process)
+    saved = tracked_step(tmp_path, name)
+    assert code == faults.EXIT_STOPPED, out[-2000:] + err[-3000:]
+    assert 12 <= saved < 24
+    assert (tmp_path / "ckpt" / name / f"global_step_{saved}" / checkpoint.STATE_FILE).is_file()
+    assert max(logged_steps(tmp_path, name)) <= saved + 2, out[-2000:]
+    assert "resumed from" not in out
+    assert "ended an earlier attempt" not in out  # the launcher relayed the stop: torchrun restarted nothing
+    assert f"stopped by SIGTERM after step {saved} of 24: saved " in out
+
+
 # ----------------------------------------------------------------------------- a rank dies
 
 
@@ -242,8 +280,12 @@ def test_a_hung_peer_times_out_with_one_line_naming_the_step_and_the_silent_rank
 def test_full_disk_on_one_rank_during_a_save_loses_nothing_and_the_rerun_resumes_exactly(
     tmp_path, reference_run, tiny_model_dir, demo_data_dir
 ):
+    """The save path lies under a directory whose name says "timeout" (an nccl-timeout-study experiment): the
+    line names the failed save and nothing else (issue 27: it used to be read as a hung collective)."""
     _, _, full = reference_run
     name = "full-disk"
+    tmp_path = tmp_path / "nccl-timeout-study"
+    tmp_path.mkdir()
     root = tmp_path / "ckpt" / name
     failing = {"BTRM_TEST_FULL_DISK": "global_step_6/", "BTRM_TEST_FULL_DISK_RANK": "1"}
     result, _ = run_trainer(
@@ -264,6 +306,7 @@ def test_full_disk_on_one_rank_during_a_save_loses_nothing_and_the_rerun_resumes
         f"is still {root}/global_step_3 and a rerun resumes from it. Free space or restore write permission there, then rerun"
     ], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+    assert not any(word in errors[0] for word in ("collective", "peer", "heartbeat", "answering"))
     assert tracked_step(tmp_path, name) == 3
     assert not (root / "global_step_6" / checkpoint.STATE_FILE).exists()
     assert checkpoint.latest_complete(root) == root / "global_step_3"
@@ -299,6 +342,13 @@ def torch_write_failure(path):
     )
 
 
+def safetensors_full(path):
+    """What safetensors (the HF export: transformers' save_pretrained) raises on a full disk: not an OSError."""
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
 @pytest.mark.parametrize(
     ("target", "attribute", "pattern", "error", "named"),
     [
@@ -310,6 +360,7 @@ def torch_write_failure(path):
             "model_world_size_1_rank_0.pt: No space left on device (ENOSPC)",
         ),
         (torch, "save", "model_world_size_1_rank_0.pt", torch_write_failure, "write failed (torch.save"),
+        (torch, "save", "model_world_size_1_rank_0.pt", safetensors_full, "No space left on device (ENOSPC)"),
         (torch, "save", "data.pt", enospc, "No space left on device (ENOSPC)"),
         (os, "replace", checkpoint.STATE_FILE, read_only, "bt_state.json: Permission denied (EACCES)"),
         (
@@ -320,7 +371,14 @@ def torch_write_failure(path):
             "latest_checkpointed_iteration.txt: Permission denied (EACCES)",
         ),
     ],
-    ids=["shard-enospc", "shard-torch-writer", "data-state-enospc", "completeness-mark-eacces", "tracker-eacces"],
+    ids=[
+        "shard-enospc",
+        "shard-torch-writer",
+        "export-safetensors-enospc",
+        "data-state-enospc",
+        "completeness-mark-eacces",
+        "tracker-eacces",
+    ],
 )
 def test_a_failed_write_anywhere_in_a_save_is_one_line_and_keeps_the_previous_checkpoint(
     one_rank_group, tmp_path, monkeypatch, target, attribute, pattern, error, named
@@ -342,3 +400,140 @@ def test_a_failed_write_anywhere_in_a_save_is_one_line_and_keeps_the_previous_ch
     )
     assert directory == tmp_path / "global_step_3" and state["step"] == 3
     assert not list(tmp_path.glob("**/*.tmp*"))  # no temp file left behind
+
+
+# ----------------------------------------------------------------------------- classification by type (issue 27)
+
+
+def test_our_own_errors_are_never_collective_failures_whatever_their_text(tmp_path):
+    """A failed save under a directory named for a timeout study, or whose OS message names a broken pipe or a
+    reset connection, is a failed save; only torch's own distributed errors are read as collective failures."""
+    from bt_trainer import TrainingDiverged
+
+    study = tmp_path / "nccl-timeout-study" / "global_step_20"
+    latest = tmp_path / "nccl-timeout-study" / "global_step_10"
+    full = faults.save_failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(study / "x.pt")), study, latest)
+    pipe = faults.save_failure(OSError(errno.EPIPE, os.strerror(errno.EPIPE), str(study / "x.pt")), study, latest)
+    reset = faults.save_failure(OSError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)), study, latest)
+    ours = [
+        full,
+        pipe,
+        reset,
+        checkpoint.CheckpointError(f"{study}: timed out reading the tracker; Broken pipe"),
+        TrainingDiverged("weights are not finite at step 20; Watchdog caught collective operation timeout"),
+    ]
+    for error in ours:
+        assert isinstance(error, RuntimeError)  # fit() catches RuntimeError: the type decides, not the text
+        failure = faults.collective_failure(error, step=20, doing="saving", timeout_s=1800, heartbeats=None, rank=0)
+        assert failure is None, (error, failure)
+    watchdog = torch.distributed.DistBackendError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL")
+    failure = faults.collective_failure(watchdog, step=20, doing="x", timeout_s=9, heartbeats=None, rank=0)
+    assert isinstance(failure, faults.CollectiveTimeout)
+    gloo_gone = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:26507: Connection reset by peer")
+    failure = faults.collective_failure(gloo_gone, step=20, doing="x", timeout_s=9, heartbeats=None, rank=1)
+    assert isinstance(failure, faults.PeerLost)
+
+
+def test_naming_the_silent_ranks_never_waits_for_a_heartbeat_that_was_never_written():
+    """A rank that hangs before its first heartbeat of an attempt has no key in the store: on a TCPStore a get
+    of it would block until the store's timeout (here 60 s) and then say nothing useful."""
+    from datetime import timedelta
+
+    from conftest import free_port
+
+    store = torch.distributed.TCPStore("127.0.0.1", free_port(), 1, True, timeout=timedelta(seconds=60))
+    reporting = faults.Heartbeats(store, 0, 3)
+    faults.Heartbeats(store, 2, 3).beat(7, "starting the step")
+    reporting.beat(7, "starting the step")
+    reporting.beat(7, "starting validation")
+    started = time.monotonic()
+    who = reporting.silent_ranks()
+    assert time.monotonic() - started < 10
+    assert who == (
+        "not answering: rank 1 (no heartbeat yet in this attempt), rank 2 (last seen at step 7, starting the step)"
+    )
+
+
+# ----------------------------------------------------------------------------- a stop is final (issue 27)
+
+
+def test_stop_after_a_signal_exits_75_only_when_every_rank_says_it_saved(tmp_path, monkeypatch, capsys):
+    """torchrun raises SignalException once it has forwarded a stop signal and the ranks have ended (or were
+    killed at its shutdown timeout). The launch's status comes from what each rank reported
+    (<BTRM_OUTCOME_DIR>/rank-<RANK>.json, written by the rank as it exits), not from the signal alone."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def ending_with(records):
+        def run(args):
+            directory = os.environ.get("BTRM_OUTCOME_DIR")
+            for rank, record in records.items():
+                if directory:
+                    Path(directory, f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "attempt": 0, **record}))
+            raise SignalException("got SIGTERM", sigval=signal.SIGTERM)
+
+        return run
+
+    argv = ["--nproc_per_node=2", "bt_trainer.py"]
+    monkeypatch.setattr(torchrun, "run", ending_with({0: {"exit": 75}, 1: {"exit": 75}}))
+    assert launcher.launch(argv) == faults.EXIT_STOPPED and capsys.readouterr().err == ""
+
+    saving_failed = (
+        "error: saving /x/global_step_6 failed: /x/global_step_6/a.pt: No space left on device (ENOSPC); ..."
+    )
+    monkeypatch.setattr(torchrun, "run", ending_with({0: {"exit": 3}, 1: {"exit": 2, "line": saving_failed}}))
+    assert launcher.launch(argv) == launcher.EXIT_REPORTED
+    assert capsys.readouterr().err == saving_failed + "\n"  # rank 0 did not report it: the launcher says it
+
+    monkeypatch.setattr(torchrun, "run", ending_with({0: {"exit": 75}, 1: {"exit": None}}))
+    assert launcher.launch(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.startswith("error: stopped by SIGTERM, but rank 1 ended without saying it saved") and "killed" in err
+    assert not [key for key in os.environ if key == "BTRM_OUTCOME_DIR"]  # the launch's own, removed after it
+
+
+def test_a_rank_restarted_after_a_stop_exits_75_at_once_and_records_how_each_rank_ended(tmp_path, monkeypatch):
+    """The backstop when torchrun restarts the ranks anyway (the relay could not signal it): the restarted
+    rank does not train on. And each rank's record says how it ended (RankOutcome)."""
+    monkeypatch.setenv("BTRM_OUTCOME_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    with faults.RankOutcome():  # a first attempt that finishes: 0
+        pass
+    assert json.loads((tmp_path / "rank-1.json").read_text()) == {"rank": 1, "attempt": 0, "exit": 0}
+    monkeypatch.setattr(faults, "RELAY_WAIT_S", 0.2)
+    with pytest.raises(SystemExit), faults.RankOutcome():
+        faults.announce_stop(["SIGTERM", "SIGINT"])
+        raise SystemExit(faults.EXIT_STOPPED)
+    assert json.loads((tmp_path / "rank-1.json").read_text())["exit"] == faults.EXIT_STOPPED
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    trained = []
+    with pytest.raises(SystemExit) as exited, faults.RankOutcome():
+        trained.append(True)
+    assert exited.value.code == faults.EXIT_STOPPED and not trained
+    assert json.loads((tmp_path / "rank-1.json").read_text()) == {"rank": 1, "attempt": 1, "exit": 75}
+
+
+def test_the_launcher_relays_a_stop_the_ranks_alone_received_to_torchrun_once(monkeypatch):
+    """StopRelay signals this process (torchrun's agent) with one of the ranks' stop signals that torchrun
+    handles, never SIGINT, and not at all when this process was signalled itself."""
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        with faults.StopRelay(["SIGINT", "SIGTERM", "SIGUSR1"], lambda: False) as relay:
+            monkeypatch.setenv("RANK", "0")
+            faults.announce_stop(["SIGINT", "SIGUSR1"])  # SIGINT first in trainer.stop_signals: skipped
+            deadline = time.monotonic() + 10
+            while not (relay.directory / faults.STOP_RELAYED).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert received == [signal.SIGUSR1] and relay.relayed == signal.SIGUSR1
+        with faults.StopRelay(["SIGTERM", "SIGUSR1"], lambda: True) as relay:
+            faults.announce_stop(["SIGUSR1"])
+            deadline = time.monotonic() + 10
+            while not (relay.directory / faults.STOP_RELAYED).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert received == [signal.SIGUSR1] and relay.relayed is None  # torchrun was signalled already
+        assert not relay.directory.exists() and "BTRM_OUTCOME_DIR" not in os.environ
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -405,6 +405,21 @@ def test_group_index_orders_values_by_size_pools_beyond_the_cap_and_skips_missin
     assert merged.pooled == {"d": 3}
 
 
+def test_group_labels_that_collide_across_columns_are_refused_with_both_columns_and_values():
+    """domain=code_py and domain_code=py would both be val/accuracy_domain_code_py: one would overwrite the other."""
+    groups = [{"domain": "code_py", "domain_code": "js"}, {"domain": "chat", "domain_code": "py"}]
+    with pytest.raises(ValueError) as refused:
+        pair_dataset.group_index(groups, ["domain", "domain_code"], 12)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("data.group_columns: ")
+    assert "domain=code_py" in message and "domain_code=py" in message and "val/accuracy_domain_code_py" in message
+    # distinct labels across columns pass
+    assert pair_dataset.group_index(groups[:1], ["domain", "domain_code"], 12).labels == [
+        "domain_code_py",
+        "domain_code_js",
+    ]
+
+
 def test_group_columns_are_read_from_parquet_and_jsonl_rows(tmp_path):
     records = [
         {**pair_record(good="g1"), "domain": "code", "language": None},
