@@ -232,12 +232,12 @@ KNOB_RULES: dict[str, Rule] = {
     "optim.clip_grad": number(above=0),
     "optim.fused": flag(),
     "optim.override_optimizer_config": mapping(nullable=True),
-    "loss.type": one_of(*bt_loss.LOSS_TYPES),
-    "loss.center_rewards_coefficient": number(at_least=0),
-    "loss.margin_by_strength": mapping(
-        nullable=True
-    ),  # its keys and values: bt_loss.LossConfig, run by check_combinations
-    "loss.max_strength": integer(1),
+    # the loss section's rules are declared in bt_loss (its margin table's keys and values: bt_loss.LossConfig,
+    # run by check_combinations); margin_by_strength is the user's own mapping
+    **{
+        f"loss.{name}": Rule(expected, accepts, free_form=name == "margin_by_strength")
+        for name, (expected, accepts) in bt_loss.LOSS_KNOB_RULES.items()
+    },
     "use_remove_padding": flag(),
     "ulysses_sequence_parallel_size": exactly(1, "sequence parallelism is not supported"),
     "trainer.device": one_of("auto", "cuda", "cpu"),
