@@ -26,8 +26,8 @@ Additive statistics: `pair_sums` / `strength_sums` return fp64 vectors of sums, 
 micro-batches and ranks are exact (sum, all-reduce SUM, then divide once), never a mean of
 per-micro-batch means. Every rank's vector has the same fixed shape (all-reduce needs that).
 
-The `loss:` section of trainer.yaml is declared here: LOSS_TYPES (what loss.type accepts; the
-config schema, btrm.schema, reads it from here) and LossConfig, whose checks are the schema's rules.
+The `loss:` section of trainer.yaml is declared here: LOSS_TYPES, LossConfig and LOSS_KNOB_RULES, each
+knob's rule (the config schema, btrm.schema, reads them from here; this module imports nothing of the project).
 torch is imported by the functions that compute, not by this module: the launcher checks a config,
 loss section included, before any rank starts and without importing torch.
 """
@@ -78,13 +78,13 @@ class LossConfig:
     _margin_table: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        # Imported here, not above: btrm.schema imports this module for LOSS_TYPES.
-        from btrm.schema import check_knob
-
         if self.center_rewards_coefficient is None:  # TRL's "off"
             object.__setattr__(self, "center_rewards_coefficient", 0.0)
         for name in LOSS_KNOBS:
-            check_knob(f"loss.{name}", getattr(self, name))
+            expected, accepts = LOSS_KNOB_RULES[name]
+            value = getattr(self, name)
+            if not accepts(value):
+                raise ValueError(f"loss.{name}={_render(value)}: expected {expected}")
         object.__setattr__(self, "center_rewards_coefficient", float(self.center_rewards_coefficient))
         # Index k of the table is m(k); index 0 (a tie) is never read: strengths are checked to be >= 1.
         table = [float("nan")] + [float(k) for k in range(1, self.max_strength + 1)]
@@ -143,6 +143,29 @@ class LossConfig:
 
 
 LOSS_KNOBS = tuple(f.name for f in fields(LossConfig) if f.init)  # trainer.yaml's loss.* knobs, in order
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Each loss.* knob's rule: (what is expected, said to the user; whether a value is accepted). btrm.schema's
+# KNOB_RULES takes the loss section's rules from here, so that this module imports nothing of the project.
+LOSS_KNOB_RULES: dict[str, tuple[str, Any]] = {
+    "type": ("one of " + " | ".join(LOSS_TYPES), lambda v: isinstance(v, str) and v in LOSS_TYPES),
+    "center_rewards_coefficient": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    "margin_by_strength": ("a mapping {key: value}, or null", lambda v: v is None or isinstance(v, Mapping)),
+    "max_strength": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+}
+
+
+def _render(value) -> str:
+    """A value as written in a Hydra override (btrm.schema.render's rules for the loss section's values)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else repr(value)
 
 
 def _check_strength_value(strength: Any, max_strength: int, where: str) -> int:

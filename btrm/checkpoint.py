@@ -210,7 +210,7 @@ def find_resume_checkpoint(
 
 
 def restore_trainer_state(directory: Path, saved: dict, lora: dict | None) -> TrainerState:
-    """The state bt_state.json records (`saved`), for a run with these LoRA settings (trainer.lora_description).
+    """The state bt_state.json records (`saved`), for a run with these LoRA settings (btrm.checkpointer.Checkpointer.lora_description).
 
     A checkpoint saved with other LoRA settings is refused here: the shards' keys differ (peft's
     base_layer / lora_A) and verl would fail deep in a load. Checkpoints that predate the record skip the check.

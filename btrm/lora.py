@@ -194,7 +194,7 @@ def save_exports(
     from transformers import AutoModelForTokenClassification
     from verl.utils.fsdp_utils import get_fsdp_full_state_dict
 
-    from btrm.modeling import quiet_transformers
+    from btrm.noise import quiet_transformers
 
     full_state = get_fsdp_full_state_dict(fsdp_model, offload_to_cpu=True, rank0_only=True)
     if rank == 0:

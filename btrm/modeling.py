@@ -10,7 +10,6 @@ weights) are also what btrm.plan builds on fake tensors, so a plan measures the 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import os
@@ -30,6 +29,7 @@ from verl.utils.torch_functional import (
 from verl.workers.config.optimizer import build_optimizer
 
 from btrm import attention, batching, lora
+from btrm.noise import quiet_transformers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -161,19 +161,6 @@ def build_lr_scheduler(optimizer, optim_config, total_steps: int):
             optimizer, warmup_steps, total_steps, min_lr_ratio=optim_config.min_lr_ratio
         )
     return get_constant_schedule_with_warmup(optimizer, warmup_steps)
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers warnings off for the block (for warnings about calls we do not control)."""
-    from transformers.utils import logging as transformers_logging
-
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(verbosity)
 
 
 # ----------------------------------------------------------------------------- building what the trainer trains

@@ -207,7 +207,7 @@ def print_final_report(config: DictConfig, step: int, val_metrics: dict[str, flo
         f"--output {Path(trainer_config.default_local_dir) / 'val_scores.jsonl'}"
     )
     if trainer_config.history_file is not None and trainer_config.curves_png is not None:
-        from plot_curves import plot_curves, read_history
+        from btrm.curves import plot_curves, read_history
 
         curves = plot_curves(
             read_history(trainer_config.history_file),

@@ -6,8 +6,9 @@ rule in KNOB_RULES (which names the allowed values); rules that involve several 
 number of ranks) are in check_combinations. These rules are the config's only checks: the code
 reads each knob as checked here, with no default or check of its own (tests/test_schema.py finds
 reads with a fallback default). Allowed values that another module defines are taken from it (data
-formats from btrm.rows; loss types and the loss section's margin table from bt_loss), unless
-importing it would pull in torch or verl (then a test compares the two).
+formats from btrm.rows; the loss section's rules, LOSS_KNOB_RULES, and its margin table from bt_loss,
+which imports nothing of the project), unless importing it would pull in torch or verl (then a test
+compares the two). After this check the trainer reads the config through its typed view (btrm.config).
 
 Nothing heavy is imported here (omegaconf and hydra only inside the functions that need them): the
 launcher checks a config in well under a second before any rank starts.
@@ -232,12 +233,12 @@ KNOB_RULES: dict[str, Rule] = {
     "optim.clip_grad": number(above=0),
     "optim.fused": flag(),
     "optim.override_optimizer_config": mapping(nullable=True),
-    "loss.type": one_of(*bt_loss.LOSS_TYPES),
-    "loss.center_rewards_coefficient": number(at_least=0),
-    "loss.margin_by_strength": mapping(
-        nullable=True
-    ),  # its keys and values: bt_loss.LossConfig, run by check_combinations
-    "loss.max_strength": integer(1),
+    # the loss section's rules are declared in bt_loss (its margin table's keys and values: bt_loss.LossConfig,
+    # run by check_combinations); margin_by_strength is the user's own mapping
+    **{
+        f"loss.{name}": Rule(expected, accepts, free_form=name == "margin_by_strength")
+        for name, (expected, accepts) in bt_loss.LOSS_KNOB_RULES.items()
+    },
     "use_remove_padding": flag(),
     "ulysses_sequence_parallel_size": exactly(1, "sequence parallelism is not supported"),
     "trainer.device": one_of("auto", "cuda", "cpu"),

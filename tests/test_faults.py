@@ -383,13 +383,13 @@ def safetensors_full(path):
 def test_a_failed_write_anywhere_in_a_save_is_one_line_and_keeps_the_previous_checkpoint(
     one_rank_group, tmp_path, monkeypatch, target, attribute, pattern, error, named
 ):
-    from test_bt_trainer import saving_trainer
+    from test_checkpointer import save_step
 
     model = torch.nn.Linear(4, 1)
-    saving_trainer(model, tmp_path).save_checkpoint(step=3)
+    save_step(model, tmp_path, 3)
     failing(monkeypatch, target, attribute, pattern, error)
     with pytest.raises(faults.CheckpointSaveError) as raised:
-        saving_trainer(model, tmp_path).save_checkpoint(step=6)
+        save_step(model, tmp_path, 6)
     message = str(raised.value)
     assert message.startswith(f"saving {tmp_path}/global_step_6 failed: ") and named in message
     assert f"the latest complete checkpoint is still {tmp_path}/global_step_3" in message

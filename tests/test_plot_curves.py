@@ -7,6 +7,7 @@ import stat
 import pytest
 
 import plot_curves
+from btrm import curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -206,7 +207,7 @@ def test_cli_group_columns_default_to_trainer_yaml(tmp_path, monkeypatch):
     metrics = write_metrics(tmp_path / "metrics.jsonl", grouped_records())
     drawn = []
     real = plot_curves.build_figure
-    monkeypatch.setattr(plot_curves, "build_figure", lambda *args: drawn.append(args[3]) or real(*args))
+    monkeypatch.setattr(curves, "build_figure", lambda *args: drawn.append(args[3]) or real(*args))
     assert plot_curves.main([str(metrics), "--output", str(tmp_path / "a.png")]) == 0
     assert plot_curves.main([str(metrics), "--output", str(tmp_path / "b.png"), "--group-columns", "task_type"]) == 0
     assert plot_curves.main([str(metrics), "--output", str(tmp_path / "c.png"), "--group-columns"]) == 0
