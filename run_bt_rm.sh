@@ -107,7 +107,7 @@ if [[ "${1:-}" == "--plan" ]]; then
   [[ "$GPUS_PER_NODE" == auto ]] && GPUS_PER_NODE=$(count_visible_gpus)
   GPUS=()
   (( GPUS_PER_NODE > 0 )) && GPUS=(--gpus=$((NNODES * GPUS_PER_NODE)))
-  exec "$PYTHON" -m btrm.plan "${GPUS[@]}" "${KNOB_OVERRIDES[@]}" "$@"
+  exec "$PYTHON" -m btrm.plan_cli "${GPUS[@]}" "${KNOB_OVERRIDES[@]}" "$@"
 fi
 
 if [[ "$N_GPUS_PER_NODE" == auto ]]; then
