@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -452,9 +453,31 @@ def check_grouping(args: argparse.Namespace) -> None:
             raise rows.DataError(f"--group-by lists {column!r} twice; each pair would count twice in its groups")
 
 
+def check_reward_model(model_dir: Path) -> None:
+    """Refuse, before loading it, a checkpoint with no value head: the base causal LM a run starts from is
+    the easy mistake (its weights, read from the safetensors index or header, have no score.weight)."""
+    from btrm import export
+
+    names, _ = export.weight_files(model_dir)
+    if not names or any(name == "score.weight" or name.endswith(".score.weight") for name in names):
+        return  # no weights here (the loader says what is missing), or a score head
+    try:
+        architecture = ", ".join(export.read_config(model_dir).get("architectures") or []) or "unknown architecture"
+    except (export.ExportError, ValueError):
+        architecture = "unknown architecture"
+    kind = "a causal language model" if "lm_head.weight" in names or "CausalLM" in architecture else "a model"
+    raise rows.DataError(
+        f"--model {model_dir}: {kind} ({architecture}; no score.weight among its weights), not a reward model; "
+        "pass a checkpoint bt_trainer.py wrote (checkpoints/<experiment>/global_step_N) or another reward model "
+        "with a one-output score head (*ForSequenceClassification)"
+    )
+
+
 def load_model(args: argparse.Namespace):
     """(model, tokenizer, device): --model on --device in --dtype (default bf16 on a GPU, fp32 on the CPU)."""
     import torch
+
+    check_reward_model(resolve_model_dir(args.model))
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
@@ -501,10 +524,26 @@ def pair_data_config(args: argparse.Namespace, group_columns: list[str]):
     )
 
 
+def check_pairs_readable(args: argparse.Namespace, data_files: list[str], data_config) -> None:
+    """The files' rows read as training reads them (no tokenizer needed), and every --group-by column found
+    in them, before the model loads: a file without the pair columns, or a column no file has, is one line."""
+    read = rows.read_pair_rows(data_files, data_config, drop_identical=data_config.drop_identical_pairs)
+    present = {column for row in read.rows for column in row.groups}
+    for column in args.group_by or []:
+        if column not in present:
+            columns = sorted({c for name in data_files for c in rows.read_records(name)[0]})
+            raise rows.DataError(
+                f"--group-by {column}: no pair of {' '.join(data_files)} has this column (or a value in it); "
+                f"the files' columns: {', '.join(columns)}; name one of them, or leave --group-by out"
+            )
+
+
 def evaluate(args: argparse.Namespace, data_files: list[str]) -> dict:
-    model, tokenizer, device = load_model(args)
     group_columns, max_groups = grouping(args)
-    dataset = pair_dataset.PairDataset(data_files, tokenizer, pair_data_config(args, group_columns))
+    data_config = pair_data_config(args, group_columns)
+    check_pairs_readable(args, data_files, data_config)
+    model, tokenizer, device = load_model(args)
+    dataset = pair_dataset.PairDataset(data_files, tokenizer, data_config)
     if len(dataset) == 0:
         raise rows.DataError(
             f"{' '.join(data_files)}: no pairs left to score ({dataset.identical_pairs_dropped} dropped: chosen equals rejected)"
@@ -767,10 +806,30 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory(prefix="evaluate-rm-") as directory:
             summary = evaluate_source(args, input_files(args, Path(directory)))
     except (rows.DataError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+        raise SystemExit(f"error: {in_this_scripts_terms(str(error))}") from None
     REPORTS.get(summary.get("benchmark"), print_report)(summary)
     print(json.dumps(summary))
     return summary
+
+
+# The reading code (btrm.rows, btrm.pair_dataset) names trainer.yaml's data keys; here they are this script's options.
+DATA_KEY_OPTIONS = {
+    "data.chosen_key": "--chosen-key",
+    "data.rejected_key": "--rejected-key",
+    "data.prompt_key": "--prompt-key",
+    "data.format": "--format",
+    "data.group_columns": "--group-by",
+    "data.max_groups_per_column": "--max-groups",
+    "data.max_length": "--max-length",
+}
+
+
+def in_this_scripts_terms(message: str) -> str:
+    """An error line with trainer.yaml's data keys replaced by the options that set them here
+    (`data.format=text` becomes `--format text`)."""
+    for key, option in DATA_KEY_OPTIONS.items():
+        message = re.sub(rf"{re.escape(key)}=(\S)", rf"{option} \1", message).replace(key, option)
+    return message
 
 
 if __name__ == "__main__":

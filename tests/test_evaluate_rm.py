@@ -924,3 +924,60 @@ def test_group_accuracies_against_hand_counts():
         "pooled_groups": {"domain": 2},
     }
     assert evaluate_rm.group_accuracies(correct, [{}] * 7, ["domain"], 3) == {}
+
+
+# ---- issue 28: expected errors found before the model loads, naming this script's options
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    monkeypatch.setattr(
+        evaluate_rm, "load_reward_model", lambda *a, **k: pytest.fail("the model was loaded before the check")
+    )
+
+
+def refusal(argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_rm.main([*argv, "--no-progress"])
+    line = str(exit_info.value.code)
+    assert line.startswith("error: ") and "\n" not in line, line
+    return line
+
+
+def test_a_causal_lm_given_as_the_model_is_refused_before_it_loads(
+    tmp_path, tiny_model_dir, demo_data_dir, no_model_load
+):
+    """The base model a run starts from has no score head: its weights (read from the safetensors header by
+    safetensors itself, below) hold no score.weight."""
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_model_dir / "model.safetensors"), framework="pt") as handle:
+        assert "score.weight" not in handle.keys()  # the premise
+    data = str(demo_data_dir / "test.parquet")
+    for argv in (["--data", data], ["--rm-bench", str(write_rm_bench_fixture(tmp_path)[0][0])]):
+        line = refusal(["--model", str(tiny_model_dir), *argv])
+        assert line.startswith(f"error: --model {tiny_model_dir}: a causal language model (Qwen3ForCausalLM")
+        assert "not a reward model" in line and "global_step_N" in line
+
+
+def test_a_reward_checkpoint_passes_the_kind_check(trained_run):
+    evaluate_rm.check_reward_model(evaluate_rm.resolve_model_dir(step_dir(trained_run)))  # raises if refused
+
+
+def test_data_without_the_pair_columns_names_this_scripts_options_before_the_model_loads(
+    tmp_path, tiny_model_dir, no_model_load
+):
+    data = tmp_path / "other.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer_a": "a", "answer_b": "b"}) + "\n")
+    line = refusal(["--model", str(tiny_model_dir), "--data", str(data)])
+    assert str(data) in line and "'question'" in line
+    assert "--chosen-key" in line and "--rejected-key" in line and "--prompt-key" in line
+    assert "data.chosen_key" not in line and "data." not in line.split(";", 1)[1]
+
+
+def test_a_group_by_column_no_file_has_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, no_model_load):
+    data = tmp_path / "grouped.jsonl"
+    write_grouped_fixture(data)
+    line = refusal(["--model", str(tiny_model_dir), "--data", str(data), "--group-by", "domain", "nope"])
+    assert line.startswith(f"error: --group-by nope: no pair of {data} has this column")
+    assert "chosen, domain, language, prompt, rejected" in line  # the columns the file has, sorted
