@@ -952,7 +952,7 @@ def test_a_causal_lm_given_as_the_model_is_refused_before_it_loads(
     from safetensors import safe_open
 
     with safe_open(str(tiny_model_dir / "model.safetensors"), framework="pt") as handle:
-        assert "score.weight" not in handle.keys()  # the premise
+        assert "score.weight" not in set(handle.keys())  # the premise
     data = str(demo_data_dir / "test.parquet")
     for argv in (["--data", data], ["--rm-bench", str(write_rm_bench_fixture(tmp_path)[0][0])]):
         line = refusal(["--model", str(tiny_model_dir), *argv])
