@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from btrm import atomic, batching, benchmarks, pair_dataset, preflight, rows
+from btrm.cli import OneLineParser
 from btrm.export import load_reward_model
 
 DTYPE_NAMES = ("bf16", "fp32")
@@ -353,7 +354,7 @@ def add_grouping_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="HF model dir or verl global_step_N dir")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", nargs="+", help="pair file(s): .parquet, .jsonl or .json (layouts: see --format)")
@@ -388,7 +389,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8,
         help="pairs per forward; conversations per forward with --rewardbench2 / --rm-bench (default: %(default)s)",
     )
-    parser.add_argument("--device", default="auto", help="auto | cuda | cpu (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument(
         "--max-length", type=int, default=None, help="truncate conversations as in training (left); default: no limit"
@@ -437,7 +438,22 @@ def check_args(args: argparse.Namespace) -> None:
             "--group-by and --max-groups apply to --data and --rewardbench only; --rewardbench2 and --rm-bench report their own subsets or domains"
         )
     check_grouping(args)
+    check_device(args.device)
     resolve_model_dir(args.model)
+
+
+def check_device(device: str) -> None:
+    """--device names a device this torch can use (a GPU one only where torch sees a GPU)."""
+    import torch
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise rows.DataError(f"--device {device}: expected auto, cuda, cuda:N or cpu")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            seen = f"{count} GPU{'s' * (count != 1)}" if count else "no GPU (torch.cuda.is_available() is False)"
+            raise rows.DataError(f"--device {device}: torch sees {seen}; use --device auto or cpu")
 
 
 def check_grouping(args: argparse.Namespace) -> None:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from btrm import atomic
+from btrm.cli import OneLineParser
 from btrm.preflight import hub_unreachable_reason
 
 HELPSTEER2, HELPSTEER3 = "helpsteer2", "helpsteer3"
@@ -559,7 +560,7 @@ def format_summary(stats: dict[str, SplitStats], min_strength: int, dataset: str
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--dataset",
         choices=sorted(DATASETS),

@@ -20,20 +20,12 @@ import math
 import sys
 from collections.abc import Sequence
 
+from btrm.cli import OneLineParser
 from btrm.schema import PreflightError
 
 EXIT_REPORTED = 2
 DEFAULT_GPUS = 8  # without a visible GPU: the 8-GPU node trainer.yaml's budget is sized for
 DEFAULT_GPU_MEMORY_GIB = 80.0  # without a visible GPU: H100-80GB, the smallest card the defaults target
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse's refusals as this project's one line (no usage text): `error: <what>; <what to do>`."""
-
-    def error(self, message: str):
-        raise PreflightError(
-            f"{message}; python -m btrm.plan --help (bash run_bt_rm.sh --plan --help) lists the options"
-        )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -91,8 +83,8 @@ def checked_config(args: argparse.Namespace):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)  # a refused command line: one line, exit status 2 (btrm.cli.OneLineParser)
     try:
-        args = parse_args(argv)
         check_options(args)
         config = checked_config(args)
         from btrm import plan  # torch and transformers: only once the inputs are known to be good

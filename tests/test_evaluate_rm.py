@@ -981,3 +981,31 @@ def test_a_group_by_column_no_file_has_is_refused_before_the_model_loads(tmp_pat
     line = refusal(["--model", str(tiny_model_dir), "--data", str(data), "--group-by", "domain", "nope"])
     assert line.startswith(f"error: --group-by nope: no pair of {data} has this column")
     assert "chosen, domain, language, prompt, rejected" in line  # the columns the file has, sorted
+
+
+def test_a_device_torch_cannot_use_is_refused_before_the_model_loads(
+    tmp_path, tiny_model_dir, demo_data_dir, no_model_load, monkeypatch
+):
+    data = str(demo_data_dir / "test.parquet")
+    line = refusal(["--model", str(tiny_model_dir), "--data", data, "--device", "tpu"])
+    assert line == "error: --device tpu: expected auto, cuda, cuda:N or cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = refusal(["--model", str(tiny_model_dir), "--data", data, "--device", "cuda"])
+    assert (
+        line == "error: --device cuda: torch sees no GPU (torch.cuda.is_available() is False); use --device auto or cpu"
+    )
+
+
+def test_a_refused_command_line_is_one_line_without_the_usage_text(tmp_path):
+    for argv, line in (
+        (
+            ["--model", str(tmp_path), "--data", "x", "--batch-size", "abc"],
+            "argument --batch-size: invalid int value: 'abc'",
+        ),
+        (["--data", "x"], "the following arguments are required: --model"),
+    ):
+        result = subprocess.run(
+            [sys.executable, str(REPO / "evaluate_rm.py"), *argv], capture_output=True, text=True, cwd=REPO
+        )
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr == f"error: {line}; evaluate_rm.py --help lists the options\n"

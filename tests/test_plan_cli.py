@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO, closed_loopback_port
 
-HELP = "python -m btrm.plan --help (bash run_bt_rm.sh --plan --help) lists the options"
+HELP = "python -m btrm.plan --help lists the options"
 
 
 def plan_cli(*argv: str, env_extra=None):
@@ -16,7 +16,8 @@ def plan_cli(*argv: str, env_extra=None):
     import os
 
     code = (
-        "import sys; from btrm import plan_cli; code = plan_cli.main(sys.argv[1:]); "
+        "import sys\nfrom btrm import plan_cli\ntry:\n    code = plan_cli.main(sys.argv[1:])\n"
+        "except SystemExit as stop:\n    code = stop.code\n"
         "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)"
     )
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{closed_loopback_port()}", **(env_extra or {})}

@@ -767,3 +767,14 @@ def test_helpsteer3_validation_rows_only_warn_about_the_train_split(tmp_path, ca
     assert len(warnings) == 1 and warnings[0].startswith(
         "warning: train.parquet: 0 pairs written: the input has no training rows"
     )
+
+
+def test_a_refused_command_line_is_one_line_without_the_usage_text(tmp_path):
+    for extra, line in (
+        (["--min-strength", "5"], "--min-strength must be in 1..3 (ties, strength 0, carry no preference); got 5"),
+        (["--min-strength", "x"], "argument --min-strength: invalid int value: 'x'"),
+        (["--dataset", "hs4"], "argument --dataset: invalid choice: 'hs4' (choose from 'helpsteer2', 'helpsteer3')"),
+    ):
+        result = run_cli(tmp_path / "in.jsonl", tmp_path / "out", *extra)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr == f"error: {line}; prepare_helpsteer2.py --help lists the options\n"
