@@ -306,11 +306,16 @@ def read_helpsteer3_hub_rows(dataset: str) -> Iterator[tuple[str, Any, str | Non
 
 
 def read_input_files(paths: list[Path], split_by_file_name: bool) -> Iterator[tuple[str, Any, str | None]]:
-    """Yield (location, raw row, the split the file name implies or None) from every file in turn."""
+    """Yield (location, raw row, the split the file name implies or None) from every file in turn; a file
+    without rows is refused (an empty or truncated download, most likely)."""
     for path in paths:
         source_split = split_from_file_name(path) if split_by_file_name else None
+        rows = 0
         for where, row in read_local_rows(path):
+            rows += 1
             yield where, row, source_split
+        if not rows:
+            raise InputError(f"--input {path}: no rows; nothing written; pass the preference data file(s)")
 
 
 @dataclass(frozen=True)

@@ -726,6 +726,27 @@ def test_an_empty_input_is_refused_and_nothing_is_written(tmp_path):
         assert result.returncode == 1 and result.stdout == ""
         assert result.stderr == f"error: --input {src}: no rows; nothing written; pass the preference data file(s)\n"
         assert not (tmp_path / "out").exists()
+    # one empty file among several: refused too, naming it
+    good = write_jsonl(tmp_path / "good.jsonl", [hs2_row(split="train"), hs2_row(split="val")])
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "prepare_helpsteer2.py"),
+            "--input",
+            str(good),
+            str(src),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert (
+        result.returncode == 1
+        and result.stderr == f"error: --input {src}: no rows; nothing written; pass the preference data file(s)\n"
+    )
+    assert not (tmp_path / "out").exists()
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.Table.from_pylist([], schema=pa.schema([("split", pa.string())])), empty)
     result = run_cli(empty, tmp_path / "out")
