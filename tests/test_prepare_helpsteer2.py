@@ -799,3 +799,12 @@ def test_a_refused_command_line_is_one_line_without_the_usage_text(tmp_path):
         result = run_cli(tmp_path / "in.jsonl", tmp_path / "out", *extra)
         assert result.returncode == 2 and result.stdout == ""
         assert result.stderr == f"error: {line}; prepare_helpsteer2.py --help lists the options\n"
+
+
+def test_an_empty_hub_dataset_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prep, "_load_from_hub", lambda *args, **kwargs: [])
+    assert prep.main(["--output-dir", str(tmp_path / "out"), "--hub-dataset", "someone/empty"]) == 1
+    assert (
+        capsys.readouterr().err == "error: someone/empty: no rows; nothing written; pass the preference data file(s)\n"
+    )
+    assert not (tmp_path / "out").exists()
