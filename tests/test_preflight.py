@@ -204,6 +204,7 @@ def test_a_token_budget_below_every_pair_is_one_warning_line_and_the_summary_say
     # 9 computed tokens when shared, 11 whole: a budget of 10 is over the pair's smallest layout
     lone = Pairs([TokenizedPair([1, 2, 3, 4, 5, 6], [1, 2, 7, 8, 9])])
     assert preflight.data_warnings(data_config(max_tokens_per_micro_batch=10), lone, Pairs([])) == []
+    assert preflight.data_warnings(data_config(max_tokens_per_micro_batch=9), lone, Pairs([])) == []  # fits exactly
     assert (
         "smallest pair (9 computed tokens)"
         in preflight.data_warnings(data_config(max_tokens_per_micro_batch=8), lone, Pairs([]))[0]
