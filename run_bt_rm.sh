@@ -8,9 +8,10 @@
 # through as a Hydra override, last, so it wins:  bash run_bt_rm.sh trainer.logger=[console,file] optim.lr=1e-6
 # Multi-node: run the same command on every node with WORLD_SIZE (nodes), RANK (node rank),
 # MASTER_ADDR and MASTER_PORT set, as most cluster launchers do.
-# Before any rank starts, the config (against trainer.yaml), the data files, the model and the
-# checkpoint to resume are checked; a problem stops the launch with one line (exit status 2), also
-# appended to <save path>/<experiment>/errors.log. BT_DEBUG=1 adds tracebacks.
+# Before any rank starts, the knobs' values (btrm.knobs: --help lists what each accepts), the config
+# (against trainer.yaml), the data files, the model and the checkpoint to resume are checked; a problem
+# stops the launch with one line (exit status 2), also appended to <save path>/<experiment>/errors.log.
+# BT_DEBUG=1 adds tracebacks.
 set -euo pipefail
 
 # Each knob: NAME=${NAME:-default}  # what it sets (--help prints these lines as a table)
