@@ -44,6 +44,7 @@ import argparse
 import json
 import re
 import statistics
+import struct
 import sys
 import tempfile
 from collections import Counter
@@ -51,7 +52,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from btrm import atomic, batching, benchmarks, pair_dataset, preflight, rows
+from btrm import atomic, benchmarks, preflight, rows  # batching and pair_dataset (torch): where the scoring needs them
 from btrm.cli import OneLineParser
 from btrm.export import load_reward_model
 
@@ -194,6 +195,8 @@ def score_pairs(
     import torch
     from tqdm import tqdm
 
+    from btrm import batching
+
     order = sorted(range(len(dataset)), key=lambda i: dataset[i].num_tokens)
     chosen, rejected = [0.0] * len(dataset), [0.0] * len(dataset)
     with torch.no_grad():
@@ -246,6 +249,8 @@ def group_accuracies(correct: list[bool], groups: list[dict[str, str]], columns:
     "pooled_groups" appears only when a column had more than max_groups values; its pooled group's
     value is pair_dataset.OTHER_GROUP.
     """
+    from btrm import pair_dataset
+
     index = pair_dataset.group_index(groups, columns, max_groups)
     if not index.labels:
         return {}
@@ -444,11 +449,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 def check_device(device: str) -> None:
     """--device names a device this torch can use (a GPU one only where torch sees a GPU)."""
-    import torch
-
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise rows.DataError(f"--device {device}: expected auto, cuda, cuda:N or cpu")
     if device.startswith("cuda"):
+        import torch
+
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= count:
@@ -469,12 +474,28 @@ def check_grouping(args: argparse.Namespace) -> None:
             raise rows.DataError(f"--group-by lists {column!r} twice; each pair would count twice in its groups")
 
 
-def check_reward_model(model_dir: Path) -> None:
-    """Refuse, before loading it, a checkpoint with no value head: the base causal LM a run starts from is
-    the easy mistake (its weights, read from the safetensors index or header, have no score.weight)."""
+def weight_names(model_dir: Path) -> set[str]:
+    """The tensor names of a safetensors checkpoint, from its index or its file's header (the format: a
+    little-endian 8-byte header size, then a JSON header naming each tensor), without torch; empty without one."""
     from btrm import export
 
-    names, _ = export.weight_files(model_dir)
+    index = model_dir / export.WEIGHTS_INDEX
+    if index.is_file():
+        return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    single = model_dir / export.SINGLE_WEIGHTS
+    if not single.is_file():
+        return set()
+    with open(single, "rb") as weights:
+        (size,) = struct.unpack("<Q", weights.read(8))
+        return set(json.loads(weights.read(size))) - {"__metadata__"}
+
+
+def check_reward_model(model_dir: Path) -> None:
+    """Refuse, before loading it, a checkpoint with no value head: the base causal LM a run starts from is
+    the easy mistake (its weights, read from the safetensors index or header, have no score.weight); torch is not imported."""
+    from btrm import export
+
+    names = weight_names(model_dir)
     if not names or any(name == "score.weight" or name.endswith(".score.weight") for name in names):
         return  # no weights here (the loader says what is missing), or a score head
     try:
@@ -491,9 +512,8 @@ def check_reward_model(model_dir: Path) -> None:
 
 def load_model(args: argparse.Namespace):
     """(model, tokenizer, device): --model on --device in --dtype (default bf16 on a GPU, fp32 on the CPU)."""
-    import torch
-
     check_reward_model(resolve_model_dir(args.model))
+    import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
@@ -559,6 +579,8 @@ def evaluate(args: argparse.Namespace, data_files: list[str]) -> dict:
     data_config = pair_data_config(args, group_columns)
     check_pairs_readable(args, data_files, data_config)
     model, tokenizer, device = load_model(args)
+    from btrm import pair_dataset
+
     dataset = pair_dataset.PairDataset(data_files, tokenizer, data_config)
     if len(dataset) == 0:
         raise rows.DataError(
@@ -615,6 +637,8 @@ def score_conversations(
     """Rewards in input order, through batching.score (training's tokenization); conversations go in by
     length so that a batch pads little."""
     from tqdm import tqdm
+
+    from btrm import batching
 
     order = sorted(range(len(conversations)), key=lambda i: sum(len(m["content"]) for m in conversations[i]))
     with tqdm(
@@ -732,9 +756,11 @@ def print_report(summary: dict) -> None:
         label = "no strength" if strength == "none" else f"|strength| {strength}"
         print(f"{label}: accuracy {values['accuracy']:.4f} over {values['n_pairs']} pairs")
     pooled = summary.get("pooled_groups", {})
+    from btrm.pair_dataset import OTHER_GROUP
+
     for values in summary.get("accuracy_by_group", {}).values():
         column, value = values["column"], values["value"]
-        others = f" ({pooled[column]} values pooled)" if column in pooled and value == pair_dataset.OTHER_GROUP else ""
+        others = f" ({pooled[column]} values pooled)" if column in pooled and value == OTHER_GROUP else ""
         print(f"{column}={value}: accuracy {values['accuracy']:.4f} over {values['n_pairs']} pairs{others}")
     bench = summary.get("rewardbench")
     if bench:

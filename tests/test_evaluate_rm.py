@@ -1009,3 +1009,23 @@ def test_a_refused_command_line_is_one_line_without_the_usage_text(tmp_path):
         )
         assert result.returncode == 2 and result.stdout == ""
         assert result.stderr == f"error: {line}; evaluate_rm.py --help lists the options\n"
+
+
+def test_the_errors_found_before_the_model_loads_do_not_import_torch(tmp_path, tiny_model_dir, demo_data_dir):
+    """What makes them quick (torch's import alone takes seconds on 2 busy cores)."""
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"question": "q", "answer_a": "a"}) + "\n")
+    data = str(demo_data_dir / "test.parquet")
+    code = (
+        "import sys, evaluate_rm\n"
+        "try:\n    evaluate_rm.main(sys.argv[1:])\nexcept SystemExit as stop:\n    print(stop.code)\n"
+        "print('torch' in sys.modules)"
+    )
+    for argv, start in (
+        (["--model", str(tiny_model_dir), "--data", data], f"error: --model {tiny_model_dir}: a causal language model"),
+        (["--model", str(tiny_model_dir), "--data", data, "--group-by", "nope"], "error: --group-by nope: no pair"),
+        (["--model", str(tiny_model_dir), "--data", str(other)], f"error: {other}: no column 'chosen', 'rejected'"),
+    ):
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=REPO)
+        line, torch_imported = done.stdout.strip().splitlines()
+        assert line.startswith(start) and torch_imported == "False", done.stdout
