@@ -409,6 +409,7 @@ def run(config: DictConfig):
         for dataset in (train_dataset, val_dataset):
             if dataset.read_report:
                 print("\n".join(f"read {line}" for line in dataset.read_report.splitlines()))
+        preflight.warn_about_data(config.data, train_dataset, val_dataset)
         if shared:
             print(
                 f"WARNING: {shared} validation pairs also appear in the training data (identical chosen and rejected)"

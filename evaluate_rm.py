@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
+import struct
 import sys
 import tempfile
 from collections import Counter
@@ -50,7 +52,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from btrm import atomic, batching, benchmarks, pair_dataset, preflight, rows
+from btrm import atomic, benchmarks, preflight, rows  # batching and pair_dataset (torch): where the scoring needs them
+from btrm.cli import OneLineParser
 from btrm.export import load_reward_model
 
 DTYPE_NAMES = ("bf16", "fp32")
@@ -192,6 +195,8 @@ def score_pairs(
     import torch
     from tqdm import tqdm
 
+    from btrm import batching
+
     order = sorted(range(len(dataset)), key=lambda i: dataset[i].num_tokens)
     chosen, rejected = [0.0] * len(dataset), [0.0] * len(dataset)
     with torch.no_grad():
@@ -244,6 +249,8 @@ def group_accuracies(correct: list[bool], groups: list[dict[str, str]], columns:
     "pooled_groups" appears only when a column had more than max_groups values; its pooled group's
     value is pair_dataset.OTHER_GROUP.
     """
+    from btrm import pair_dataset
+
     index = pair_dataset.group_index(groups, columns, max_groups)
     if not index.labels:
         return {}
@@ -352,7 +359,7 @@ def add_grouping_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="HF model dir or verl global_step_N dir")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", nargs="+", help="pair file(s): .parquet, .jsonl or .json (layouts: see --format)")
@@ -387,7 +394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8,
         help="pairs per forward; conversations per forward with --rewardbench2 / --rm-bench (default: %(default)s)",
     )
-    parser.add_argument("--device", default="auto", help="auto | cuda | cpu (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument(
         "--max-length", type=int, default=None, help="truncate conversations as in training (left); default: no limit"
@@ -436,7 +443,22 @@ def check_args(args: argparse.Namespace) -> None:
             "--group-by and --max-groups apply to --data and --rewardbench only; --rewardbench2 and --rm-bench report their own subsets or domains"
         )
     check_grouping(args)
+    check_device(args.device)
     resolve_model_dir(args.model)
+
+
+def check_device(device: str) -> None:
+    """--device names a device this torch can use (a GPU one only where torch sees a GPU)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise rows.DataError(f"--device {device}: expected auto, cuda, cuda:N or cpu")
+    if device.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            seen = f"{count} GPU{'s' * (count != 1)}" if count else "no GPU (torch.cuda.is_available() is False)"
+            raise rows.DataError(f"--device {device}: torch sees {seen}; use --device auto or cpu")
 
 
 def check_grouping(args: argparse.Namespace) -> None:
@@ -452,8 +474,45 @@ def check_grouping(args: argparse.Namespace) -> None:
             raise rows.DataError(f"--group-by lists {column!r} twice; each pair would count twice in its groups")
 
 
+def weight_names(model_dir: Path) -> set[str]:
+    """The tensor names of a safetensors checkpoint, from its index or its file's header (the format: a
+    little-endian 8-byte header size, then a JSON header naming each tensor), without torch; empty without one."""
+    from btrm import export
+
+    index = model_dir / export.WEIGHTS_INDEX
+    if index.is_file():
+        return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    single = model_dir / export.SINGLE_WEIGHTS
+    if not single.is_file():
+        return set()
+    with open(single, "rb") as weights:
+        (size,) = struct.unpack("<Q", weights.read(8))
+        return set(json.loads(weights.read(size))) - {"__metadata__"}
+
+
+def check_reward_model(model_dir: Path) -> None:
+    """Refuse, before loading it, a checkpoint with no value head: the base causal LM a run starts from is
+    the easy mistake (its weights, read from the safetensors index or header, have no score.weight); torch is not imported."""
+    from btrm import export
+
+    names = weight_names(model_dir)
+    if not names or any(name == "score.weight" or name.endswith(".score.weight") for name in names):
+        return  # no weights here (the loader says what is missing), or a score head
+    try:
+        architecture = ", ".join(export.read_config(model_dir).get("architectures") or []) or "unknown architecture"
+    except (export.ExportError, ValueError):
+        architecture = "unknown architecture"
+    kind = "a causal language model" if "lm_head.weight" in names or "CausalLM" in architecture else "a model"
+    raise rows.DataError(
+        f"--model {model_dir}: {kind} ({architecture}; no score.weight among its weights), not a reward model; "
+        "pass a checkpoint bt_trainer.py wrote (checkpoints/<experiment>/global_step_N) or another reward model "
+        "with a one-output score head (*ForSequenceClassification)"
+    )
+
+
 def load_model(args: argparse.Namespace):
     """(model, tokenizer, device): --model on --device in --dtype (default bf16 on a GPU, fp32 on the CPU)."""
+    check_reward_model(resolve_model_dir(args.model))
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -501,10 +560,28 @@ def pair_data_config(args: argparse.Namespace, group_columns: list[str]):
     )
 
 
+def check_pairs_readable(args: argparse.Namespace, data_files: list[str], data_config) -> None:
+    """The files' rows read as training reads them (no tokenizer needed), and every --group-by column found
+    in them, before the model loads: a file without the pair columns, or a column no file has, is one line."""
+    read = rows.read_pair_rows(data_files, data_config, drop_identical=data_config.drop_identical_pairs)
+    present = {column for row in read.rows for column in row.groups}
+    for column in args.group_by or []:
+        if column not in present:
+            columns = sorted({c for name in data_files for c in rows.read_records(name)[0]})
+            raise rows.DataError(
+                f"--group-by {column}: no pair of {' '.join(data_files)} has this column (or a value in it); "
+                f"the files' columns: {', '.join(columns)}; name one of them, or leave --group-by out"
+            )
+
+
 def evaluate(args: argparse.Namespace, data_files: list[str]) -> dict:
-    model, tokenizer, device = load_model(args)
     group_columns, max_groups = grouping(args)
-    dataset = pair_dataset.PairDataset(data_files, tokenizer, pair_data_config(args, group_columns))
+    data_config = pair_data_config(args, group_columns)
+    check_pairs_readable(args, data_files, data_config)
+    model, tokenizer, device = load_model(args)
+    from btrm import pair_dataset
+
+    dataset = pair_dataset.PairDataset(data_files, tokenizer, data_config)
     if len(dataset) == 0:
         raise rows.DataError(
             f"{' '.join(data_files)}: no pairs left to score ({dataset.identical_pairs_dropped} dropped: chosen equals rejected)"
@@ -560,6 +637,8 @@ def score_conversations(
     """Rewards in input order, through batching.score (training's tokenization); conversations go in by
     length so that a batch pads little."""
     from tqdm import tqdm
+
+    from btrm import batching
 
     order = sorted(range(len(conversations)), key=lambda i: sum(len(m["content"]) for m in conversations[i]))
     with tqdm(
@@ -677,9 +756,11 @@ def print_report(summary: dict) -> None:
         label = "no strength" if strength == "none" else f"|strength| {strength}"
         print(f"{label}: accuracy {values['accuracy']:.4f} over {values['n_pairs']} pairs")
     pooled = summary.get("pooled_groups", {})
+    from btrm.pair_dataset import OTHER_GROUP
+
     for values in summary.get("accuracy_by_group", {}).values():
         column, value = values["column"], values["value"]
-        others = f" ({pooled[column]} values pooled)" if column in pooled and value == pair_dataset.OTHER_GROUP else ""
+        others = f" ({pooled[column]} values pooled)" if column in pooled and value == OTHER_GROUP else ""
         print(f"{column}={value}: accuracy {values['accuracy']:.4f} over {values['n_pairs']} pairs{others}")
     bench = summary.get("rewardbench")
     if bench:
@@ -767,10 +848,30 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory(prefix="evaluate-rm-") as directory:
             summary = evaluate_source(args, input_files(args, Path(directory)))
     except (rows.DataError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+        raise SystemExit(f"error: {in_this_scripts_terms(str(error))}") from None
     REPORTS.get(summary.get("benchmark"), print_report)(summary)
     print(json.dumps(summary))
     return summary
+
+
+# The reading code (btrm.rows, btrm.pair_dataset) names trainer.yaml's data keys; here they are this script's options.
+DATA_KEY_OPTIONS = {
+    "data.chosen_key": "--chosen-key",
+    "data.rejected_key": "--rejected-key",
+    "data.prompt_key": "--prompt-key",
+    "data.format": "--format",
+    "data.group_columns": "--group-by",
+    "data.max_groups_per_column": "--max-groups",
+    "data.max_length": "--max-length",
+}
+
+
+def in_this_scripts_terms(message: str) -> str:
+    """An error line with trainer.yaml's data keys replaced by the options that set them here
+    (`data.format=text` becomes `--format text`)."""
+    for key, option in DATA_KEY_OPTIONS.items():
+        message = re.sub(rf"{re.escape(key)}=(\S)", rf"{option} \1", message).replace(key, option)
+    return message
 
 
 if __name__ == "__main__":

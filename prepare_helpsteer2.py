@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from btrm import atomic
+from btrm.cli import OneLineParser
 from btrm.preflight import hub_unreachable_reason
 
 HELPSTEER2, HELPSTEER3 = "helpsteer2", "helpsteer3"
@@ -305,11 +306,16 @@ def read_helpsteer3_hub_rows(dataset: str) -> Iterator[tuple[str, Any, str | Non
 
 
 def read_input_files(paths: list[Path], split_by_file_name: bool) -> Iterator[tuple[str, Any, str | None]]:
-    """Yield (location, raw row, the split the file name implies or None) from every file in turn."""
+    """Yield (location, raw row, the split the file name implies or None) from every file in turn; a file
+    without rows is refused (an empty or truncated download, most likely)."""
     for path in paths:
         source_split = split_from_file_name(path) if split_by_file_name else None
+        rows = 0
         for where, row in read_local_rows(path):
+            rows += 1
             yield where, row, source_split
+        if not rows:
+            raise InputError(f"--input {path}: no rows; nothing written; pass the preference data file(s)")
 
 
 @dataclass(frozen=True)
@@ -453,6 +459,52 @@ def check_filters(stats: dict[str, SplitStats], domains: list[str] | None, langu
     return warnings
 
 
+SPLIT_WORDS = {"train": "training", "test": "validation"}  # output file -> the rows it holds, in words
+DROP_WORDS = {  # _drop_reason's reasons, in the order it tries them
+    "domain": "outside --domains",
+    "language": "outside --languages",
+    "tie": "tie",
+    "below_min": "under --min-strength {min_strength}",
+}
+
+
+def check_splits(stats: dict[str, SplitStats], min_strength: int, source: str) -> list[str]:
+    """No input rows at all, or a split whose rows were all dropped as ties or under --min-strength: InputError
+    (nothing is written). A split the user's choices left empty (an input with no rows for it, e.g. train rows
+    only; --domains / --languages that keep none of its rows): a warning line naming it; its file holds 0 pairs."""
+    if not any(s.read for s in stats.values()):
+        raise InputError(f"{source}: no rows; nothing written; pass the preference data file(s)")
+    warnings = []
+    for split, s in stats.items():
+        if s.kept:
+            continue
+        filtered = s.dropped["domain"] + s.dropped["language"]
+        if s.read and filtered:  # the user's own filters emptied it: said, not refused
+            warnings.append(
+                f"warning: {split}.parquet: 0 pairs written: --domains / --languages keep none of its {s.read} "
+                f"{SPLIT_WORDS[split]} rows; training needs {SPLIT_WORDS[split]} pairs "
+                f"({'VAL_FILE' if split == 'test' else 'TRAIN_FILE'}=... another file)"
+            )
+            continue
+        if s.read:
+            reasons = ", ".join(
+                f"{s.dropped[reason]} {words.format(min_strength=min_strength)}"
+                for reason, words in DROP_WORDS.items()
+                if s.dropped[reason]
+            )
+            raise InputError(
+                f"{split}.parquet would hold no pair: all {s.read} of its rows were dropped ({reasons}); "
+                f"nothing written; lower --min-strength or check the input's {SPLIT_WORDS[split]} rows"
+            )
+        other = "VAL_FILE" if split == "test" else "TRAIN_FILE"
+        marker = "split 'val'" if split == "test" else "split 'train'"
+        warnings.append(
+            f"warning: {split}.parquet: 0 pairs written: the input has no {SPLIT_WORDS[split]} rows; training needs "
+            f"{SPLIT_WORDS[split]} pairs ({other}=... another file, or add rows with {marker})"
+        )
+    return warnings
+
+
 def write_parquet_files(
     columns: dict[str, dict[str, list]], output_dir: Path, extra_columns: tuple[str, ...] = ()
 ) -> list[Path]:
@@ -513,7 +565,7 @@ def format_summary(stats: dict[str, SplitStats], min_strength: int, dataset: str
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--dataset",
         choices=sorted(DATASETS),
@@ -585,6 +637,12 @@ def main(argv: list[str] | None = None) -> int:
             rows = spec.read_hub(args.hub_dataset or spec.hub_dataset)
         columns, stats = convert(rows, args.min_strength, args.dataset, args.domains, args.languages)
         warnings = check_filters(stats, args.domains, args.languages)
+        source = (
+            f"--input {' '.join(map(str, args.input))}"
+            if args.input is not None
+            else (args.hub_dataset or spec.hub_dataset)
+        )
+        warnings += check_splits(stats, args.min_strength, source)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

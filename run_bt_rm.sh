@@ -8,9 +8,10 @@
 # through as a Hydra override, last, so it wins:  bash run_bt_rm.sh trainer.logger=[console,file] optim.lr=1e-6
 # Multi-node: run the same command on every node with WORLD_SIZE (nodes), RANK (node rank),
 # MASTER_ADDR and MASTER_PORT set, as most cluster launchers do.
-# Before any rank starts, the config (against trainer.yaml), the data files, the model and the
-# checkpoint to resume are checked; a problem stops the launch with one line (exit status 2), also
-# appended to <save path>/<experiment>/errors.log. BT_DEBUG=1 adds tracebacks.
+# Before any rank starts, the knobs' values (btrm.knobs: --help lists what each accepts), the config
+# (against trainer.yaml), the data files, the model and the checkpoint to resume are checked; a problem
+# stops the launch with one line (exit status 2), also appended to <save path>/<experiment>/errors.log.
+# BT_DEBUG=1 adds tracebacks.
 set -euo pipefail
 
 # Each knob: NAME=${NAME:-default}  # what it sets (--help prints these lines as a table)
@@ -38,20 +39,31 @@ SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-900}          # seconds torchrun lets the r
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
   sed -n '2,/^set -euo pipefail/{/^#/s/^# \{0,1\}//p}' "$0"
   echo
-  echo "knobs (environment variables) and their defaults:"
-  sed -nE 's/^([A-Z_]+)=\$\{[A-Z_]+:-(.*)\}[[:space:]]+# (.*)$/\1|\2|\3/p' "$0" |
-    while IFS='|' read -r knob default meaning; do
-      default=$(sed -E 's/\$\{([A-Z_]+):-([^}]*)\}/$\1, else \2/' <<<"$default")
-      default=${default:-(unset)}
-      printf '  %-17s %-31s %s\n' "$knob" "$default" "$meaning"
-    done
+  echo "knobs (environment variables), their defaults and the values each accepts (checked before torchrun starts):"
+  help_python=$PYTHON
+  [[ "$help_python" == auto && -x "$(dirname "$0")/.venv/bin/python" ]] && help_python="$(dirname "$0")/.venv/bin/python"
+  [[ "$help_python" == auto ]] && help_python=python3
+  # btrm.knobs reads these lines and adds each knob's allowed values; without a working Python, the plain table
+  if ! (cd "$(dirname "$0")" && "$help_python" -m btrm.knobs --table 2>/dev/null); then
+    sed -nE 's/^([A-Z_]+)=\$\{[A-Z_]+:-(.*)\}[[:space:]]+# (.*)$/\1|\2|\3/p' "$0" |
+      while IFS='|' read -r knob default meaning; do
+        default=$(sed -E 's/\$\{([A-Z_]+):-([^}]*)\}/$\1, else \2/' <<<"$default")
+        default=${default:-(unset)}
+        printf '  %-17s %-31s %s\n' "$knob" "$default" "$meaning"
+      done
+  fi
   exit 0
 fi
+KNOB_NAMES=($(sed -nE 's/^([A-Z_]+)=\$\{[A-Z_]+:-.*\}[[:space:]]+# .*$/\1/p' "$0"))
 
 export OMP_NUM_THREADS
 cd "$(dirname "$0")"
 if [[ "$PYTHON" == auto ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  echo "error: PYTHON=$PYTHON: no such interpreter; expected auto, or a Python interpreter with requirements.txt installed (bash setup.sh creates .venv)" >&2
+  exit 2
 fi
 
 # GPUs this node's processes can use: CUDA_VISIBLE_DEVICES if set, else nvidia-smi's list, else
@@ -82,6 +94,12 @@ KNOB_OVERRIDES=(
   ${MICRO_BATCH_SIZE:+data.micro_batch_size_per_gpu="$MICRO_BATCH_SIZE"}
 )
 
+# Every knob's value, checked before the shell does arithmetic with it or torchrun reads it (btrm.knobs):
+# one line, exit status 2, also in errors.log.
+KNOB_VALUES=()
+for knob in "${KNOB_NAMES[@]}"; do KNOB_VALUES+=("$knob=${!knob}"); done
+"$PYTHON" -m btrm.knobs --check "${KNOB_VALUES[@]}" -- "${KNOB_OVERRIDES[@]}" "$@" || exit $?
+
 # --plan: the memory plan of this configuration (btrm.plan, fake tensors, no weights, no GPU needed) for
 # NNODES x N_GPUS_PER_NODE GPUs (N_GPUS_PER_NODE=auto without a visible GPU: btrm.plan's default, 8).
 if [[ "${1:-}" == "--plan" ]]; then
@@ -90,7 +108,7 @@ if [[ "${1:-}" == "--plan" ]]; then
   [[ "$GPUS_PER_NODE" == auto ]] && GPUS_PER_NODE=$(count_visible_gpus)
   GPUS=()
   (( GPUS_PER_NODE > 0 )) && GPUS=(--gpus=$((NNODES * GPUS_PER_NODE)))
-  exec "$PYTHON" -m btrm.plan "${GPUS[@]}" "${KNOB_OVERRIDES[@]}" "$@"
+  exec "$PYTHON" -m btrm.plan_cli "${GPUS[@]}" "${KNOB_OVERRIDES[@]}" "$@"
 fi
 
 if [[ "$N_GPUS_PER_NODE" == auto ]]; then

@@ -196,11 +196,28 @@ def resolve_token_budget(setting: int | str | None, device: str, planned: Callab
     return planned()
 
 
-def describe_micro_batches(budget: TokenBudget, max_pairs: int | None) -> str:
-    """How a rank's step is cut, for the start-up summary: both limits and where the budget came from."""
+def smallest_pair_over_budget(pairs: Iterable, tokens: int) -> int | None:
+    """The smallest pair's computed tokens when every pair computes more than `tokens` in every layout (the
+    shared layout computes least: the prefix once), so that each runs alone, over the budget; else None.
+    The shared prefixes are measured only when the pairs' whole lengths already exceed the budget."""
+    pairs = list(pairs)
+    if not pairs or tokens >= min(pair.num_tokens for pair in pairs):
+        return None
+    smallest = min(pair.computed_tokens("shared") for pair in pairs)
+    return smallest if tokens < smallest else None
+
+
+def describe_micro_batches(budget: TokenBudget, max_pairs: int | None, alone: int | None = None) -> str:
+    """How a rank's step is cut, for the start-up summary: both limits and where the budget came from.
+    alone: smallest_pair_over_budget's answer (every pair over the budget: each runs alone, and is said so)."""
     pairs = None if max_pairs is None else f"{max_pairs} pair{'s' * (max_pairs != 1)}"
     if budget.tokens is None:
         return f"micro-batches of {pairs} (data.micro_batch_size_per_gpu)"
+    if alone is not None:
+        return (
+            f"micro-batches of one pair each: the smallest pair computes {alone:,} tokens, more than the "
+            f"{budget.tokens:,}-token budget ({budget.source})"
+        )
     cap = f", at most {pairs} (data.micro_batch_size_per_gpu)" if pairs else ""
     return f"micro-batches of <= {budget.tokens:,} computed tokens ({budget.source}){cap}"
 

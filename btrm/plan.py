@@ -68,7 +68,6 @@ already initialised (a rank of the trainer), it plans in a fresh subprocess (`py
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -88,12 +87,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from btrm import attention, batching, modeling
+from btrm.plan_cli import DEFAULT_GPU_MEMORY_GIB, DEFAULT_GPUS  # declared with the command line's help
 from btrm.schema import REPO, PreflightError
 
 GIB = 2**30
 
-DEFAULT_GPUS = 8  # without a visible GPU: the 8-GPU node trainer.yaml's budget is sized for
-DEFAULT_GPU_MEMORY_GIB = 80.0  # without a visible GPU: H100-80GB, the smallest card the defaults target
 SIMULATED_LAYERS = (2, 3)  # at both, first and last decoder layers differ (at 1 they are one) and prefetch a layer
 MAX_BUDGET_TOKENS = 2**20  # the budget search stops here (and says so)
 MAX_SIMULATED_CONVERSATIONS = 32  # a larger micro-batch is simulated with longer conversations (simulated_lengths)
@@ -897,60 +895,11 @@ def format_report(result: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: list[str] | None):
-
-    parser = argparse.ArgumentParser(
-        prog="python -m btrm.plan",
-        description="Plan a bt-rm training run's memory per GPU on fake tensors (no GPU, no weights).",
-    )
-    parser.add_argument("--gpus", type=int, default=None, help=f"ranks (default: visible GPUs, else {DEFAULT_GPUS})")
-    parser.add_argument(
-        "--gpu-memory",
-        type=float,
-        default=None,
-        help=f"GiB per GPU (default: the visible GPU's, else {DEFAULT_GPU_MEMORY_GIB:g})",
-    )
-    parser.add_argument(
-        "--margin", type=float, default=None, help="share kept free (default: trainer.gpu_memory_margin)"
-    )
-    parser.add_argument(
-        "--tokens", type=int, default=None, help="micro-batch tokens to simulate (default: from the config)"
-    )
-    parser.add_argument(
-        "--device", choices=("cuda", "cpu"), default=None, help="planned device (default: trainer.device)"
-    )
-    parser.add_argument("--no-search", action="store_true", help="skip the search for the largest fitting budget")
-    parser.add_argument("--config-yaml", default=None, help=argparse.SUPPRESS)  # plan_in_subprocess's composed config
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of trainer.yaml, e.g. model.lora_rank=64")
-    return parser.parse_intermixed_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.config_yaml:
-            from omegaconf import OmegaConf
+    """The command line, btrm.plan_cli's (it checks the options, the config and the model before importing this module)."""
+    from btrm import plan_cli
 
-            config = OmegaConf.load(args.config_yaml)
-        else:
-            from btrm.schema import compose_config
-
-            config = compose_config(args.overrides)
-        result = plan_config(
-            config,
-            gpus=args.gpus,
-            gpu_memory_gib=args.gpu_memory,
-            margin=args.margin,
-            tokens=args.tokens,
-            device=args.device,
-            search=not args.no_search,
-        )
-    except PreflightError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(format_report(result))
-    print(json.dumps(result))
-    return 0
+    return plan_cli.main(argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@
 The launcher runs them before torchrun starts; bt_trainer.run() repeats them on rank 0 (the result
 shared with the other ranks), so a launch that bypasses the launcher (plain torchrun) is checked too.
 
+At start-up, once the data is read (bt_trainer.run, rank 0): warn_about_data, one warning line each for
+data.group_columns that no validation pair has, and a data.max_tokens_per_micro_batch smaller than every pair.
+
 The hub probe (a TCP connection to where the hub client would connect first: the HTTPS proxy, else
 HF_ENDPOINT) is this project's only one: the model check uses it, and so does
 hub_unreachable_reason, which the scripts that download data sets (prepare_helpsteer2.py,
@@ -205,3 +208,46 @@ def check_inputs(values: Mapping[str, Any], world_size: int | None) -> None:
     check_model(values["model.partial_pretrain"])
     if world_size:  # a checkpoint resumes only on the world size that saved it
         check_resume(values, world_size)
+
+
+# ----------------------------------------------------------------------------- start-up warnings on the data read
+
+
+def data_warnings(data_config, train_dataset, val_dataset) -> list[str]:
+    """One line each (knob, value, what happens) for what the data makes of the config:
+    - data.group_columns that no validation pair has: their metrics would silently be absent. A list equal
+      to trainer.yaml's own is its documented "where present" default and is not warned about;
+    - an integer data.max_tokens_per_micro_batch below every pair's computed tokens: each pair runs alone,
+      over the budget."""
+    from btrm import batching, schema
+
+    lines = []
+    columns = list(data_config.group_columns)
+    if columns != list(schema.trainer_yaml_knobs()["data.group_columns"]):
+        present = {column for groups in val_dataset.groups for column in groups}
+        absent = [column for column in columns if column not in present]
+        if absent:
+            lines.append(
+                f"WARNING: data.group_columns={schema.render(columns)}: no validation pair has "
+                f"{', '.join(repr(c) for c in absent)} (data.val_files={schema.render(data_config.val_files)}); "
+                f"no val/accuracy_<column>_<value> metrics for {'it' if len(absent) == 1 else 'them'}"
+            )
+    budget = data_config.max_tokens_per_micro_batch
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        pairs = (dataset[i] for dataset in (train_dataset, val_dataset) for i in range(len(dataset)))
+        smallest = batching.smallest_pair_over_budget(pairs, budget)
+        if smallest is not None:
+            lines.append(
+                f"WARNING: data.max_tokens_per_micro_batch={budget} is smaller than the smallest pair "
+                f"({smallest:,} computed tokens): every micro-batch holds one pair, over the budget; "
+                "raise it (auto plans one)"
+            )
+    return lines
+
+
+def warn_about_data(data_config, train_dataset, val_dataset) -> list[str]:
+    """data_warnings, printed (bt_trainer.run calls this on rank 0 once the data is read)."""
+    lines = data_warnings(data_config, train_dataset, val_dataset)
+    for line in lines:
+        print(line, flush=True)
+    return lines

@@ -148,13 +148,18 @@ def gather_startup_facts(
     """The start-up facts of a run: its config, the model btrm.modeling.build_model built, the datasets and the schedule."""
     import torch.distributed as dist
 
-    from btrm.batching import describe_micro_batches
+    from btrm.batching import describe_micro_batches, smallest_pair_over_budget
     from btrm.modeling import DTYPES, resolve_param_dtype
 
     data, model = config.data, config.model
     datasets = (train_dataset, val_dataset)
     mean_tokens, max_tokens = conversation_token_stats(d[i] for d in datasets for i in range(len(d)))
-    micro_batch = describe_micro_batches(token_budget, data.micro_batch_size_per_gpu)
+    alone = (
+        None
+        if token_budget.tokens is None
+        else smallest_pair_over_budget((d[i] for d in datasets for i in range(len(d))), token_budget.tokens)
+    )
+    micro_batch = describe_micro_batches(token_budget, data.micro_batch_size_per_gpu, alone)
     return StartupFacts(
         device=device,
         backend=dist.get_backend(),

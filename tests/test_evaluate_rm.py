@@ -924,3 +924,108 @@ def test_group_accuracies_against_hand_counts():
         "pooled_groups": {"domain": 2},
     }
     assert evaluate_rm.group_accuracies(correct, [{}] * 7, ["domain"], 3) == {}
+
+
+# ---- issue 28: expected errors found before the model loads, naming this script's options
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    monkeypatch.setattr(
+        evaluate_rm, "load_reward_model", lambda *a, **k: pytest.fail("the model was loaded before the check")
+    )
+
+
+def refusal(argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_rm.main([*argv, "--no-progress"])
+    line = str(exit_info.value.code)
+    assert line.startswith("error: ") and "\n" not in line, line
+    return line
+
+
+def test_a_causal_lm_given_as_the_model_is_refused_before_it_loads(
+    tmp_path, tiny_model_dir, demo_data_dir, no_model_load
+):
+    """The base model a run starts from has no score head: its weights (read from the safetensors header by
+    safetensors itself, below) hold no score.weight."""
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_model_dir / "model.safetensors"), framework="pt") as handle:
+        assert "score.weight" not in set(handle.keys())  # the premise
+    data = str(demo_data_dir / "test.parquet")
+    for argv in (["--data", data], ["--rm-bench", str(write_rm_bench_fixture(tmp_path)[0][0])]):
+        line = refusal(["--model", str(tiny_model_dir), *argv])
+        assert line.startswith(f"error: --model {tiny_model_dir}: a causal language model (Qwen3ForCausalLM")
+        assert "not a reward model" in line and "global_step_N" in line
+
+
+def test_a_reward_checkpoint_passes_the_kind_check(trained_run):
+    evaluate_rm.check_reward_model(evaluate_rm.resolve_model_dir(step_dir(trained_run)))  # raises if refused
+
+
+def test_data_without_the_pair_columns_names_this_scripts_options_before_the_model_loads(
+    tmp_path, tiny_model_dir, no_model_load
+):
+    data = tmp_path / "other.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer_a": "a", "answer_b": "b"}) + "\n")
+    line = refusal(["--model", str(tiny_model_dir), "--data", str(data)])
+    assert str(data) in line and "'question'" in line
+    assert "--chosen-key" in line and "--rejected-key" in line and "--prompt-key" in line
+    assert "data.chosen_key" not in line and "data." not in line.split(";", 1)[1]
+
+
+def test_a_group_by_column_no_file_has_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, no_model_load):
+    data = tmp_path / "grouped.jsonl"
+    write_grouped_fixture(data)
+    line = refusal(["--model", str(tiny_model_dir), "--data", str(data), "--group-by", "domain", "nope"])
+    assert line.startswith(f"error: --group-by nope: no pair of {data} has this column")
+    assert "chosen, domain, language, prompt, rejected" in line  # the columns the file has, sorted
+
+
+def test_a_device_torch_cannot_use_is_refused_before_the_model_loads(
+    tmp_path, tiny_model_dir, demo_data_dir, no_model_load, monkeypatch
+):
+    data = str(demo_data_dir / "test.parquet")
+    line = refusal(["--model", str(tiny_model_dir), "--data", data, "--device", "tpu"])
+    assert line == "error: --device tpu: expected auto, cuda, cuda:N or cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = refusal(["--model", str(tiny_model_dir), "--data", data, "--device", "cuda"])
+    assert (
+        line == "error: --device cuda: torch sees no GPU (torch.cuda.is_available() is False); use --device auto or cpu"
+    )
+
+
+def test_a_refused_command_line_is_one_line_without_the_usage_text(tmp_path):
+    for argv, line in (
+        (
+            ["--model", str(tmp_path), "--data", "x", "--batch-size", "abc"],
+            "argument --batch-size: invalid int value: 'abc'",
+        ),
+        (["--data", "x"], "the following arguments are required: --model"),
+    ):
+        result = subprocess.run(
+            [sys.executable, str(REPO / "evaluate_rm.py"), *argv], capture_output=True, text=True, cwd=REPO
+        )
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr == f"error: {line}; evaluate_rm.py --help lists the options\n"
+
+
+def test_the_errors_found_before_the_model_loads_do_not_import_torch(tmp_path, tiny_model_dir, demo_data_dir):
+    """What makes them quick (torch's import alone takes seconds on 2 busy cores)."""
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"question": "q", "answer_a": "a"}) + "\n")
+    data = str(demo_data_dir / "test.parquet")
+    code = (
+        "import sys, evaluate_rm\n"
+        "try:\n    evaluate_rm.main(sys.argv[1:])\nexcept SystemExit as stop:\n    print(stop.code)\n"
+        "print('torch' in sys.modules)"
+    )
+    for argv, start in (
+        (["--model", str(tiny_model_dir), "--data", data], f"error: --model {tiny_model_dir}: a causal language model"),
+        (["--model", str(tiny_model_dir), "--data", data, "--group-by", "nope"], "error: --group-by nope: no pair"),
+        (["--model", str(tiny_model_dir), "--data", str(other)], f"error: {other}: no column 'chosen', 'rejected'"),
+    ):
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=REPO)
+        line, torch_imported = done.stdout.strip().splitlines()
+        assert line.startswith(start) and torch_imported == "False", done.stdout

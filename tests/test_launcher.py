@@ -193,11 +193,13 @@ def test_script_plan_mode_runs_the_planner_with_the_knobs_and_the_gpus(script_co
         check=True,
     )
     argv = (script_copy / "argv").read_text().splitlines()
-    assert argv[:3] == ["-m", "btrm.plan", "--gpus=4"]  # 2 nodes x 2 visible GPUs
+    assert argv[:3] == ["-m", "btrm.plan_cli", "--gpus=4"]  # 2 nodes x 2 visible GPUs
     assert "model.partial_pretrain=some/model" in argv and argv[-3:] == ["--gpu-memory", "141", "model.lora_rank=8"]
     subprocess.run(["bash", str(script_copy / "run_bt_rm.sh"), "--plan"], env={**env, "CUDA_VISIBLE_DEVICES": ""})
     argv = (script_copy / "argv").read_text().splitlines()
-    assert argv[:2] == ["-m", "btrm.plan"] and not any(a.startswith("--gpus") for a in argv)  # the planner's default
+    assert argv[:2] == ["-m", "btrm.plan_cli"] and not any(
+        a.startswith("--gpus") for a in argv
+    )  # the planner's default
 
 
 @pytest.fixture

@@ -149,3 +149,96 @@ def test_data_set_probe_is_skipped_in_datasets_offline_mode(offline, probed):
         environ={"HF_ENDPOINT": f"http://127.0.0.1:{closed_loopback_port()}", **offline}
     )
     assert (reason is not None) == probed
+
+
+# ---- start-up warnings on the data read (issue 28)
+
+
+class Pairs:
+    """A stand-in dataset: TokenizedPairs and their groups (what the trainer's datasets expose)."""
+
+    def __init__(self, pairs, groups=None):
+        self.pairs, self.groups = pairs, groups or [{} for _ in pairs]
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        return self.pairs[index]
+
+
+def data_config(**changes):
+    from btrm.schema import compose_config
+
+    return compose_config([f"data.{key}={value}" for key, value in changes.items()]).data
+
+
+def test_group_columns_no_validation_pair_has_are_one_warning_line():
+    from btrm.pair_dataset import TokenizedPair
+
+    pair = TokenizedPair([1, 2, 3], [1, 2, 4])
+    train = Pairs([pair], [{"nope": "x"}])  # in the training rows only: still no validation metric
+    val = Pairs([pair, pair], [{"domain": "code"}, {}])
+    lines = preflight.data_warnings(data_config(group_columns="[domain,nope]"), train, val)
+    assert lines == [
+        "WARNING: data.group_columns=[domain,nope]: no validation pair has 'nope' "
+        "(data.val_files=data/helpsteer2/test.parquet); no val/accuracy_<column>_<value> metrics for it"
+    ]
+    assert preflight.data_warnings(data_config(group_columns="[domain]"), train, val) == []
+    # trainer.yaml's own list (domain, language, subset) is its "where present" default: no warning
+    assert preflight.data_warnings(data_config(), train, Pairs([pair], [{}])) == []
+
+
+def test_a_token_budget_below_every_pair_is_one_warning_line_and_the_summary_says_pairs_run_alone():
+    from btrm import batching
+    from btrm.pair_dataset import TokenizedPair
+
+    # by hand: 6 + 5 = 11 tokens, 2 shared -> 9 computed when shared; 4 + 4 = 8 tokens, none shared
+    pairs = Pairs([TokenizedPair([1, 2, 3, 4, 5, 6], [1, 2, 7, 8, 9]), TokenizedPair([5, 6, 7, 8], [9, 9, 9, 9])])
+    config = data_config(max_tokens_per_micro_batch=7)
+    assert preflight.data_warnings(config, pairs, Pairs([])) == [
+        "WARNING: data.max_tokens_per_micro_batch=7 is smaller than the smallest pair (8 computed tokens): "
+        "every micro-batch holds one pair, over the budget; raise it (auto plans one)"
+    ]
+    assert preflight.data_warnings(data_config(max_tokens_per_micro_batch=8), pairs, Pairs([])) == []
+    # 9 computed tokens when shared, 11 whole: a budget of 10 is over the pair's smallest layout
+    lone = Pairs([TokenizedPair([1, 2, 3, 4, 5, 6], [1, 2, 7, 8, 9])])
+    assert preflight.data_warnings(data_config(max_tokens_per_micro_batch=10), lone, Pairs([])) == []
+    assert preflight.data_warnings(data_config(max_tokens_per_micro_batch=9), lone, Pairs([])) == []  # fits exactly
+    assert (
+        "smallest pair (9 computed tokens)"
+        in preflight.data_warnings(data_config(max_tokens_per_micro_batch=8), lone, Pairs([]))[0]
+    )
+    for setting in ("auto", "null"):
+        assert preflight.data_warnings(data_config(max_tokens_per_micro_batch=setting), pairs, Pairs([])) == []
+    budget = batching.TokenBudget(7, "set by data.max_tokens_per_micro_batch")
+    assert batching.describe_micro_batches(budget, None, batching.smallest_pair_over_budget(pairs.pairs, 7)) == (
+        "micro-batches of one pair each: the smallest pair computes 8 tokens, more than the 7-token budget "
+        "(set by data.max_tokens_per_micro_batch)"
+    )
+    assert batching.smallest_pair_over_budget(pairs.pairs, 8) is None
+
+
+def test_a_run_says_both_at_start(tmp_path, tiny_model_dir, demo_data_dir):
+    """A real (one-step) run: the warnings come from bt_trainer's start, before the first step, on rank 0 only."""
+    from conftest import run_trainer
+
+    result, _ = run_trainer(
+        tmp_path,
+        tiny_model_dir,
+        demo_data_dir,
+        "data.group_columns=[nope]",
+        "data.max_tokens_per_micro_batch=10",
+        "trainer.total_training_steps=1",
+        "trainer.check_layout=false",
+    )
+    lines = result.stdout.splitlines()
+    group = [
+        line for line in lines if line.startswith("WARNING: data.group_columns=[nope]: no validation pair has 'nope'")
+    ]
+    budget = [line for line in lines if line.startswith("WARNING: data.max_tokens_per_micro_batch=10 is smaller than")]
+    assert len(group) == 1 and len(budget) == 1, result.stdout[-3000:]
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step 1"))
+    assert lines.index(group[0]) < first_step and lines.index(budget[0]) < first_step
+    assert "micro-batches of one pair each: the smallest pair computes" in result.stdout
+    assert "<= 10 computed tokens" not in result.stdout

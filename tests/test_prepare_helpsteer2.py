@@ -518,7 +518,12 @@ def test_helpsteer3_domain_and_language_filters_count_what_they_drop(report_inpu
 def test_helpsteer3_filter_values_absent_from_the_data_warn_or_refuse(report_inputs, tmp_path, capsys):
     assert run_hs3(report_inputs, tmp_path / "warned", "--domains", "stem", "STEM") == 0
     err = capsys.readouterr().err
-    assert err == "warning: --domains STEM: no row has this value; the data has code, general, multilingual, stem\n"
+    assert err == (
+        "warning: --domains STEM: no row has this value; the data has code, general, multilingual, stem\n"
+        # issue 28: the split the filter left empty is said too
+        "warning: test.parquet: 0 pairs written: --domains / --languages keep none of its 4 validation rows; "
+        "training needs validation pairs (VAL_FILE=... another file)\n"
+    )
     assert run_hs3(report_inputs, tmp_path / "refused", "--languages", "English", "french") == 1
     err = capsys.readouterr().err
     assert err == (
@@ -708,3 +713,98 @@ def test_helpsteer3_hub_failure_says_to_pass_input(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: could not load nvidia/HelpSteer3 (config 'preference') from the Hugging Face hub")
     assert "--input train.jsonl.gz validation.jsonl.gz" in err
+
+
+# ---- issue 28: empty input and splits that end with zero pairs
+
+
+def test_an_empty_input_is_refused_and_nothing_is_written(tmp_path):
+    for name, content in (("empty.jsonl", ""), ("blank.jsonl", "\n\n")):
+        src = tmp_path / name
+        src.write_text(content)
+        result = run_cli(src, tmp_path / "out")
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr == f"error: --input {src}: no rows; nothing written; pass the preference data file(s)\n"
+        assert not (tmp_path / "out").exists()
+    # one empty file among several: refused too, naming it
+    good = write_jsonl(tmp_path / "good.jsonl", [hs2_row(split="train"), hs2_row(split="val")])
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "prepare_helpsteer2.py"),
+            "--input",
+            str(good),
+            str(src),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert (
+        result.returncode == 1
+        and result.stderr == f"error: --input {src}: no rows; nothing written; pass the preference data file(s)\n"
+    )
+    assert not (tmp_path / "out").exists()
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.Table.from_pylist([], schema=pa.schema([("split", pa.string())])), empty)
+    result = run_cli(empty, tmp_path / "out")
+    assert result.returncode == 1 and result.stderr.startswith(f"error: --input {empty}: no rows; nothing written")
+
+
+def test_a_split_whose_rows_are_all_dropped_is_refused_naming_it(tmp_path):
+    rows = [hs2_row(split="train", preference_strength=-2), hs2_row(split="val", preference_strength=0)]
+    rows.append(hs2_row(split="val", preference_strength=1, prompt="other"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "test.parquet").write_bytes(b"previous")
+    result = run_cli(write_jsonl(tmp_path / "in.jsonl", rows), out, "--min-strength", "2")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (
+        "error: test.parquet would hold no pair: all 2 of its rows were dropped (1 tie, 1 under --min-strength 2); "
+        "nothing written; lower --min-strength or check the input's validation rows\n"
+    )
+    assert (out / "test.parquet").read_bytes() == b"previous" and not (out / "train.parquet").exists()
+
+
+def test_input_with_train_rows_only_says_so_in_one_line_naming_the_split(tmp_path):
+    result = run_cli(write_jsonl(tmp_path / "in.jsonl", [hs2_row(split="train")]), tmp_path / "out")
+    assert result.returncode == 0
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        "warning: test.parquet: 0 pairs written: the input has no validation rows; "
+        "training needs validation pairs (VAL_FILE=... another file, or add rows with split 'val')"
+    ]
+    assert (
+        len(read_rows(tmp_path / "out" / "test.parquet")) == 0
+        and len(read_rows(tmp_path / "out" / "train.parquet")) == 1
+    )
+
+
+def test_helpsteer3_validation_rows_only_warn_about_the_train_split(tmp_path, capsys):
+    assert run_hs3([write_jsonl(tmp_path / "validation.jsonl", [hs3_row()])], tmp_path / "out") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "warning: train.parquet: 0 pairs written: the input has no training rows"
+    )
+
+
+def test_a_refused_command_line_is_one_line_without_the_usage_text(tmp_path):
+    for extra, line in (
+        (["--min-strength", "5"], "--min-strength must be in 1..3 (ties, strength 0, carry no preference); got 5"),
+        (["--min-strength", "x"], "argument --min-strength: invalid int value: 'x'"),
+        (["--dataset", "hs4"], "argument --dataset: invalid choice: 'hs4' (choose from 'helpsteer2', 'helpsteer3')"),
+    ):
+        result = run_cli(tmp_path / "in.jsonl", tmp_path / "out", *extra)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr == f"error: {line}; prepare_helpsteer2.py --help lists the options\n"
+
+
+def test_an_empty_hub_dataset_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prep, "_load_from_hub", lambda *args, **kwargs: [])
+    assert prep.main(["--output-dir", str(tmp_path / "out"), "--hub-dataset", "someone/empty"]) == 1
+    assert (
+        capsys.readouterr().err == "error: someone/empty: no rows; nothing written; pass the preference data file(s)\n"
+    )
+    assert not (tmp_path / "out").exists()
