@@ -211,6 +211,63 @@ def test_the_largest_budget_grows_with_memory_and_fits(shallow):
     assert planned(shallow, margin=0.0, gpu_memory_gib=states / 2)["max_tokens_per_micro_batch"] is None
 
 
+def test_the_budget_found_fits_and_three_percent_more_does_not(shallow):
+    """The search's answer is the largest fitting budget (to its 2% tolerance), not merely one that fits: each
+    side checked by a plan of that micro-batch alone (search=False, the verdict of the fake step itself)."""
+    memory = 150 / 1024  # GiB: a budget of ~20k tokens for the tiny model, where 3% is > the search's 256-token step
+    budget = planned(shallow, margin=0.0, gpu_memory_gib=memory)["max_tokens_per_micro_batch"]
+    assert budget is not None and budget > 256 * 50
+    assert planned(shallow, margin=0.0, gpu_memory_gib=memory, tokens=budget, search=False)["fits"] is True
+    larger = math.ceil(budget * 1.03)
+    assert planned(shallow, margin=0.0, gpu_memory_gib=memory, tokens=larger, search=False)["fits"] is False
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """12 layers with wide MLPs and short conversations: the sharded parameters (the size of the optimizer step's
+    foreach temporary, optim.fused=false on cuda) outweigh what forward/backward holds beyond the model states
+    (one unsharded layer, activations, buffers), so the optimizer step is the peak."""
+    from transformers import Qwen3Config
+
+    folder = tmp_path_factory.mktemp("qwen3-wide-12-layers")
+    dims = {**DIMS, "intermediate_size": 2048}
+    Qwen3Config(**dims, num_hidden_layers=12, tie_word_embeddings=False).save_pretrained(folder)
+    return folder
+
+
+def test_no_budget_when_the_optimizer_step_alone_overflows(wide):
+    extra = ("data.max_length=16", "optim.fused=false")
+    alone = plan.plan_from_overrides(
+        overrides(wide, *extra), gpus=2, device="cuda", gpu_memory_gib=80, margin=0.0, search=False
+    )
+    forward_backward, step = (alone["phases"][p]["peak_gib"] for p in ("forward_backward", "optimizer_step"))
+    assert forward_backward < step  # the case: only the optimizer step overflows the memory between them
+    memory = (forward_backward + step) / 2
+    result = plan.plan_from_overrides(overrides(wide, *extra), gpus=2, device="cuda", gpu_memory_gib=memory, margin=0.0)
+    assert result["fits"] is False
+    assert result["max_tokens_per_micro_batch"] is None and "optimizer step" in result["max_tokens_method"]
+
+
+def test_auto_budget_refuses_a_budget_between_nothing_and_a_lone_pair(shallow, monkeypatch):
+    """A budget that fits some tokens but fewer than one pair of 2 x data.max_length: refused, not handed over."""
+    from btrm.schema import PreflightError
+
+    extra = ("data.max_length=1024",)  # a lone pair: 2,048 tokens
+    half, lone = (
+        planned(shallow, *extra, gpus=2, device="cuda", gpu_memory_gib=80, margin=0.0, tokens=t, search=False)
+        for t in (1024, 2048)
+    )
+    usable = (half["peak_gib"] + lone["peak_gib"]) / 2  # 1,024 tokens fit, 2,048 do not
+    monkeypatch.setattr(plan, "DEFAULT_GPU_MEMORY_GIB", usable / 0.9)  # trainer.gpu_memory_margin 10% kept free
+    config = compose_config(overrides(shallow, *extra))
+    result = plan.plan_config(config, gpus=2, device="cuda")
+    assert 1024 <= result["max_tokens_per_micro_batch"] < 2048 and result["fits"] is False
+    with pytest.raises(PreflightError) as refused:
+        plan.auto_token_budget(config, world_size=2)
+    line = str(refused.value)
+    assert f"{result['max_tokens_per_micro_batch']:,} tokens per micro-batch" in line and "2,048 tokens" in line
+
+
 # ----------------------------------------------------------------------------- CLI and process state
 
 
