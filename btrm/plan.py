@@ -878,12 +878,12 @@ class Suggestions:
         self.entries: list[dict] = []
         self.not_fitting: list[str] = []
 
-    def plan(self, change: Change) -> dict | None:
-        """The plan of the changed configuration; None when it is refused or the plans are spent. A change to a
-        configuration whose budget is not `auto` keeps that budget; where the budget alone then overflows but a
-        pair fits, the change is planned again with the largest budget that fits added to it."""
+    def plan(self, change: Change) -> tuple[Change, dict | None]:
+        """(the change, the plan of the changed configuration); the plan is None when it is refused or the plans
+        are spent. A change to a configuration whose budget is not `auto` keeps that budget; where the budget then
+        overflows but a pair fits, the change gets the largest budget that fits added to it and is planned again."""
         if self.plans >= MAX_SUGGESTION_PLANS:
-            return None
+            return change, None
         self.plans += 1
         settings = self.settings
         try:
@@ -896,21 +896,22 @@ class Suggestions:
             )
         except PreflightError as error:
             self.not_fitting.append(f"{change.label} (refused: {error})")
-            return None
+            return change, None
         budget = result["max_tokens_per_micro_batch"]
         explicit = self.config.data.max_tokens_per_micro_batch != "auto"
         setting = "data.max_tokens_per_micro_batch"
         set_already = any(o.startswith(setting + "=") for o in change.overrides)
         if not result["fits"] and explicit and not set_already and budget and budget >= result["lone_pair_tokens"]:
-            return self.plan(dataclasses.replace(change, overrides=(*change.overrides, f"{setting}={budget}")))
-        return result
+            overrides, label = (*change.overrides, f"{setting}={budget}"), f"{change.label}, {setting}={budget}"
+            return self.plan(dataclasses.replace(change, overrides=overrides, label=label))
+        return change, result
 
     def add(self, change: Change, result: dict | None) -> bool:
         """Keeps the change if its plan fits; True if it does."""
         if result is None:
             return False
         if not result["fits"]:
-            self.not_fitting.append(f"{change.label} (peak {result['peak_gib']:.2f} GiB)")
+            self.not_fitting.append(f"{change.label} (peak {size(result['peak_gib'])})")
             return False
         gpus = change.gpus or self.settings.gpus
         plan_arguments = [f"--gpus={gpus}", f"--gpu-memory={self.settings.gpu_memory_gib:g}"]
@@ -937,7 +938,7 @@ class Suggestions:
         return True
 
     def try_change(self, change: Change) -> bool:
-        return self.add(change, self.plan(change))
+        return self.add(*self.plan(change))
 
 
 SUGGESTION_FIGURES = (
@@ -1157,13 +1158,15 @@ def format_suggestions(result: dict) -> list[str]:
     lines = [f"what would fit: each change planned alone, like the above; cheapest first (tier {tiers})"]
     if not suggestions:
         return [*lines, f"  no change tried fits ({result['suggestions_method']})"]
-    header = f"  {'change':<40}{'tier':>5}{'peak GiB':>10}{'usable':>8}{'largest budget':>16}{'tokens/s/GPU':>14}  cost"
-    lines.append(header)
+    unit, scale = ("GiB", 1) if result["usable_gib"] >= 1 else ("MiB", 1024)
+    peak = f"peak {unit}"
+    lines.append(f"  {'change':<40}{'tier':>5}{peak:>10}{'usable':>8}{'largest budget':>16}{'tokens/s/GPU':>14}  cost")
     for s in suggestions:
         budget = "none" if s["max_tokens_per_micro_batch"] is None else f"{s['max_tokens_per_micro_batch']:,}"
         rate = "" if s["predicted_tokens_per_s"] is None else f"{s['predicted_tokens_per_s']:,}"
         lines.append(
-            f"  {s['change']:<40}{s['tier']:>5}{s['peak_gib']:>10.2f}{s['usable_gib']:>8.2f}{budget:>16}{rate:>14}"
+            f"  {s['change']:<40}{s['tier']:>5}{s['peak_gib'] * scale:>10.2f}{s['usable_gib'] * scale:>8.2f}"
+            f"{budget:>16}{rate:>14}"
             f"  {s['cost']}"
         )
     lines.append(f"  ({result['suggestions_method']})")

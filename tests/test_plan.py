@@ -268,6 +268,98 @@ def test_auto_budget_refuses_a_budget_between_nothing_and_a_lone_pair(shallow, m
     assert f"{result['max_tokens_per_micro_batch']:,} tokens per micro-batch" in line and "2,048 tokens" in line
 
 
+# ----------------------------------------------------------------------------- what would fit
+
+
+def replanned(model_dir, base: tuple[str, ...], suggestion: dict, memory: float, **kwargs) -> dict:
+    """A suggestion planned again from scratch as its plan_command would: the base overrides, then its own."""
+    return plan.plan_from_overrides(
+        [*overrides(model_dir, *base), *suggestion["overrides"]],
+        gpus=suggestion["gpus"],
+        gpu_memory_gib=memory,
+        margin=suggestion["margin"],
+        search=False,
+        **kwargs,
+    )
+
+
+def test_what_would_fit_is_planned_cheapest_first_and_each_change_fits(shallow):
+    base = ("data.max_length=1024",)  # a lone pair: 2,048 tokens
+    lone = planned(shallow, *base, margin=0.0, search=False)
+    memory = lone["peak_gib"] / 0.93  # fits with 7% kept free, not with trainer.yaml's 10%
+    result = planned(shallow, *base, gpu_memory_gib=memory, suggest=True)
+    assert result["fits"] is False and result["margin"] == 0.1
+    suggestions = {s["change"]: s for s in result["suggestions"]}
+    assert list(suggestions) == [
+        "trainer.gpu_memory_margin=0.07",  # the largest whole percent kept free at which the peak fits
+        "model.fsdp_config.cpu_offload=true",
+        "data.max_length=768",  # the longest multiple of 256 whose lone pair fits the largest budget (< 2,048)
+        "8 GPUs (one node)",  # 4 do not fit (the activations stay)
+    ]
+    assert [s["tier"] for s in suggestions.values()] == [0, 1, 2, 3]
+    # LoRA of rank 64 on a 64-wide model saves nothing: planned, not suggested
+    assert (
+        "did not fit: model.lora_rank=64" in result["suggestions_method"] and "4 GPUs" in result["suggestions_method"]
+    )
+    assert lone["peak_gib"] <= memory * (1 - 0.07) and lone["peak_gib"] > memory * (1 - 0.08)
+    assert suggestions["8 GPUs (one node)"]["environment"] == {"N_GPUS_PER_NODE": "8"}
+    assert suggestions["8 GPUs (one node)"]["plan_command"].startswith("bash run_bt_rm.sh --plan --gpus=8 ")
+    for suggestion in suggestions.values():
+        again = replanned(shallow, base, suggestion, memory)
+        assert again["fits"] is True and again["peak_gib"] == suggestion["peak_gib"], suggestion["change"]
+        if suggestion["change"] == "model.fsdp_config.cpu_offload=true":  # the model states on the host
+            assert again["model_states_bytes"] == full_fine_tune_states(2, ranks=2) and again["host_memory_gib"] > 0
+            assert not {"sharded_params", "sharded_grads", "optimizer_state"} & set(again["parts"])
+    assert planned(shallow, *base, gpu_memory_gib=memory * 2, search=False, suggest=True)["suggestions"] == []
+
+
+def test_a_token_budget_above_what_fits_is_lowered_and_kept_low_in_every_change(shallow, monkeypatch):
+    base = ("data.max_tokens_per_micro_batch=16384",)  # micro-batches of 16,384 tokens; ~8k fit in 60 MiB
+    monkeypatch.setattr(plan, "SUGGESTERS", (plan.suggest_token_budget, plan.suggest_cpu_offload))
+    memory = 60 / 1024
+    result = planned(shallow, *base, gpu_memory_gib=memory, margin=0.0, suggest=True)
+    assert result["fits"] is False and result["tokens"] == 16384
+    budget = result["max_tokens_per_micro_batch"]
+    first, offload = result["suggestions"]
+    assert first["overrides"] == [f"data.max_tokens_per_micro_batch={budget}"] and first["tokens"] == budget
+    # offloading leaves the activations of 16,384 tokens: planned again with the largest budget it fits
+    assert offload["overrides"] == [
+        "model.fsdp_config.cpu_offload=true",
+        f"data.max_tokens_per_micro_batch={offload['tokens']}",
+    ]
+    assert budget <= offload["tokens"] < 16384
+    for suggestion in (first, offload):
+        assert replanned(shallow, base, suggestion, memory)["fits"] is True
+
+
+def test_qwen3_32b_full_fine_tuning_on_8_80gb_gpus_gets_changes_that_fit(tmp_path, monkeypatch):
+    """Issue 30's acceptance, on two of the changes (all of them: docs/fit-and-memory.md, by hand): a
+    Qwen3-32B-shaped config.json, full fine-tuning, 8 x 80 GB, data.max_length=4096."""
+    from transformers import Qwen3Config
+
+    dims = {"hidden_size": 5120, "intermediate_size": 25600, "num_attention_heads": 64, "num_key_value_heads": 8}
+    Qwen3Config(**dims, head_dim=128, vocab_size=151936, num_hidden_layers=64).save_pretrained(tmp_path)
+    monkeypatch.setattr(plan, "SUGGESTERS", (plan.suggest_margin, plan.suggest_more_gpus))
+    base = [f"model.partial_pretrain={tmp_path}", "data.max_length=4096"]
+    result = plan.plan_from_overrides(base, gpus=8, gpu_memory_gib=80, device="cuda", suggest=True)
+    assert result["fits"] is False and result["lora"] is False and result["parameters"] > 31.9e9
+    margin, more = result["suggestions"]
+    assert margin["change"].startswith("trainer.gpu_memory_margin=") and margin["peak_gib"] == result["peak_gib"]
+    assert (more["gpus"], more["environment"]) == (16, {"NNODES": "2"})
+    # 16 bytes a parameter (fp32 weight, gradient, two Adam moments) over 16 GPUs instead of 8 (+5% allocator)
+    assert result["peak_gib"] - more["peak_gib"] == pytest.approx(16 * result["parameters"] / 16 / 2**30, rel=0.1)
+    for suggestion in (margin, more):
+        again = plan.plan_from_overrides(
+            [*base, *suggestion["overrides"]],
+            gpus=suggestion["gpus"],
+            gpu_memory_gib=80,
+            margin=suggestion["margin"],
+            device="cuda",
+            search=False,
+        )
+        assert again["fits"] is True, suggestion["change"]
+
+
 # ----------------------------------------------------------------------------- CLI and process state
 
 
@@ -284,6 +376,7 @@ def test_cli_prints_the_table_and_ends_with_one_json_line(shallow):
     result = json.loads(lines[-1])
     assert set(result) >= REQUIRED_KEYS and result["gpus"] == 2 and result["gpu_memory_gib"] == 1
     assert any(line.startswith("peak ") for line in lines) and "largest token budget" in done.stdout
+    assert result["fits"] is True and result["suggestions"] == []  # asked by default; nothing to suggest
 
 
 def test_cli_refuses_a_bad_override_in_one_line(shallow):
