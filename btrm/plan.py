@@ -1154,8 +1154,8 @@ def format_report(result: dict) -> str:
 def format_suggestions(result: dict) -> list[str]:
     """The changes that would fit, one a row, cheapest first (TIERS), and how to use them."""
     suggestions = result["suggestions"]
-    tiers = ", ".join(f"{tier} {meaning}" for tier, meaning in TIERS.items())
-    lines = [f"what would fit: each change planned alone, like the above; cheapest first (tier {tiers})"]
+    tiers = "; ".join(f"{tier} = {meaning}" for tier, meaning in TIERS.items())
+    lines = [f"what would fit: each change planned like the above; cheapest first (tier {tiers})"]
     if not suggestions:
         return [*lines, f"  no change tried fits ({result['suggestions_method']})"]
     unit, scale = ("GiB", 1) if result["usable_gib"] >= 1 else ("MiB", 1024)
