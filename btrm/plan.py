@@ -787,7 +787,7 @@ def auto_token_budget(config, world_size: int):
             f"({result['margin']:.0%} kept free, trainer.gpu_memory_margin); it fits {fits} on {world_size} GPUs, "
             f"less than a lone pair of 2 x data.max_length = {result['lone_pair_tokens']:,} tokens; lower "
             f"data.max_length or trainer.gpu_memory_margin, or use {fused}LoRA (model.lora_rank), "
-            "model.fsdp_config.cpu_offload=true or more GPUs (bash run_bt_rm.sh --plan shows the parts)"
+            "model.fsdp_config.cpu_offload=true or more GPUs (bash run_bt_rm.sh --plan shows the parts and plans each)"
         )
     return batching.TokenBudget(
         budget,
@@ -953,8 +953,13 @@ SUGGESTION_FIGURES = (
 
 
 def suggest_fused_optimizer(s: Suggestions) -> None:
-    temps = s.base["phases"]["optimizer_step"]["parts"].get("optimizer_step_temps", 0.0)
-    if temps > 0.01 * s.base["peak_gib"] and not s.config.optim.fused:
+    """Where the optimizer step is what overflows and it holds temporaries: the fused kernel has none."""
+    step = s.base["phases"]["optimizer_step"]
+    if (
+        step["peak_gib"] > s.base["usable_gib"]
+        and step["parts"].get("optimizer_step_temps")
+        and not s.config.optim.fused
+    ):
         cost = "none: the same update in one fused kernel, without foreach's temporary as large as the parameters"
         s.try_change(Change("optim.fused=true", 0, cost, ("optim.fused=true",)))
 

@@ -235,7 +235,7 @@ def wide(tmp_path_factory):
     return folder
 
 
-def test_no_budget_when_the_optimizer_step_alone_overflows(wide):
+def test_no_budget_when_the_optimizer_step_alone_overflows(wide, monkeypatch):
     extra = ("data.max_length=16", "optim.fused=false")
     alone = plan.plan_from_overrides(
         overrides(wide, *extra), gpus=2, device="cuda", gpu_memory_gib=80, margin=0.0, search=False
@@ -243,9 +243,15 @@ def test_no_budget_when_the_optimizer_step_alone_overflows(wide):
     forward_backward, step = (alone["phases"][p]["peak_gib"] for p in ("forward_backward", "optimizer_step"))
     assert forward_backward < step  # the case: only the optimizer step overflows the memory between them
     memory = (forward_backward + step) / 2
-    result = plan.plan_from_overrides(overrides(wide, *extra), gpus=2, device="cuda", gpu_memory_gib=memory, margin=0.0)
+    monkeypatch.setattr(plan, "SUGGESTERS", (plan.suggest_fused_optimizer,))
+    result = plan.plan_from_overrides(
+        overrides(wide, *extra), gpus=2, device="cuda", gpu_memory_gib=memory, margin=0.0, suggest=True
+    )
     assert result["fits"] is False
     assert result["max_tokens_per_micro_batch"] is None and "optimizer step" in result["max_tokens_method"]
+    # the fused optimizer has no such temporary: what would fit, at no cost
+    (fused,) = result["suggestions"]
+    assert fused["overrides"] == ["optim.fused=true"] and fused["tier"] == 0 and fused["peak_gib"] < memory
 
 
 def test_auto_budget_refuses_a_budget_between_nothing_and_a_lone_pair(shallow, monkeypatch):
@@ -311,6 +317,21 @@ def test_what_would_fit_is_planned_cheapest_first_and_each_change_fits(shallow):
             assert again["model_states_bytes"] == full_fine_tune_states(2, ranks=2) and again["host_memory_gib"] > 0
             assert not {"sharded_params", "sharded_grads", "optimizer_state"} & set(again["parts"])
     assert planned(shallow, *base, gpu_memory_gib=memory * 2, search=False, suggest=True)["suggestions"] == []
+
+
+def test_gradient_checkpointing_is_suggested_where_it_is_off(shallow, monkeypatch):
+    base = ("data.max_length=1024", "model.enable_gradient_checkpointing=false")
+    without, with_it = (
+        planned(shallow, *base, extra, margin=0.0, search=False)
+        for extra in ("trainer.seed=42", "model.enable_gradient_checkpointing=true")
+    )
+    assert with_it["peak_gib"] < without["peak_gib"]
+    memory = (with_it["peak_gib"] + without["peak_gib"]) / 2
+    monkeypatch.setattr(plan, "SUGGESTERS", (plan.suggest_gradient_checkpointing,))
+    result = planned(shallow, *base, gpu_memory_gib=memory, margin=0.0, suggest=True)
+    (checkpointing,) = result["suggestions"]
+    assert checkpointing["overrides"] == ["model.enable_gradient_checkpointing=true"] and checkpointing["tier"] == 1
+    assert replanned(shallow, base, checkpointing, memory)["fits"] is True
 
 
 def test_a_token_budget_above_what_fits_is_lowered_and_kept_low_in_every_change(shallow, monkeypatch):
