@@ -292,7 +292,7 @@ def replanned(model_dir, base: tuple[str, ...], suggestion: dict, memory: float,
 def test_what_would_fit_is_planned_cheapest_first_and_each_change_fits(shallow):
     base = ("data.max_length=1024",)  # a lone pair: 2,048 tokens
     lone = planned(shallow, *base, margin=0.0, search=False)
-    memory = lone["peak_gib"] / 0.93  # fits with 7% kept free, not with trainer.yaml's 10%
+    memory = lone["peak_gib"] / 0.925  # fits with 7% kept free (not 8%), not with trainer.yaml's 10%
     result = planned(shallow, *base, gpu_memory_gib=memory, suggest=True)
     assert result["fits"] is False and result["margin"] == 0.1
     suggestions = {s["change"]: s for s in result["suggestions"]}
