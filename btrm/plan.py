@@ -1,7 +1,7 @@
 """Plan mode: does a config fit each GPU? One training step simulated on fake tensors, before launch.
 
     python -m btrm.plan [--gpus N] [--gpu-memory GIB] [--margin FRACTION] [--tokens N] [--device cuda|cpu]
-                        [--no-search] [overrides...]
+                        [--no-search] [--no-suggestions] [overrides...]
 
 What it does (no GPU, no weights; Qwen3-32B on 8 GPUs plans in 9-15 s on 2 CPU cores, imports included):
 1. composes the trainer's config (trainer.yaml + Hydra overrides, btrm.schema.compose_config) and checks it
@@ -22,7 +22,10 @@ What it does (no GPU, no weights; Qwen3-32B on 8 GPUs plans in 9-15 s on 2 CPU c
    peak from runs at `tokens` and 2 x `tokens` proposes it, a run there checks it, and chords between the
    largest fitting and the smallest failing run (the peak is convex in tokens) close in (SEARCH_RUNS runs at
    most); only budgets that were simulated and fit are reported;
-5. estimates a micro-batch's FLOPs and the tokens/s they allow at an assumed MFU (MFU_ASSUMPTION, PEAK_TFLOPS).
+5. estimates a micro-batch's FLOPs and the tokens/s they allow at an assumed MFU (MFU_ASSUMPTION, PEAK_TFLOPS);
+6. when it does not fit (and suggest=True: the CLI's default), plans single changes that might (SUGGESTERS, cheapest
+   to the user first: TIERS) with this same plan, at most MAX_SUGGESTION_PLANS of them, and lists those that fit
+   (`suggestions`: each with its overrides, peak, largest budget and tokens/s; docs/fit-and-memory.md).
 
 Depth: a model deeper than 3 layers is simulated with SIMULATED_LAYERS (2 and 3) decoder layers and scaled
 linearly to its depth, moment by moment: every snapshot FSDPMemTracker takes of every FSDP module (the first and
@@ -54,8 +57,9 @@ plan_config returns).
 
 Python API (the same numbers as the CLI):
     plan_from_overrides(overrides, *, gpus=None, gpu_memory_gib=None, margin=None, tokens=None, device=None,
-                        search=True)
-    plan_config(config, *, gpus=None, gpu_memory_gib=None, margin=None, tokens=None, device=None, search=True)
+                        search=True, suggest=False)
+    plan_config(config, *, gpus=None, gpu_memory_gib=None, margin=None, tokens=None, device=None, search=True,
+                suggest=False)
     largest_fitting_budget(config, *, gpus=None, gpu_memory_gib=None, margin=None, device=None)
     auto_token_budget(config, world_size)  # data.max_tokens_per_micro_batch=auto in bt_trainer: a TokenBudget
 
