@@ -1000,10 +1000,10 @@ def suggest_cpu_offload(s: Suggestions) -> None:
 
 
 def suggest_max_length(s: Suggestions) -> None:
-    """The longest conversation (a multiple of 256) whose lone pair fits the largest budget found, then half of it
-    if that does not fit; nothing when no budget fits (the model states alone overflow)."""
+    """Where a lone pair exceeds the largest budget found: the longest conversation (a multiple of 256) whose lone
+    pair fits that budget, then half of it if that does not fit; nothing when no budget fits."""
     budget, current = s.base["max_tokens_per_micro_batch"], int(s.config.data.max_length)
-    if not budget or budget < 512:
+    if not budget or budget < 512 or budget >= s.base["lone_pair_tokens"]:  # none fits, or a pair does already
         return
     length = min(budget // 2 // 256 * 256, current - 256)
     for _ in range(2):
