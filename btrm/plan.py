@@ -1,7 +1,7 @@
 """Plan mode: does a config fit each GPU? One training step simulated on fake tensors, before launch.
 
     python -m btrm.plan [--gpus N] [--gpu-memory GIB] [--margin FRACTION] [--tokens N] [--device cuda|cpu]
-                        [--no-search] [overrides...]
+                        [--no-search] [--no-suggestions] [overrides...]
 
 What it does (no GPU, no weights; Qwen3-32B on 8 GPUs plans in 9-15 s on 2 CPU cores, imports included):
 1. composes the trainer's config (trainer.yaml + Hydra overrides, btrm.schema.compose_config) and checks it
@@ -22,7 +22,10 @@ What it does (no GPU, no weights; Qwen3-32B on 8 GPUs plans in 9-15 s on 2 CPU c
    peak from runs at `tokens` and 2 x `tokens` proposes it, a run there checks it, and chords between the
    largest fitting and the smallest failing run (the peak is convex in tokens) close in (SEARCH_RUNS runs at
    most); only budgets that were simulated and fit are reported;
-5. estimates a micro-batch's FLOPs and the tokens/s they allow at an assumed MFU (MFU_ASSUMPTION, PEAK_TFLOPS).
+5. estimates a micro-batch's FLOPs and the tokens/s they allow at an assumed MFU (MFU_ASSUMPTION, PEAK_TFLOPS);
+6. when it does not fit (and suggest=True: the CLI's default), plans single changes that might (SUGGESTERS, cheapest
+   to the user first: TIERS) with this same plan, at most MAX_SUGGESTION_PLANS of them, and lists those that fit
+   (`suggestions`: each with its overrides, peak, largest budget and tokens/s; docs/fit-and-memory.md).
 
 Depth: a model deeper than 3 layers is simulated with SIMULATED_LAYERS (2 and 3) decoder layers and scaled
 linearly to its depth, moment by moment: every snapshot FSDPMemTracker takes of every FSDP module (the first and
@@ -54,8 +57,9 @@ plan_config returns).
 
 Python API (the same numbers as the CLI):
     plan_from_overrides(overrides, *, gpus=None, gpu_memory_gib=None, margin=None, tokens=None, device=None,
-                        search=True)
-    plan_config(config, *, gpus=None, gpu_memory_gib=None, margin=None, tokens=None, device=None, search=True)
+                        search=True, suggest=False)
+    plan_config(config, *, gpus=None, gpu_memory_gib=None, margin=None, tokens=None, device=None, search=True,
+                suggest=False)
     largest_fitting_budget(config, *, gpus=None, gpu_memory_gib=None, margin=None, device=None)
     auto_token_budget(config, world_size)  # data.max_tokens_per_micro_batch=auto in bt_trainer: a TokenBudget
 
@@ -70,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -679,11 +684,14 @@ def plan_config(
     tokens: int | None = None,
     device: str | None = None,
     search: bool = True,
+    suggest: bool = False,
 ) -> dict:
     """The plan (the CLI's JSON line, as a dict) of a composed config (DictConfig) on `gpus` GPUs.
 
     tokens: the micro-batch simulated (default: default_tokens). device: cuda or cpu (default from trainer.device).
     search=False skips the budget search (max_tokens_per_micro_batch is then None): a third of the time.
+    suggest=True: when it does not fit, `suggestions` lists the changes that do, each planned (suggest_changes;
+    up to MAX_SUGGESTION_PLANS more plans); otherwise `suggestions` is [] (it fits) or None (not asked).
     Beside an initialised process group it runs in a subprocess (module docstring)."""
     from btrm.schema import check_config
 
@@ -692,7 +700,7 @@ def plan_config(
     tokens = int(tokens) if tokens is not None else default_tokens(config)
     conversation_lengths(tokens, config.data.max_length)  # refuses a micro-batch without a pair
     if dist.is_available() and dist.is_initialized():
-        return plan_in_subprocess(config, settings, tokens, search)
+        return plan_in_subprocess(config, settings, tokens, search, suggest)
     start = time.perf_counter()
     hf_config = read_hf_config(config.model)
     with fake_world(settings.gpus, settings.device) as world, warnings.catch_warnings():
@@ -715,6 +723,12 @@ def plan_config(
             **throughput(planner, hf_config, settings, tokens),
         }
     result["wall_s"] = round(time.perf_counter() - start, 1)
+    if not suggest:
+        result.update(suggestions=None, suggestions_method="not asked (suggest=False, --no-suggestions)")
+    elif result["fits"]:
+        result.update(suggestions=[], suggestions_method="it fits: nothing to suggest")
+    else:
+        result.update(suggest_changes(config, settings, result))
     return result
 
 
@@ -727,13 +741,21 @@ def plan_from_overrides(
     tokens: int | None = None,
     device: str | None = None,
     search: bool = True,
+    suggest: bool = False,
 ) -> dict:
     """plan_config of trainer.yaml with these Hydra overrides (btrm.schema.compose_config)."""
     from btrm.schema import compose_config
 
     config = compose_config(overrides)
     return plan_config(
-        config, gpus=gpus, gpu_memory_gib=gpu_memory_gib, margin=margin, tokens=tokens, device=device, search=search
+        config,
+        gpus=gpus,
+        gpu_memory_gib=gpu_memory_gib,
+        margin=margin,
+        tokens=tokens,
+        device=device,
+        search=search,
+        suggest=suggest,
     )
 
 
@@ -767,7 +789,7 @@ def auto_token_budget(config, world_size: int):
             f"({result['margin']:.0%} kept free, trainer.gpu_memory_margin); it fits {fits} on {world_size} GPUs, "
             f"less than a lone pair of 2 x data.max_length = {result['lone_pair_tokens']:,} tokens; lower "
             f"data.max_length or trainer.gpu_memory_margin, or use {fused}LoRA (model.lora_rank), "
-            "model.fsdp_config.cpu_offload=true or more GPUs (bash run_bt_rm.sh --plan shows the parts)"
+            "model.fsdp_config.cpu_offload=true or more GPUs (bash run_bt_rm.sh --plan shows the parts and plans each)"
         )
     return batching.TokenBudget(
         budget,
@@ -776,7 +798,7 @@ def auto_token_budget(config, world_size: int):
     )
 
 
-def plan_in_subprocess(config, settings: PlanSettings, tokens: int, search: bool = True) -> dict:
+def plan_in_subprocess(config, settings: PlanSettings, tokens: int, search: bool = True, suggest: bool = False) -> dict:
     """plan_config in a fresh `python -m btrm.plan` (for callers whose own process group is initialised)."""
     from omegaconf import OmegaConf
 
@@ -791,6 +813,7 @@ def plan_in_subprocess(config, settings: PlanSettings, tokens: int, search: bool
             "--device",
             settings.device,
             *([] if search else ["--no-search"]),
+            *([] if suggest else ["--no-suggestions"]),
         ]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     lines = done.stdout.strip().splitlines()
@@ -800,6 +823,247 @@ def plan_in_subprocess(config, settings: PlanSettings, tokens: int, search: bool
     result = json.loads(lines[-1])
     result["gpu_memory_assumed"] = settings.gpu_memory_assumed  # the subprocess was given the size
     return result
+
+
+# ----------------------------------------------------------------------------- what would fit
+
+# The changes tried when a configuration does not fit, cheapest to the user first: tier 0 changes nothing that is
+# computed (a fused optimizer, a smaller token budget, less memory kept free), tier 1 computes the same thing more
+# slowly, tier 2 changes what is trained or on what, tier 3 needs more hardware. Within a tier, the order of
+# SUGGESTERS. Each change is planned for real (plan_config of the changed config), and only changes that fit are
+# suggested. Ulysses sequence parallelism (ulysses_sequence_parallel_size) belongs in tier 1, before CPU offload,
+# once the trainer supports it: a suggester that doubles it until the plan fits.
+TIERS = {
+    0: "the same training",
+    1: "the same training, slower",
+    2: "changes what is trained",
+    3: "more hardware",
+}
+MIN_SUGGESTED_MARGIN = 0.02  # a margin below 2% leaves nothing for what the plan does not see
+SUGGESTED_LORA_RANK = 64  # a common rank for 30B-class reward models; its memory barely depends on the rank
+MAX_SUGGESTION_PLANS = 10  # plans (each with its budget search) the suggestions may spend; each is ~1-15 s of CPU
+GPUS_PER_NODE = DEFAULT_GPUS  # more GPUs: whole nodes of 8 from 8 GPUs up, else more GPUs in the node
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change to the configuration, as the user makes it."""
+
+    label: str  # what the table shows
+    tier: int  # TIERS
+    cost: str  # what it costs the user
+    overrides: tuple[str, ...] = ()  # Hydra overrides: run_bt_rm.sh arguments, after the user's own
+    gpus: int | None = None  # another number of GPUs (None: the same)
+    environment: tuple[tuple[str, str], ...] = ()  # run_bt_rm.sh knobs for the launch (NNODES, N_GPUS_PER_NODE)
+    margin: float | None = None  # the memory kept free planned (None: the same)
+
+
+def with_overrides(config, overrides: tuple[str, ...]):
+    """A copy of the composed config with Hydra overrides applied (Hydra's own grammar for the values)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf, open_dict
+
+    changed = copy.deepcopy(config)
+    with open_dict(changed):
+        for override in OverridesParser.create().parse_overrides(list(overrides)):
+            OmegaConf.update(changed, override.key_or_group, override.value(), merge=False)
+    return changed
+
+
+class Suggestions:
+    """Plans changes of a configuration that does not fit (plan_config's result `base`), at most
+    MAX_SUGGESTION_PLANS plans; `entries` holds the changes that fit, in the order SUGGESTERS tried them."""
+
+    def __init__(self, config, settings: PlanSettings, base: dict):
+        self.config, self.settings, self.base = config, settings, base
+        self.plans = 0
+        self.entries: list[dict] = []
+        self.not_fitting: list[str] = []
+
+    def plan(self, change: Change) -> tuple[Change, dict | None]:
+        """(the change, the plan of the changed configuration); the plan is None when it is refused or the plans
+        are spent. A change to a configuration whose budget is not `auto` keeps that budget; where the budget then
+        overflows but a pair fits, the change gets the largest budget that fits added to it and is planned again."""
+        if self.plans >= MAX_SUGGESTION_PLANS:
+            return change, None
+        self.plans += 1
+        settings = self.settings
+        try:
+            result = plan_config(
+                with_overrides(self.config, change.overrides),
+                gpus=change.gpus or settings.gpus,
+                gpu_memory_gib=settings.gpu_memory_gib,
+                margin=settings.margin if change.margin is None else change.margin,
+                device=settings.device,
+            )
+        except PreflightError as error:
+            self.not_fitting.append(f"{change.label} (refused: {error})")
+            return change, None
+        budget = result["max_tokens_per_micro_batch"]
+        explicit = self.config.data.max_tokens_per_micro_batch != "auto"
+        setting = "data.max_tokens_per_micro_batch"
+        set_already = any(o.startswith(setting + "=") for o in change.overrides)
+        if not result["fits"] and explicit and not set_already and budget and budget >= result["lone_pair_tokens"]:
+            overrides, label = (*change.overrides, f"{setting}={budget}"), f"{change.label}, {setting}={budget}"
+            return self.plan(dataclasses.replace(change, overrides=overrides, label=label))
+        return change, result
+
+    def add(self, change: Change, result: dict | None) -> bool:
+        """Keeps the change if its plan fits; True if it does."""
+        if result is None:
+            return False
+        if not result["fits"]:
+            self.not_fitting.append(f"{change.label} (peak {size(result['peak_gib'])})")
+            return False
+        gpus = change.gpus or self.settings.gpus
+        plan_arguments = [f"--gpus={gpus}", f"--gpu-memory={self.settings.gpu_memory_gib:g}"]
+        if change.margin is None and self.settings.margin != float(self.config.trainer.gpu_memory_margin):
+            plan_arguments.append(f"--margin={self.settings.margin:g}")  # the base plan's --margin
+        environment = dict(change.environment)
+        launch = " ".join([*(f"{k}={v}" for k, v in environment.items()), "bash run_bt_rm.sh", *change.overrides])
+        self.entries.append(
+            {
+                "change": change.label,
+                "tier": change.tier,
+                "tier_meaning": TIERS[change.tier],
+                "cost": change.cost,
+                "overrides": list(change.overrides),  # Hydra overrides: run_bt_rm.sh arguments after your own
+                "environment": environment,  # run_bt_rm.sh knobs
+                "gpus": gpus,
+                "margin": result["margin"],
+                "command": launch,  # with your own arguments added
+                "plan_command": " ".join(["bash run_bt_rm.sh --plan", *plan_arguments, *change.overrides]),
+                "fits": True,
+                **{key: result[key] for key in SUGGESTION_FIGURES},
+            }
+        )
+        return True
+
+    def try_change(self, change: Change) -> bool:
+        return self.add(*self.plan(change))
+
+
+SUGGESTION_FIGURES = (
+    "peak_gib",
+    "usable_gib",
+    "tokens",
+    "max_tokens_per_micro_batch",
+    "host_memory_gib",
+    "predicted_tokens_per_s",
+    "predicted_tokens_per_s_all_gpus",
+)
+
+
+def suggest_fused_optimizer(s: Suggestions) -> None:
+    """Where the optimizer step is what overflows and it holds temporaries: the fused kernel has none."""
+    step = s.base["phases"]["optimizer_step"]
+    if (
+        step["peak_gib"] > s.base["usable_gib"]
+        and step["parts"].get("optimizer_step_temps")
+        and not s.config.optim.fused
+    ):
+        cost = "none: the same update in one fused kernel, without foreach's temporary as large as the parameters"
+        s.try_change(Change("optim.fused=true", 0, cost, ("optim.fused=true",)))
+
+
+def suggest_token_budget(s: Suggestions) -> None:
+    """An explicit budget (or pair count) above what fits, where a lone pair fits: the largest budget that fits."""
+    budget = s.base["max_tokens_per_micro_batch"]
+    if s.config.data.max_tokens_per_micro_batch != "auto" and budget and budget >= s.base["lone_pair_tokens"]:
+        setting = f"data.max_tokens_per_micro_batch={budget}"
+        s.try_change(Change(setting, 0, "none: smaller micro-batches, more of them per step (same pairs)", (setting,)))
+
+
+def suggest_margin(s: Suggestions) -> None:
+    """The most memory kept free at which the planned peak fits, to the whole percent."""
+    peak, memory = s.base["peak_gib"], s.settings.gpu_memory_gib
+    margin = math.floor(round((1 - peak / memory) * 100, 6)) / 100
+    if MIN_SUGGESTED_MARGIN <= margin < s.settings.margin:
+        setting = f"trainer.gpu_memory_margin={margin:g}"
+        cost = f"less headroom ({margin:.0%} of each GPU kept free) for what the plan does not see"
+        s.try_change(Change(setting, 0, cost, (setting,), margin=margin))
+
+
+def suggest_gradient_checkpointing(s: Suggestions) -> None:
+    if not s.config.model.enable_gradient_checkpointing:
+        setting = "model.enable_gradient_checkpointing=true"
+        s.try_change(Change(setting, 1, "one more forward per step (~30% more compute)", (setting,)))
+
+
+def suggest_cpu_offload(s: Suggestions) -> None:
+    if not s.config.model.fsdp_config.cpu_offload:
+        setting = "model.fsdp_config.cpu_offload=true"
+        cost = "host memory for the model states; slower steps (transfers over PCIe; not in the predicted tokens/s)"
+        s.try_change(Change(setting, 1, cost, (setting,)))
+
+
+def suggest_max_length(s: Suggestions) -> None:
+    """Where a lone pair exceeds the largest budget found: the longest conversation (a multiple of 256) whose lone
+    pair fits that budget, then half of it if that does not fit; nothing when no budget fits."""
+    budget, current = s.base["max_tokens_per_micro_batch"], int(s.config.data.max_length)
+    if not budget or budget < 512 or budget >= s.base["lone_pair_tokens"]:  # none fits, or a pair does already
+        return
+    length = min(budget // 2 // 256 * 256, current - 256)
+    for _ in range(2):
+        if length < 256:
+            return
+        setting = f"data.max_length={length}"
+        cost = f"conversations over {length:,} tokens truncated (data.truncation) or refused"
+        if s.try_change(Change(setting, 2, cost, (setting,))):
+            return
+        length = length // 2 // 256 * 256
+
+
+def suggest_lora(s: Suggestions) -> None:
+    if int(s.config.model.lora_rank) == 0:
+        setting = f"model.lora_rank={SUGGESTED_LORA_RANK}"
+        cost = "trains adapters and the score head, not every weight (usually with a higher optim.lr)"
+        s.try_change(Change(setting, 2, cost, (setting,)))
+
+
+def suggest_more_gpus(s: Suggestions) -> None:
+    """Twice the GPUs, then four times: whole nodes of GPUS_PER_NODE from GPUS_PER_NODE up, else more in the node."""
+    gpus = s.settings.gpus
+    for factor in (2, 4):
+        more = gpus * factor
+        if gpus % GPUS_PER_NODE == 0:
+            label, knob = f"{more} GPUs ({more // GPUS_PER_NODE} nodes)", ("NNODES", str(more // GPUS_PER_NODE))
+        elif more <= GPUS_PER_NODE:
+            label, knob = f"{more} GPUs (one node)", ("N_GPUS_PER_NODE", str(more))
+        else:
+            return
+        nodes = knob[0] == "NNODES"
+        cost = f"{factor}x the GPUs" + (" (run on every node with NODE_RANK and MASTER_ADDR set)" if nodes else "")
+        if s.try_change(Change(label, 3, cost, gpus=more, environment=(knob,))):
+            return
+
+
+SUGGESTERS = (
+    suggest_fused_optimizer,
+    suggest_token_budget,
+    suggest_margin,
+    suggest_gradient_checkpointing,
+    # sequence parallelism (ulysses_sequence_parallel_size) goes here once the trainer supports it
+    suggest_cpu_offload,
+    suggest_max_length,
+    suggest_lora,
+    suggest_more_gpus,
+)
+
+
+def suggest_changes(config, settings: PlanSettings, base: dict) -> dict:
+    """What would fit a configuration that does not (plan_config's result `base`): {"suggestions": the changes
+    that fit, cheapest first (TIERS), each planned; "suggestions_method": how many plans, what did not fit}."""
+    start = time.perf_counter()
+    suggestions = Suggestions(config, settings, base)
+    for suggester in SUGGESTERS:
+        suggester(suggestions)
+    method = f"{suggestions.plans} plans of single changes in {time.perf_counter() - start:.0f} s"
+    if suggestions.not_fitting:
+        method += "; did not fit: " + "; ".join(suggestions.not_fitting)
+    if suggestions.plans >= MAX_SUGGESTION_PLANS:
+        method += f"; stopped at {MAX_SUGGESTION_PLANS} plans (MAX_SUGGESTION_PLANS)"
+    return {"suggestions": suggestions.entries, "suggestions_method": method}
 
 
 # ----------------------------------------------------------------------------- the report
@@ -889,7 +1153,32 @@ def format_report(result: dict) -> str:
             f"GPU corrections (estimates, not calibrated on a GPU): CUDA context + NCCL {CUDA_CONTEXT_GIB:g} GiB, "
             f"allocator fragmentation {ALLOCATOR_FRAGMENTATION:.0%}, {PREFETCHED_LAYERS} prefetched layer"
         )
+    if r.get("suggestions") is not None and not r["fits"]:
+        lines += ["", *format_suggestions(r)]
     return "\n".join(lines)
+
+
+def format_suggestions(result: dict) -> list[str]:
+    """The changes that would fit, one a row, cheapest first (TIERS), and how to use them."""
+    suggestions = result["suggestions"]
+    tiers = "; ".join(f"{tier} = {meaning}" for tier, meaning in TIERS.items())
+    lines = [f"what would fit: each change planned like the above; cheapest first (tier {tiers})"]
+    if not suggestions:
+        return [*lines, f"  no change tried fits ({result['suggestions_method']})"]
+    unit, scale = ("GiB", 1) if result["usable_gib"] >= 1 else ("MiB", 1024)
+    peak = f"peak {unit}"
+    lines.append(f"  {'change':<40}{'tier':>5}{peak:>10}{'usable':>8}{'largest budget':>16}{'tokens/s/GPU':>14}  cost")
+    for s in suggestions:
+        budget = "none" if s["max_tokens_per_micro_batch"] is None else f"{s['max_tokens_per_micro_batch']:,}"
+        rate = "" if s["predicted_tokens_per_s"] is None else f"{s['predicted_tokens_per_s']:,}"
+        lines.append(
+            f"  {s['change']:<40}{s['tier']:>5}{s['peak_gib'] * scale:>10.2f}{s['usable_gib'] * scale:>8.2f}"
+            f"{budget:>16}{rate:>14}"
+            f"  {s['cost']}"
+        )
+    lines.append(f"  ({result['suggestions_method']})")
+    lines.append("  to use one: its `command` in the JSON (add your own arguments); to check it: its `plan_command`")
+    return lines
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,7 +1,7 @@
 """The memory plan's command line (run_bt_rm.sh --plan): its options, the config and the model checked before torch.
 
     python -m btrm.plan_cli [--gpus N] [--gpu-memory GIB] [--margin FRACTION] [--tokens N] [--device cuda|cpu]
-                            [--no-search] [overrides...]
+                            [--no-search] [--no-suggestions] [overrides...]
     (python -m btrm.plan takes the same arguments; it imports torch first)
 
 Before btrm.plan (torch, transformers: 5-7 s of imports on 2 cores) is imported, in well under 2 s:
@@ -50,6 +50,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--device", choices=("cuda", "cpu"), default=None, help="planned device (default: trainer.device)"
     )
     parser.add_argument("--no-search", action="store_true", help="skip the search for the largest fitting budget")
+    parser.add_argument(
+        "--no-suggestions", action="store_true", help="when it does not fit, do not plan the changes that would"
+    )
     parser.add_argument("--config-yaml", default=None, help=argparse.SUPPRESS)  # plan_in_subprocess's composed config
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of trainer.yaml, e.g. model.lora_rank=64")
     return parser.parse_intermixed_args(argv)
@@ -97,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokens=args.tokens,
             device=args.device,
             search=not args.no_search,
+            suggest=not args.no_suggestions,
         )
     except PreflightError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)

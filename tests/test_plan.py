@@ -211,6 +211,176 @@ def test_the_largest_budget_grows_with_memory_and_fits(shallow):
     assert planned(shallow, margin=0.0, gpu_memory_gib=states / 2)["max_tokens_per_micro_batch"] is None
 
 
+def test_the_budget_found_fits_and_three_percent_more_does_not(shallow):
+    """The search's answer is the largest fitting budget (to its 2% tolerance), not merely one that fits: each
+    side checked by a plan of that micro-batch alone (search=False, the verdict of the fake step itself)."""
+    memory = 150 / 1024  # GiB: a budget of ~20k tokens for the tiny model, where 3% is > the search's 256-token step
+    budget = planned(shallow, margin=0.0, gpu_memory_gib=memory)["max_tokens_per_micro_batch"]
+    assert budget is not None and budget > 256 * 50
+    assert planned(shallow, margin=0.0, gpu_memory_gib=memory, tokens=budget, search=False)["fits"] is True
+    larger = math.ceil(budget * 1.03)
+    assert planned(shallow, margin=0.0, gpu_memory_gib=memory, tokens=larger, search=False)["fits"] is False
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """12 layers with wide MLPs and short conversations: the sharded parameters (the size of the optimizer step's
+    foreach temporary, optim.fused=false on cuda) outweigh what forward/backward holds beyond the model states
+    (one unsharded layer, activations, buffers), so the optimizer step is the peak."""
+    from transformers import Qwen3Config
+
+    folder = tmp_path_factory.mktemp("qwen3-wide-12-layers")
+    dims = {**DIMS, "intermediate_size": 2048}
+    Qwen3Config(**dims, num_hidden_layers=12, tie_word_embeddings=False).save_pretrained(folder)
+    return folder
+
+
+def test_no_budget_when_the_optimizer_step_alone_overflows(wide, monkeypatch):
+    extra = ("data.max_length=16", "optim.fused=false")
+    alone = plan.plan_from_overrides(
+        overrides(wide, *extra), gpus=2, device="cuda", gpu_memory_gib=80, margin=0.0, search=False
+    )
+    forward_backward, step = (alone["phases"][p]["peak_gib"] for p in ("forward_backward", "optimizer_step"))
+    assert forward_backward < step  # the case: only the optimizer step overflows the memory between them
+    memory = (forward_backward + step) / 2
+    monkeypatch.setattr(plan, "SUGGESTERS", (plan.suggest_fused_optimizer,))
+    result = plan.plan_from_overrides(
+        overrides(wide, *extra), gpus=2, device="cuda", gpu_memory_gib=memory, margin=0.0, suggest=True
+    )
+    assert result["fits"] is False
+    assert result["max_tokens_per_micro_batch"] is None and "optimizer step" in result["max_tokens_method"]
+    # the fused optimizer has no such temporary: what would fit, at no cost
+    (fused,) = result["suggestions"]
+    assert fused["overrides"] == ["optim.fused=true"] and fused["tier"] == 0 and fused["peak_gib"] < memory
+
+
+def test_auto_budget_refuses_a_budget_between_nothing_and_a_lone_pair(shallow, monkeypatch):
+    """A budget that fits some tokens but fewer than one pair of 2 x data.max_length: refused, not handed over."""
+    from btrm.schema import PreflightError
+
+    extra = ("data.max_length=1024",)  # a lone pair: 2,048 tokens
+    half, lone = (
+        planned(shallow, *extra, gpus=2, device="cuda", gpu_memory_gib=80, margin=0.0, tokens=t, search=False)
+        for t in (1024, 2048)
+    )
+    usable = (half["peak_gib"] + lone["peak_gib"]) / 2  # 1,024 tokens fit, 2,048 do not
+    monkeypatch.setattr(plan, "DEFAULT_GPU_MEMORY_GIB", usable / 0.9)  # trainer.gpu_memory_margin 10% kept free
+    config = compose_config(overrides(shallow, *extra))
+    result = plan.plan_config(config, gpus=2, device="cuda")
+    assert 1024 <= result["max_tokens_per_micro_batch"] < 2048 and result["fits"] is False
+    with pytest.raises(PreflightError) as refused:
+        plan.auto_token_budget(config, world_size=2)
+    line = str(refused.value)
+    assert f"{result['max_tokens_per_micro_batch']:,} tokens per micro-batch" in line and "2,048 tokens" in line
+
+
+# ----------------------------------------------------------------------------- what would fit
+
+
+def replanned(model_dir, base: tuple[str, ...], suggestion: dict, memory: float, **kwargs) -> dict:
+    """A suggestion planned again from scratch as its plan_command would: the base overrides, then its own."""
+    return plan.plan_from_overrides(
+        [*overrides(model_dir, *base), *suggestion["overrides"]],
+        gpus=suggestion["gpus"],
+        gpu_memory_gib=memory,
+        margin=suggestion["margin"],
+        search=False,
+        **kwargs,
+    )
+
+
+def test_what_would_fit_is_planned_cheapest_first_and_each_change_fits(shallow):
+    base = ("data.max_length=1024",)  # a lone pair: 2,048 tokens
+    lone = planned(shallow, *base, margin=0.0, search=False)
+    memory = lone["peak_gib"] / 0.925  # fits with 7% kept free (not 8%), not with trainer.yaml's 10%
+    result = planned(shallow, *base, gpu_memory_gib=memory, suggest=True)
+    assert result["fits"] is False and result["margin"] == 0.1
+    suggestions = {s["change"]: s for s in result["suggestions"]}
+    assert list(suggestions) == [
+        "trainer.gpu_memory_margin=0.07",  # the largest whole percent kept free at which the peak fits
+        "model.fsdp_config.cpu_offload=true",
+        "data.max_length=768",  # the longest multiple of 256 whose lone pair fits the largest budget (< 2,048)
+        "8 GPUs (one node)",  # 4 do not fit (the activations stay)
+    ]
+    assert [s["tier"] for s in suggestions.values()] == [0, 1, 2, 3]
+    # LoRA of rank 64 on a 64-wide model saves nothing: planned, not suggested
+    assert (
+        "did not fit: model.lora_rank=64" in result["suggestions_method"] and "4 GPUs" in result["suggestions_method"]
+    )
+    assert lone["peak_gib"] <= memory * (1 - 0.07) and lone["peak_gib"] > memory * (1 - 0.08)
+    assert suggestions["8 GPUs (one node)"]["environment"] == {"N_GPUS_PER_NODE": "8"}
+    assert suggestions["8 GPUs (one node)"]["plan_command"].startswith("bash run_bt_rm.sh --plan --gpus=8 ")
+    for suggestion in suggestions.values():
+        again = replanned(shallow, base, suggestion, memory)
+        assert again["fits"] is True and again["peak_gib"] == suggestion["peak_gib"], suggestion["change"]
+        if suggestion["change"] == "model.fsdp_config.cpu_offload=true":  # the model states on the host
+            assert again["model_states_bytes"] == full_fine_tune_states(2, ranks=2) and again["host_memory_gib"] > 0
+            assert not {"sharded_params", "sharded_grads", "optimizer_state"} & set(again["parts"])
+    assert planned(shallow, *base, gpu_memory_gib=memory * 2, search=False, suggest=True)["suggestions"] == []
+
+
+def test_gradient_checkpointing_is_suggested_where_it_is_off(shallow, monkeypatch):
+    base = ("data.max_length=1024", "model.enable_gradient_checkpointing=false")
+    without, with_it = (
+        planned(shallow, *base, extra, margin=0.0, search=False)
+        for extra in ("trainer.seed=42", "model.enable_gradient_checkpointing=true")
+    )
+    assert with_it["peak_gib"] < without["peak_gib"]
+    memory = (with_it["peak_gib"] + without["peak_gib"]) / 2
+    monkeypatch.setattr(plan, "SUGGESTERS", (plan.suggest_gradient_checkpointing,))
+    result = planned(shallow, *base, gpu_memory_gib=memory, margin=0.0, suggest=True)
+    (checkpointing,) = result["suggestions"]
+    assert checkpointing["overrides"] == ["model.enable_gradient_checkpointing=true"] and checkpointing["tier"] == 1
+    assert replanned(shallow, base, checkpointing, memory)["fits"] is True
+
+
+def test_a_token_budget_above_what_fits_is_lowered_and_kept_low_in_every_change(shallow, monkeypatch):
+    base = ("data.max_tokens_per_micro_batch=16384",)  # micro-batches of 16,384 tokens; ~8k fit in 60 MiB
+    monkeypatch.setattr(plan, "SUGGESTERS", (plan.suggest_token_budget, plan.suggest_cpu_offload))
+    memory = 60 / 1024
+    result = planned(shallow, *base, gpu_memory_gib=memory, margin=0.0, suggest=True)
+    assert result["fits"] is False and result["tokens"] == 16384
+    budget = result["max_tokens_per_micro_batch"]
+    first, offload = result["suggestions"]
+    assert first["overrides"] == [f"data.max_tokens_per_micro_batch={budget}"] and first["tokens"] == budget
+    # offloading leaves the activations of 16,384 tokens: planned again with the largest budget it fits
+    assert offload["overrides"] == [
+        "model.fsdp_config.cpu_offload=true",
+        f"data.max_tokens_per_micro_batch={offload['tokens']}",
+    ]
+    assert budget <= offload["tokens"] < 16384
+    for suggestion in (first, offload):
+        assert replanned(shallow, base, suggestion, memory)["fits"] is True
+
+
+def test_qwen3_32b_full_fine_tuning_on_8_80gb_gpus_gets_changes_that_fit(tmp_path, monkeypatch):
+    """Issue 30's acceptance, on two of the changes (all of them: docs/fit-and-memory.md, by hand): a
+    Qwen3-32B-shaped config.json, full fine-tuning, 8 x 80 GB, data.max_length=4096."""
+    from transformers import Qwen3Config
+
+    dims = {"hidden_size": 5120, "intermediate_size": 25600, "num_attention_heads": 64, "num_key_value_heads": 8}
+    Qwen3Config(**dims, head_dim=128, vocab_size=151936, num_hidden_layers=64).save_pretrained(tmp_path)
+    monkeypatch.setattr(plan, "SUGGESTERS", (plan.suggest_margin, plan.suggest_more_gpus))
+    base = [f"model.partial_pretrain={tmp_path}", "data.max_length=4096"]
+    result = plan.plan_from_overrides(base, gpus=8, gpu_memory_gib=80, device="cuda", suggest=True)
+    assert result["fits"] is False and result["lora"] is False and result["parameters"] > 31.9e9
+    margin, more = result["suggestions"]
+    assert margin["change"].startswith("trainer.gpu_memory_margin=") and margin["peak_gib"] == result["peak_gib"]
+    assert (more["gpus"], more["environment"]) == (16, {"NNODES": "2"})
+    # 16 bytes a parameter (fp32 weight, gradient, two Adam moments) over 16 GPUs instead of 8 (+5% allocator)
+    assert result["peak_gib"] - more["peak_gib"] == pytest.approx(16 * result["parameters"] / 16 / 2**30, rel=0.1)
+    for suggestion in (margin, more):
+        again = plan.plan_from_overrides(
+            [*base, *suggestion["overrides"]],
+            gpus=suggestion["gpus"],
+            gpu_memory_gib=80,
+            margin=suggestion["margin"],
+            device="cuda",
+            search=False,
+        )
+        assert again["fits"] is True, suggestion["change"]
+
+
 # ----------------------------------------------------------------------------- CLI and process state
 
 
@@ -227,6 +397,7 @@ def test_cli_prints_the_table_and_ends_with_one_json_line(shallow):
     result = json.loads(lines[-1])
     assert set(result) >= REQUIRED_KEYS and result["gpus"] == 2 and result["gpu_memory_gib"] == 1
     assert any(line.startswith("peak ") for line in lines) and "largest token budget" in done.stdout
+    assert result["fits"] is True and result["suggestions"] == []  # asked by default; nothing to suggest
 
 
 def test_cli_refuses_a_bad_override_in_one_line(shallow):
