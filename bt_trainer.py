@@ -371,16 +371,16 @@ class BTRewardTrainer(FSDPSFTTrainer):
 def planned_token_budget(config: DictConfig, world_size: int) -> batching.TokenBudget:
     """data.max_tokens_per_micro_batch=auto on a GPU: the largest budget the memory plan says fits (btrm.plan),
     as the launcher planned it before starting the ranks, else planned now on rank 0 for all."""
-    from btrm import launcher, plan
+    from btrm import errors, handover, plan
 
-    handed_over = launcher.planned_budget_from_environment()
+    handed_over = handover.planned_budget_from_environment()
     if handed_over is not None:
         return handed_over
-    return launcher.checked_on_rank0(lambda: plan.auto_token_budget(config, world_size))
+    return errors.checked_on_rank0(lambda: plan.auto_token_budget(config, world_size))
 
 
 def run(config: DictConfig):
-    from btrm import launcher, preflight, schema
+    from btrm import errors, preflight, schema
 
     quiet_known_noise()
     # Before anything heavy (run_bt_rm.sh's launcher has checked the same before starting the ranks;
@@ -391,7 +391,7 @@ def run(config: DictConfig):
     settings = RunConfig.from_config(config)  # the typed view, built once: each part gets its section
     device = resolve_device(settings.trainer.device)
     rank, world_size = init_distributed(device, settings.trainer.collective_timeout_s)
-    launcher.checked_on_rank0(lambda: preflight.check_inputs(knobs, world_size))
+    errors.checked_on_rank0(lambda: preflight.check_inputs(knobs, world_size))
     if rank == 0:  # the console gets the start-up summary; the run's log file the whole config
         write_run_log("resolved config:\n" + OmegaConf.to_yaml(config, resolve=True))
     seed_everything(settings.trainer.seed)
@@ -423,16 +423,16 @@ def run(config: DictConfig):
 @hydra.main(config_path=".", config_name="trainer", version_base=None)
 @faults.reports_outcome  # how this rank ended, for the launcher (btrm.faults.RankOutcome)
 def main(config: DictConfig):
-    from btrm import launcher
+    from btrm import errors
 
     # Errors the user can fix (config, data, checkpoint, divergence, a hung peer, a failed save): one
     # line from rank 0, also in <trainer.default_local_dir>/errors.log and the run's log file, exit
     # status 2, no traceback unless BT_DEBUG=1. Anything else keeps its traceback. A stop signal ends
     # with one line and faults.EXIT_STOPPED; a rank whose peer stopped first exits quietly.
     try:
-        with launcher.errors_reported_once(
-            launcher.EXPECTED_ERRORS + (TrainingDiverged, faults.CollectiveTimeout),
-            log_dir=lambda: launcher.log_dir_of(config),
+        with errors.errors_reported_once(
+            errors.EXPECTED_ERRORS + (TrainingDiverged, faults.CollectiveTimeout),
+            log_dir=lambda: errors.log_dir_of(config),
             run_log=write_run_log,
         ):
             run(config)
@@ -442,7 +442,7 @@ def main(config: DictConfig):
             write_run_log(stopped.line)
         raise SystemExit(faults.EXIT_STOPPED) from None
     except faults.PeerLost as lost:
-        if launcher.debug_enabled():
+        if errors.debug_enabled():
             print(lost, file=sys.stderr, flush=True)
         raise SystemExit(faults.EXIT_PEER_LOST) from None
 

@@ -51,7 +51,7 @@ from btrm.checkpoint import CheckpointError
 # Exit statuses of a rank and of the launch (documented in the README).
 EXIT_STOPPED = 75  # EX_TEMPFAIL (sysexits.h): stopped by a signal after saving; rerun (requeue) to resume
 EXIT_PEER_LOST = 3  # a rank whose peer stopped first: it says nothing, the peer's own line says why
-EXIT_FAILED_SAVE = 2  # launcher.EXIT_REPORTED: an expected error (a failed save among them), said in one line
+EXIT_FAILED_SAVE = 2  # errors.EXIT_REPORTED: an expected error (a failed save among them), said in one line
 REPEAT_WINDOW_S = 2.0  # the same signal again within this many seconds is the same request
 # Signals a run may be asked to stop with (trainer.stop_signals). SIGKILL and SIGSTOP cannot be caught.
 STOP_SIGNAL_NAMES = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU")
@@ -342,7 +342,7 @@ def reports_outcome(main: Callable) -> Callable:
 
 
 def _error_file_line() -> str | None:
-    """The one line this rank left in torchrun's error file (launcher.errors_reported_once writes it)."""
+    """The one line this rank left in torchrun's error file (errors.errors_reported_once writes it)."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not error_file:
         return None

@@ -1,119 +1,38 @@
-"""The launcher (what run_bt_rm.sh runs) and one-line error reporting, in the launcher and in the ranks.
+"""The launcher (what run_bt_rm.sh runs): checks, then torchrun in this process. It runs outside the ranks.
 
     python -m btrm.launcher [torchrun options] bt_trainer.py [Hydra overrides]
 
 The launcher composes the config in this one process (about a second, nothing heavy imported),
 checks it (btrm.schema) and the inputs (btrm.preflight), then runs torchrun in-process.
 
-Errors. An expected error (a config, data, checkpoint or divergence problem: ValueError, which
-includes btrm.rows.DataError and PreflightError, btrm.checkpoint.CheckpointError,
-bt_trainer.TrainingDiverged) is one line, `error: <what is wrong, naming the key, file or value>;
-<what to do>`, printed once (by this launcher or by rank 0, never per rank), appended with a time
-stamp to <trainer.default_local_dir>/errors.log (inside a run also to Hydra's
-<run dir>/bt_trainer.log), and ends the launch with exit status 2 (EXIT_REPORTED) and nothing more:
-torchrun's failure report is kept for unexpected failures, which show their tracebacks as usual.
-BT_DEBUG=1 prints the tracebacks of expected errors too.
+Errors are one line each (btrm.errors, shared with the ranks); what the launcher hands the ranks
+through the environment is btrm.handover's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import signal
 import socket
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-from btrm import checkpoint
-from btrm.preflight import TRUE_VALUES, check_inputs
-from btrm.schema import REPO, PreflightError, check_config, check_override_keys, compose_config
-
-EXIT_REPORTED = 2  # a rank or the launcher stopped on an expected error and has already said why in one line
-DEBUG_ENV = "BT_DEBUG"  # BT_DEBUG=1: tracebacks for expected errors too
-# Errors that are the user's to fix, reported in one line without a traceback (bt_trainer adds TrainingDiverged).
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, checkpoint.CheckpointError)
-PROJECT_DIRS = (REPO, Path(__file__).resolve().parent)  # the entry scripts, and this package
-
-
-def checked_on_rank0(check: Callable[[], Any]):
-    """check() on rank 0 only (one hub probe, not one per rank); every rank gets its result or raises its error."""
-    import torch.distributed as dist
-
-    outcome: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            outcome[0] = ("ok", check())
-        except EXPECTED_ERRORS as error:
-            outcome[0] = ("error", str(error))
-            dist.broadcast_object_list(outcome, src=0)
-            raise
-        except Exception:
-            outcome[0] = ("crash", None)
-            dist.broadcast_object_list(outcome, src=0)
-            raise
-    dist.broadcast_object_list(outcome, src=0)
-    status, value = outcome[0]
-    if status == "ok":
-        return value
-    if status == "error":
-        raise PreflightError(value)
-    # rank 0 crashed and shows the traceback; wait for torchrun to stop this rank rather than exit
-    # first and be taken for the failure's cause
-    time.sleep(30)
-    raise SystemExit(1)
-
-
-# ----------------------------------------------------------------------------- one line per error
-
-
-def debug_enabled() -> bool:
-    return os.environ.get(DEBUG_ENV, "").upper() in TRUE_VALUES
-
-
-def error_line(error: BaseException) -> str:
-    """`error: <message>` on one line. Errors raised outside this project's files also say where,
-    since their message alone may not name the setting."""
-    message = " ".join(str(error).split()) or type(error).__name__
-    frames = traceback.extract_tb(error.__traceback__)
-    if frames:
-        origin = Path(frames[-1].filename).resolve()
-        if origin.parent not in PROJECT_DIRS:
-            message += (
-                f" ({type(error).__name__} in {origin.name}:{frames[-1].lineno}; {DEBUG_ENV}=1 shows the traceback)"
-            )
-    return f"error: {message}"
-
-
-def append_error_log(log_dir: str | os.PathLike | None, line: str) -> Path | None:
-    """Append the line, time-stamped, to <log_dir>/errors.log; a log that cannot be written is skipped."""
-    if not log_dir:
-        return None
-    path = Path(log_dir) / "errors.log"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as log:
-            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
-    except OSError:
-        return None
-    return path
-
-
-def log_dir_of(config) -> str | None:
-    """trainer.default_local_dir of a (possibly broken) config, or None if it cannot be resolved."""
-    try:
-        from omegaconf import OmegaConf
-
-        value = OmegaConf.select(config, "trainer.default_local_dir", throw_on_resolution_failure=True)
-        return str(value) if value else None
-    except Exception:
-        return None
+from btrm import handover
+from btrm.errors import (
+    EXIT_REPORTED,
+    EXPECTED_ERRORS,
+    append_error_log,
+    debug_enabled,
+    error_line,
+    log_dir_of,
+)
+from btrm.preflight import check_inputs
+from btrm.schema import PreflightError, check_config, check_override_keys, compose_config
 
 
 def log_dir_for(overrides: Sequence[str]) -> str | None:
@@ -130,45 +49,6 @@ def log_dir_for(overrides: Sequence[str]) -> str | None:
         return log_dir_of(compose_config([line for line in overrides if names_a_knob(line)]))
     except Exception:
         return None
-
-
-def write_torchelastic_error_file(line: str) -> None:
-    """The rank's error file (torchrun names it in TORCHELASTIC_ERROR_FILE): the launcher reads it when rank 0 has not reported."""
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        with contextlib.suppress(OSError), open(error_file, "w", encoding="utf-8") as out:
-            json.dump({"message": line, "timestamp": int(time.time())}, out)
-
-
-@contextlib.contextmanager
-def errors_reported_once(
-    expected: tuple[type[BaseException], ...],
-    *,
-    log_dir: Callable[[], str | None],
-    run_log: Callable[[str], None] | None = None,
-):
-    """In a rank: an expected error becomes one line from rank 0 (console, errors.log, run log) and exit status 2.
-
-    Other ranks say nothing (their error file holds the line for the launcher) and wait a moment
-    before exiting, so that rank 0, which usually fails the same way at the same time, is the one
-    torchrun sees first; torchrun then stops them.
-    """
-    try:
-        yield
-    except expected as error:
-        line = error_line(error)
-        if debug_enabled():
-            traceback.print_exc()
-        write_torchelastic_error_file(line)
-        if int(os.environ.get("RANK", "0")) == 0:
-            sys.stdout.flush()
-            print(line, file=sys.stderr, flush=True)
-            append_error_log(log_dir(), line)
-            if run_log is not None:
-                run_log(line)
-        else:
-            time.sleep(2)
-        raise SystemExit(EXIT_REPORTED) from None
 
 
 # ----------------------------------------------------------------------------- the launcher
@@ -384,21 +264,6 @@ def forward_stop_signals(torchrun_args: list[str], config) -> list[str]:
     return [*torchrun_args[:-1], option, torchrun_args[-1]]
 
 
-# The launcher's plan of an `auto` token budget, handed to the ranks ("tokens|source") so they need not plan again.
-PLANNED_BUDGET_ENV = "BTRM_PLANNED_TOKEN_BUDGET"
-
-
-def planned_budget_from_environment():
-    """The batching.TokenBudget the launcher planned for this launch, or None."""
-    from btrm.batching import TokenBudget
-
-    handed_over = os.environ.get(PLANNED_BUDGET_ENV)
-    if not handed_over:
-        return None
-    tokens, source = handed_over.split("|", 1)
-    return TokenBudget(int(tokens), source)
-
-
 def gpu_device_files_exist() -> bool:
     """A cheap sign of a GPU before torch is imported (run_bt_rm.sh counts GPUs the same way)."""
     return bool(glob.glob("/dev/nvidia[0-9]*")) or Path("/dev/kfd").exists()
@@ -419,7 +284,7 @@ def check_gpu_memory(config, world_size: int | None) -> None:
     setting = config.data.max_tokens_per_micro_batch
     if setting == "auto":
         budget = plan.auto_token_budget(config, world_size)
-        os.environ[PLANNED_BUDGET_ENV] = f"{budget.tokens}|{budget.source}"
+        os.environ[handover.PLANNED_BUDGET_ENV] = handover.encode_budget(budget)
         print(f"memory plan: data.max_tokens_per_micro_batch=auto -> {budget.tokens:,} ({budget.source})", flush=True)
         return
     fitting = plan.largest_fitting_budget(config, gpus=world_size, device="cuda")

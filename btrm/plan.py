@@ -1,7 +1,7 @@
 """Plan mode: does a config fit each GPU? One training step simulated on fake tensors, before launch.
 
-    python -m btrm.plan [--gpus N] [--gpu-memory GIB] [--margin FRACTION] [--tokens N] [--device cuda|cpu]
-                        [--no-search] [--no-suggestions] [overrides...]
+    python -m btrm.plan_cli [--gpus N] [--gpu-memory GIB] [--margin FRACTION] [--tokens N] [--device cuda|cpu]
+                            [--no-search] [--no-suggestions] [overrides...]   (run_bt_rm.sh --plan)
 
 What it does (no GPU, no weights; Qwen3-32B on 8 GPUs plans in 9-15 s on 2 CPU cores, imports included):
 1. composes the trainer's config (trainer.yaml + Hydra overrides, btrm.schema.compose_config) and checks it
@@ -66,7 +66,7 @@ Python API (the same numbers as the CLI):
 Process state: planning creates a fake process group and destroys it, restores the RNG state and what it
 patched, and leaves nothing else behind (btrm.attention's segment attention stays registered with transformers,
 as the trainer registers it), so the caller may go on to real work. Called in a process whose process group is
-already initialised (a rank of the trainer), it plans in a fresh subprocess (`python -m btrm.plan
+already initialised (a rank of the trainer), it plans in a fresh subprocess (`python -m btrm.plan_cli
 --config-yaml ...`, 10-20 s) and returns that plan. Nothing happens on import.
 """
 
@@ -92,7 +92,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from btrm import attention, batching, modeling
-from btrm.plan_cli import DEFAULT_GPU_MEMORY_GIB, DEFAULT_GPUS  # declared with the command line's help
+from btrm.plan_assumptions import DEFAULT_GPU_MEMORY_GIB, DEFAULT_GPUS
 from btrm.schema import REPO, PreflightError
 
 GIB = 2**30
@@ -799,13 +799,13 @@ def auto_token_budget(config, world_size: int):
 
 
 def plan_in_subprocess(config, settings: PlanSettings, tokens: int, search: bool = True, suggest: bool = False) -> dict:
-    """plan_config in a fresh `python -m btrm.plan` (for callers whose own process group is initialised)."""
+    """plan_config in a fresh `python -m btrm.plan_cli` (for callers whose own process group is initialised)."""
     from omegaconf import OmegaConf
 
     with tempfile.TemporaryDirectory(prefix="btrm-plan-") as folder:
         config_file = Path(folder) / "config.yaml"
         config_file.write_text(OmegaConf.to_yaml(config))
-        command = [sys.executable, "-m", "btrm.plan", "--config-yaml", str(config_file), "--tokens", str(tokens)]
+        command = [sys.executable, "-m", "btrm.plan_cli", "--config-yaml", str(config_file), "--tokens", str(tokens)]
         command += ["--gpus", str(settings.gpus), "--gpu-memory", repr(settings.gpu_memory_gib)]
         command += [
             "--margin",
@@ -1179,17 +1179,3 @@ def format_suggestions(result: dict) -> list[str]:
     lines.append(f"  ({result['suggestions_method']})")
     lines.append("  to use one: its `command` in the JSON (add your own arguments); to check it: its `plan_command`")
     return lines
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The command line, btrm.plan_cli's (it checks the options, the config and the model before importing this module)."""
-    from btrm import plan_cli
-
-    return plan_cli.main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,6 @@
 
     python -m btrm.plan_cli [--gpus N] [--gpu-memory GIB] [--margin FRACTION] [--tokens N] [--device cuda|cpu]
                             [--no-search] [--no-suggestions] [overrides...]
-    (python -m btrm.plan takes the same arguments; it imports torch first)
 
 Before btrm.plan (torch, transformers: 5-7 s of imports on 2 cores) is imported, in well under 2 s:
 the options (types and ranges: one line `error: --gpus 0: expected ...`, exit status 2, no usage text),
@@ -21,11 +20,10 @@ import sys
 from collections.abc import Sequence
 
 from btrm.cli import OneLineParser
+from btrm.plan_assumptions import DEFAULT_GPU_MEMORY_GIB, DEFAULT_GPUS
 from btrm.schema import PreflightError
 
 EXIT_REPORTED = 2
-DEFAULT_GPUS = 8  # without a visible GPU: the 8-GPU node trainer.yaml's budget is sized for
-DEFAULT_GPU_MEMORY_GIB = 80.0  # without a visible GPU: H100-80GB, the smallest card the defaults target
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from btrm import launcher
+from btrm import handover, launcher
 from btrm.schema import PreflightError
 from conftest import REPO, closed_loopback_port, free_port, trainer_env
 
@@ -132,21 +132,6 @@ def test_debug_switch_shows_the_traceback(launch_error, tmp_path, monkeypatch, c
     )
 
 
-def test_error_line_says_where_a_foreign_error_came_from():
-    assert launcher.error_line(PreflightError("x=1: expected\n  more")) == "error: x=1: expected more"
-    try:
-        import json
-
-        json.loads("{")
-    except ValueError as error:
-        line = launcher.error_line(error)
-    assert (
-        line.startswith("error: Expecting property name")
-        and "(JSONDecodeError in decoder.py:" in line
-        and "BT_DEBUG=1" in line
-    )
-
-
 # ---- run_bt_rm.sh
 
 
@@ -210,7 +195,7 @@ def gpu_launch(monkeypatch):
 
     monkeypatch.setattr(launcher, "gpu_device_files_exist", lambda: True)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    monkeypatch.delenv(launcher.PLANNED_BUDGET_ENV, raising=False)
+    monkeypatch.delenv(handover.PLANNED_BUDGET_ENV, raising=False)
     calls = []
 
     def auto_token_budget(config, world_size):
@@ -229,7 +214,7 @@ def test_gpu_launch_plans_an_auto_budget_once_and_hands_it_to_the_ranks(gpu_laun
 
     launcher.check_gpu_memory(compose_config([]), world_size=8)
     assert gpu_launch == [("auto", 8)]
-    assert launcher.planned_budget_from_environment() == (12288, "auto: the memory plan's")
+    assert handover.planned_budget_from_environment() == (12288, "auto: the memory plan's")
     assert "auto -> 12,288" in capsys.readouterr().out
     with pytest.raises(PreflightError, match="fits no tokens"):
         launcher.check_gpu_memory(compose_config(["data.max_length=200000"]), world_size=8)
@@ -244,14 +229,14 @@ def test_gpu_launch_warns_of_an_explicit_budget_over_what_fits(gpu_launch, capsy
     assert "fits 12,288 tokens per micro-batch on these GPUs, less than data.max_tokens_per_micro_batch=65,536" in (
         capsys.readouterr().out
     )
-    assert launcher.planned_budget_from_environment() is None  # nothing to hand over: the user's budget stands
+    assert handover.planned_budget_from_environment() is None  # nothing to hand over: the user's budget stands
 
 
 def test_cpu_launch_plans_nothing(gpu_launch):
     from btrm.schema import compose_config
 
     launcher.check_gpu_memory(compose_config(["trainer.device=cpu"]), world_size=2)
-    assert gpu_launch == [] and launcher.planned_budget_from_environment() is None
+    assert gpu_launch == [] and handover.planned_budget_from_environment() is None
 
 
 def test_script_help_lists_every_knob_with_its_default():

@@ -386,7 +386,7 @@ def test_qwen3_32b_full_fine_tuning_on_8_80gb_gpus_gets_changes_that_fit(tmp_pat
 
 def test_cli_prints_the_table_and_ends_with_one_json_line(shallow):
     done = subprocess.run(
-        [sys.executable, "-m", "btrm.plan", "--gpus", "2", "--gpu-memory", "1", *overrides(shallow)],
+        [sys.executable, "-m", "btrm.plan_cli", "--gpus", "2", "--gpu-memory", "1", *overrides(shallow)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -402,7 +402,7 @@ def test_cli_prints_the_table_and_ends_with_one_json_line(shallow):
 
 def test_cli_refuses_a_bad_override_in_one_line(shallow):
     done = subprocess.run(
-        [sys.executable, "-m", "btrm.plan", *overrides(shallow), "data.max_lenght=5"],
+        [sys.executable, "-m", "btrm.plan_cli", *overrides(shallow), "data.max_lenght=5"],
         cwd=REPO,
         capture_output=True,
         text=True,
