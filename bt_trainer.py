@@ -60,6 +60,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
+from transformers import AutoConfig
 from verl.trainer.fsdp_sft_trainer import FSDPSFTTrainer
 from verl.utils.checkpoint.fsdp_checkpoint_manager import FSDPCheckpointManager
 from verl.utils.fs import copy_to_local
@@ -77,7 +78,7 @@ from bt_loss import (
     strength_metrics_from_sums,
     strength_sums,
 )
-from btrm import batching, checkpoint, export, faults, lora, modeling, pair_dataset, reporting, rows
+from btrm import batching, checkpoint, export, faults, lora, modeling, pair_dataset, reporting, rows, sequence_parallel
 from btrm.modeling import (
     init_distributed,
     quiet_transformers,
@@ -151,9 +152,13 @@ class BTRewardTrainer(FSDPSFTTrainer):
     stop_agreed: bool  # some rank received one: the step's metrics all-reduce says so
     doing: str  # what the ranks are doing, for a collective that fails
     heartbeats: faults.Heartbeats  # each rank's last step in the store: names the ranks that stop answering
+    sequence_parallel: sequence_parallel.SequenceParallel  # this rank's sequence-parallel group and data-parallel group
 
     def __init__(self, config: DictConfig, device_mesh: DeviceMesh, tokenizer, train_dataset, val_dataset):
         self.device_name = config.trainer.device
+        self.sequence_parallel = sequence_parallel.SequenceParallel.create(
+            config.ulysses_sequence_parallel_size, self.device_name
+        )
         self.loss_config = LossConfig.from_mapping(OmegaConf.to_container(config.loss, resolve=True))
         self.val_has_strengths = has_strengths(val_dataset)
         self.val_groups = group_index(val_dataset.groups, config.data.group_columns, config.data.max_groups_per_column)
@@ -190,7 +195,13 @@ class BTRewardTrainer(FSDPSFTTrainer):
             notes = [
                 f"score head initialised fresh ({', '.join(self.built.newly_initialized)}): expected when starting from a causal LM"
             ]
-            print("\n".join([summary, *(notes if fresh_head else [])]))
+            sp = self.sequence_parallel
+            if sp.size > 1:
+                notes.append(
+                    f"sequence parallelism: each packed row split over {sp.size} ranks (ulysses_sequence_parallel_size), "
+                    f"{sp.dp_size} data-parallel group{'s' * (sp.dp_size != 1)}"
+                )
+            print("\n".join([summary, *(notes[:1] if fresh_head else []), *notes[1:]]))
             write_run_log("start-up summary:\n" + summary)
 
     @property
@@ -242,7 +253,9 @@ class BTRewardTrainer(FSDPSFTTrainer):
             raise ValueError(
                 f"{len(train_dataset)} training pairs make no full step of data.train_batch_size={self.config.data.train_batch_size}"
             )
-        self.val_indices = list(range(rank, len(val_dataset), world_size))  # every pair once: no sampler padding
+        # every pair once (no sampler padding), scored by one data-parallel group (its ranks share each row)
+        dp_rank, dp_size = self.sequence_parallel.dp_rank, self.sequence_parallel.dp_size
+        self.val_indices = list(range(dp_rank, len(val_dataset), dp_size))
         self.steps_per_epoch = len(self.train_dataloader)
         self.total_steps = self.steps_per_epoch * self.config.trainer.total_epochs
 
@@ -302,16 +315,20 @@ class BTRewardTrainer(FSDPSFTTrainer):
         pair up) and balanced loads, so that no rank idles at a collective while another computes.
         Fixed-size micro-batches (a null budget) stay on the rank that sampled them.
         """
-        world_size = self.device_mesh.size()
+        world_size, sp = self.device_mesh.size(), self.sequence_parallel
         if self.token_budget.tokens is None:
-            return [[pairs[i] for i in indices] for indices in self.plan_step(pairs)], len(pairs)
+            # sequence parallelism: a group's ranks share the micro-batches of the pairs they sampled
+            group_pairs = sequence_parallel.gather_group_pairs(pairs, sp)
+            return [[group_pairs[i] for i in indices] for indices in self.plan_step(group_pairs)], len(pairs)
         sampled: list[list[TokenizedPair] | None] = [None] * world_size
         dist.all_gather_object(sampled, pairs)
         step = [pair for rank_pairs in sampled for pair in rank_pairs]
+        # dealt per data-parallel group (world / ulysses_sequence_parallel_size of them); the normaliser stays
+        # the pairs per rank: FSDP averages the gradient over all ranks, and a group's ranks add up to its gradient
         dealt = batching.deal_micro_batches(
-            step, self.token_budget.tokens, self.config.data.micro_batch_size_per_gpu, world_size, self.layout
+            step, self.token_budget.tokens, self.config.data.micro_batch_size_per_gpu, sp.dp_size, self.layout
         )
-        return [[step[i] for i in indices] for indices in dealt[self.device_mesh.get_rank()]], len(step) / world_size
+        return [[step[i] for i in indices] for indices in dealt[sp.dp_rank]], len(step) / world_size
 
     def _collate(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
         return batching.move_to(
@@ -323,6 +340,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         pair, and a segment boundary between pairs, at a small share of the first step's cost; collective,
         so all ranks stop together."""
         self.layout_checked = True
+        pairs = sequence_parallel.gather_group_pairs(pairs, self.sequence_parallel)  # one sample per group
         sample = sorted(pairs, key=lambda pair: pair.num_tokens)[:2]
         check_layout_on_every_rank(
             self.fsdp_model,
@@ -331,14 +349,19 @@ class BTRewardTrainer(FSDPSFTTrainer):
             self.layout,
             self.device_name,
             resolve_param_dtype(self.config.model.mixed_precision, self.device_name),
+            rewards=self._rewards,
         )
+
+    def _rewards(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """batching.compute_rewards, a packed row split over this rank's sequence-parallel group when it has one."""
+        return sequence_parallel.compute_rewards(model, batch, self.sequence_parallel)
 
     def _compute_loss_and_backward(
         self, pairs, do_backward=True, n_micro_batches=None, step_pairs=None
     ) -> MicroBatchResult:
         """Loss of one micro-batch, normalised by the pairs of the whole step (exact accumulation)."""
         batch = self._collate(pairs)
-        rewards = batching.compute_rewards(self.fsdp_model, batch)
+        rewards = self._rewards(self.fsdp_model, batch)
         n = len(pairs)
         strengths = [p.preference_strength for p in pairs] if self.loss_config.needs_strengths else None
         loss, sums = preference_loss(rewards[:n], rewards[n:], strengths, self.loss_config, normalizer=step_pairs or n)
@@ -374,6 +397,9 @@ class BTRewardTrainer(FSDPSFTTrainer):
         grad_norm = self._clip_and_step()
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
+        if not self.sequence_parallel.counts_metrics:  # the group's first rank counts its pairs and tokens
+            sums.zero_()
+            tokens.zero_()
         tokens[4] = float(self.stop_signals.requested)
         self.doing = "all-reducing the step's metrics"
         self._all_reduce(sums)
@@ -386,7 +412,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
             grad_norm=float(grad_norm),
             lr=lr,
             elapsed=elapsed,
-            world_size=self.device_mesh.size(),
+            world_size=self.sequence_parallel.dp_size,
             skipped_steps=self.state.skipped_steps,
         )
 
@@ -425,6 +451,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
                 sums += self._validation_sums([pairs[i] for i in plan[round_index]], indices)
             else:
                 self._compute_loss_and_backward([self.val_dataset[0]], do_backward=False)
+        if not self.sequence_parallel.counts_metrics:  # the group's first rank counts its pairs
+            sums.zero_()
         self._all_reduce(sums)
         self.last_val_sums, self.last_val_step = sums[: len(SUM_FIELDS)].cpu(), self.state.step
         pair_sums, strength_part, group_part = sums.split([len(SUM_FIELDS), strength_width, group_width])
@@ -714,12 +742,18 @@ def planned_token_budget(config: DictConfig, world_size: int) -> batching.TokenB
 
 
 def check_layout_on_every_rank(
-    model, pairs: list[TokenizedPair], pad_token_id: int, layout: str, device: str, dtype: torch.dtype
+    model,
+    pairs: list[TokenizedPair],
+    pad_token_id: int,
+    layout: str,
+    device: str,
+    dtype: torch.dtype,
+    rewards=batching.compute_rewards,
 ) -> None:
     """The pairs' rewards in `layout` vs padded (two forwards on every rank, so FSDP's collectives pair up);
     the worst ratio to the dtype's tolerance is all-reduced, so every rank passes or raises together."""
     start = time.perf_counter()
-    check = batching.check_layout(model, pairs, pad_token_id, layout, device, dtype)
+    check = batching.check_layout(model, pairs, pad_token_id, layout, device, dtype, rewards=rewards)
     worst = torch.tensor(check.ratio, dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     worst = float(worst)
@@ -755,6 +789,10 @@ def run(config: DictConfig):
     seed_everything(config.trainer.seed)
     device_mesh = init_device_mesh(device_type=device, mesh_shape=(world_size,), mesh_dim_names=("fsdp",))
     local_model_path = copy_to_local(src=config.model.partial_pretrain, verbose=False)
+    sequence_parallel.check_heads(
+        AutoConfig.from_pretrained(local_model_path, trust_remote_code=config.model.trust_remote_code),
+        config.ulysses_sequence_parallel_size,
+    )
     tokenizer = load_tokenizer(local_model_path, config.data, config.model.trust_remote_code)
     train_dataset = create_pair_dataset(config.data.train_files, config.data, tokenizer)
     val_dataset = create_pair_dataset(config.data.val_files, config.data, tokenizer)

@@ -24,7 +24,7 @@ from test_attention import CASES, case_pairs
 
 from btrm import attention, batching, schema, sequence_parallel
 from btrm.pair_dataset import TokenizedPair
-from conftest import free_port
+from conftest import free_port, history, read_metrics, run_trainer
 
 SIZE = 2
 
@@ -189,3 +189,76 @@ def test_shard_batch_pads_and_points_rewards_into_the_shard():
     assert [s["position_ids"].tolist() for s, _ in shards] == [[[0, 1, 2]], [[0, 1, 0]]]
     assert [owned.tolist() for _, owned in shards] == [[True, False], [False, True]]
     assert shards[0][0]["reward_index"][0] == 2 and shards[1][0]["reward_index"][1] == 1
+
+
+# ----------------------------------------------------------------------------- end to end: run_bt_rm.sh with N=2 follows N=1
+
+STEPS = 5
+E2E = (f"data.max_samples={8 * STEPS}", "trainer.test_freq=-1", "trainer.checkpoint.save_contents=[model]")
+LAYOUT_OVERRIDES = {
+    # shared: the token budget (CPU auto), micro-batches dealt per data-parallel group
+    "shared": ("data.share_prompt=true",),
+    # packed: fixed-size micro-batches (no budget): a group's ranks share the pairs they sampled
+    "packed": ("data.share_prompt=false", "data.max_tokens_per_micro_batch=null"),
+}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, tiny_model_dir, demo_data_dir):
+    """run_bt_rm.sh runs, launched once each: {(ranks, layout, N): (stdout, history, metrics with timings)}."""
+    runs = {}
+
+    def launch(nproc: int, layout: str, size: int):
+        key = (nproc, layout, size)
+        if key not in runs:
+            name = f"sp{size}-{layout}-{nproc}ranks"
+            tmp_path = tmp_path_factory.mktemp(name)
+            result, metrics_file = run_trainer(
+                tmp_path,
+                tiny_model_dir,
+                demo_data_dir,
+                *E2E,
+                *LAYOUT_OVERRIDES[layout],
+                f"ulysses_sequence_parallel_size={size}",
+                nproc=nproc,
+                name=name,
+            )
+            runs[key] = (result.stdout, history(tmp_path, name), read_metrics(metrics_file))
+        return runs[key]
+
+    return launch
+
+
+def assert_follows(candidate_run, reference_run):
+    (_, candidate, candidate_timed), (_, reference, reference_timed) = candidate_run, reference_run
+    train = [step for step in sorted(reference) if "train/loss" in reference[step]]
+    assert len(train) == STEPS and sorted(candidate) == sorted(reference)
+    for step in train:  # printed for docs/long-context.md (pytest -s)
+        print(f"step {step}: train/loss {candidate[step]['train/loss']!r} vs {reference[step]['train/loss']!r}")
+        assert candidate[step]["train/loss"] == pytest.approx(reference[step]["train/loss"], rel=1e-5), step
+    last = max(reference)
+    print(f"step {last}: val/loss {candidate[last]['val/loss']!r} vs {reference[last]['val/loss']!r}")
+    assert candidate[last]["val/loss"] == pytest.approx(reference[last]["val/loss"], rel=1e-5, abs=1e-5)
+    assert candidate[last]["val/accuracy"] == reference[last]["val/accuracy"]
+    assert (
+        pairs_counted(candidate_timed) == pairs_counted(reference_timed) == [8] * STEPS
+    )  # a group's pairs counted once
+
+
+def pairs_counted(history_of_run):
+    """Each step's pairs as its metrics counted them (pairs/s x seconds)."""
+    return [round(m["train/pairs_per_s"] * m["train/time(s)"]) for m in history_of_run.values() if "train/loss" in m]
+
+
+@pytest.mark.parametrize("layout", ["shared", "packed"])
+def test_two_ranks_in_one_group_follow_two_ranks_without_parallelism(launched, layout):
+    reference, candidate = launched(2, layout, 1), launched(2, layout, SIZE)
+    assert "sequence parallelism: each packed row split over 2 ranks" in candidate[0]
+    assert "sequence parallelism" not in reference[0]
+    assert_follows(candidate, reference)
+
+
+def test_four_ranks_in_two_groups_follow_four_ranks_without_parallelism(launched):
+    candidate = launched(4, "shared", SIZE)
+    assert "2 data-parallel groups" in candidate[0]
+    assert_follows(candidate, launched(4, "shared", 1))
