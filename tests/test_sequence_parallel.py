@@ -275,3 +275,21 @@ def test_four_ranks_in_two_groups_follow_four_ranks_without_parallelism(launched
     candidate = launched(4, "shared-4", SIZE)
     assert "2 data-parallel groups" in candidate[0]
     assert_follows(candidate, launched(4, "shared-4", 1))
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (
+            ("ulysses_sequence_parallel_size=2", "use_remove_padding=false"),
+            "error: ulysses_sequence_parallel_size=2 with use_remove_padding=false: sequence parallelism splits packed rows only",
+        ),
+        (("ulysses_sequence_parallel_size=4",), "error: ulysses_sequence_parallel_size=4 does not divide the 2 ranks"),
+    ],
+)
+def test_launcher_refuses_in_one_line_before_starting_ranks(tmp_path, tiny_model_dir, demo_data_dir, overrides, line):
+    result, _ = run_trainer(tmp_path, tiny_model_dir, demo_data_dir, *overrides, expect_success=False)
+    assert result.returncode == 2
+    output = (result.stdout + result.stderr).strip().splitlines()
+    assert any(text.startswith(line) for text in output), output[-5:]
+    assert "Traceback" not in result.stderr
