@@ -146,6 +146,7 @@ def test_trainer_micro_batches_accumulate_to_the_hand_written_step_gradient(tiny
     from bt_loss import LossConfig
     from bt_trainer import BTRewardTrainer
     from btrm.modeling import load_value_head_model
+    from btrm.sequence_parallel import SequenceParallel
 
     torch.manual_seed(0)
     model = load_value_head_model(
@@ -181,9 +182,15 @@ def test_trainer_micro_batches_accumulate_to_the_hand_written_step_gradient(tiny
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     trainer = SimpleNamespace(
-        fsdp_model=model, tokenizer=tokenizer, layout=layout, device_name="cpu", loss_config=LossConfig()
+        fsdp_model=model,
+        tokenizer=tokenizer,
+        layout=layout,
+        device_name="cpu",
+        loss_config=LossConfig(),
+        sequence_parallel=SequenceParallel(1, 0, None, 0, 1),
     )
     trainer._collate = lambda micro: BTRewardTrainer._collate(trainer, micro)
+    trainer._rewards = lambda model, batch: BTRewardTrainer._rewards(trainer, model, batch)
     model.zero_grad()
     step_loss = sum(BTRewardTrainer._compute_loss_and_backward(trainer, [p], step_pairs=4).loss.item() for p in pairs)
     assert step_loss == pytest.approx(hand_loss.item(), abs=1e-5)
