@@ -313,7 +313,8 @@ class BTRewardTrainer(FSDPSFTTrainer):
         With a token budget the pairs every rank sampled are gathered and dealt again by
         batching.deal_micro_batches: the same number of micro-batches on every rank (FSDP's collectives
         pair up) and balanced loads, so that no rank idles at a collective while another computes.
-        Fixed-size micro-batches (a null budget) stay on the rank that sampled them.
+        Fixed-size micro-batches (a null budget) stay on the rank that sampled them. With sequence parallelism
+        (ulysses_sequence_parallel_size) they are dealt per data-parallel group instead of per rank.
         """
         world_size, sp = self.device_mesh.size(), self.sequence_parallel
         if self.token_budget.tokens is None:

@@ -239,9 +239,7 @@ KNOB_RULES: dict[str, Rule] = {
     ),  # its keys and values: bt_loss.LossConfig, run by check_combinations
     "loss.max_strength": integer(1),
     "use_remove_padding": flag(),
-    "ulysses_sequence_parallel_size": integer(
-        1
-    ),  # divides the ranks (check_combinations) and the heads (btrm.sequence_parallel)
+    "ulysses_sequence_parallel_size": integer(1),  # divides the ranks (below) and the heads (btrm.sequence_parallel)
     "trainer.device": one_of("auto", "cuda", "cpu"),
     "trainer.seed": any_integer(),
     "trainer.check_layout": flag(),

@@ -96,10 +96,10 @@ def spawned_rank(rank, port, model_dir, tokenizer_dir, out_dir):
                         "row_length": batch["input_ids"].shape[1],
                         "split_inside_a_pair": row_split_inside_a_pair(batch, SIZE),
                         "shared_prefix": any(p.shared_prefix > 0 for p in pairs),
-                        "reward_difference": float((rewards - expected).abs().max()),
-                        "reward_scale": float(expected.abs().max()),
-                        "loss": float(loss),
-                        "expected_loss": float(expected_loss),
+                        "reward_difference": float((rewards - expected).detach().abs().max()),
+                        "reward_scale": float(expected.detach().abs().max()),
+                        "loss": float(loss.detach()),
+                        "expected_loss": float(expected_loss.detach()),
                         "same_parameters": sorted(grads) == sorted(expected_grads),
                         "grad_difference": max(
                             float(
@@ -138,10 +138,16 @@ def test_the_cases_cover_what_the_split_must_survive(two_rank_results):
 
 @pytest.mark.parametrize("rank", range(SIZE))
 def test_rewards_loss_and_grads_equal_one_rank_padded(two_rank_results, rank):
+    results = two_rank_results[rank]
+    print(  # for docs/long-context.md (pytest -s)
+        f"rank {rank}, {len(results)} cases: max reward difference {max(r['reward_difference'] for r in results):.2g}, "
+        f"loss {max(abs(r['loss'] - r['expected_loss']) for r in results):.2g}, "
+        f"gradient (relative to its largest entry) {max(r['grad_difference'] for r in results):.2g}"
+    )
     for r in two_rank_results[rank]:
         where = f"rank {rank} {r['layout']} {r['case']} kv_heads={r['kv_heads']}"
         assert r["reward_difference"] <= 1e-5 * max(1.0, r["reward_scale"]), where
-        assert r["loss"] == pytest.approx(r["expected_loss"], rel=1e-6, abs=1e-6), where
+        assert r["loss"] == pytest.approx(r["expected_loss"], abs=1e-5), where
         assert r["same_parameters"], where
         assert r["grad_difference"] <= 1e-4, where
 
