@@ -29,6 +29,7 @@ The recipe:
   or token budget (`auto`: the memory plan's on GPU, btrm.plan), dealt over the ranks with balanced loads,
   accumulated exactly (btrm.batching, btrm.attention), checked against padded at start-up;
 - parallelism: FSDP2 (FSDP1 on GPU), precision chosen by device, optional CPU offload and gradient checkpointing;
+  Ulysses sequence parallelism splits each packed row over a group of ranks, exactly (btrm.sequence_parallel);
 - checkpoints: complete or ignored, never loaded as pickles, resumed exactly mid-epoch, pruned only after
   the new one is complete (btrm.checkpoint); a HF export every consumer scores alike (btrm.export);
 - guards: non-finite steps skipped and counted, a run that keeps diverging stops, non-finite weights are
