@@ -262,6 +262,9 @@ def assert_follows(candidate_run, reference_run):
         print(f"step {step}: val/loss {candidate[step]['val/loss']!r} vs {reference[step]['val/loss']!r}")
         assert candidate[step]["val/loss"] == pytest.approx(reference[step]["val/loss"], rel=1e-5, abs=1e-5), step
         assert candidate[step]["val/accuracy"] == reference[step]["val/accuracy"], step
+        # a group's validation pairs are counted once: the per-strength counts are the validation set's
+        counts = {key: value for key, value in reference[step].items() if key.startswith("val/pairs_")}
+        assert counts and {key: candidate[step][key] for key in counts} == counts, step
     # a group's pairs are counted once: pairs/s x seconds is the step's 8 pairs
     counted = [
         round(m["train/pairs_per_s"] * m["train/time(s)"]) for m in candidate_timed.values() if "train/loss" in m
