@@ -4,13 +4,13 @@
 
 | verl 0.6.1 `FSDPSFTTrainer`  | here              | delegates to                  | why                                                          |
 | ---------------------------- | ----------------- | ----------------------------- | ------------------------------------------------------------ |
-| `__init__`                   | extends           | btrm.config.RunConfig, btrm.fault_guard.FaultGuard, btrm.reporting | typed config built once; verl's config dump goes to the run log; the start-up summary |
+| `__init__`                   | extends           | btrm.config.RunConfig, btrm.fault_guard.FaultGuard, btrm.sequence_parallel.SequenceParallel, btrm.reporting | typed config built once; the sequence-parallel groups (verl's ulysses mesh is never built); verl's config dump goes to the run log; the start-up summary |
 | `_normalize_config_bsz`      | replaces          | btrm.batching.resolve_token_budget | verl divides data.train_batch_size in place; we derive the per-rank count |
-| `_build_dataloader`          | replaces          | btrm.pair_dataset             | a step's pairs stay a list; seeded sampler, configured workers, unpadded validation |
-| `_build_model_optimizer`     | replaces          | btrm.modeling.build_model; builds btrm.step.TrainStep, btrm.validator.Validator | verl builds a causal LM with flash_attention_2 and bf16 |
-| `_compute_loss_and_backward` | replaces          | TrainStep.forward_backward    | token cross-entropy under a hard-coded bf16 autocast becomes the preference loss |
-| `training_step`              | replaces          | TrainStep.run                 | micro-batches dealt over ranks by tokens; metrics over all ranks (verl all-reduces only on CUDA); a non-finite step is skipped |
-| `validation_step`            | replaces          | Validator.run                 | every validation pair scored once; metrics over the whole set and all ranks, per strength and per group |
+| `_build_dataloader`          | replaces          | btrm.pair_dataset             | a step's pairs stay a list; seeded sampler, configured workers, unpadded validation (split per data-parallel group) |
+| `_build_model_optimizer`     | replaces          | btrm.modeling.build_model; builds btrm.step.TrainStep, btrm.validator.Validator (each given the SequenceParallel) | verl builds a causal LM with flash_attention_2 and bf16, and patches its own Ulysses attention |
+| `_compute_loss_and_backward` | replaces          | TrainStep.forward_backward    | token cross-entropy under a hard-coded bf16 autocast becomes the preference loss; rewards through btrm.sequence_parallel.compute_rewards |
+| `training_step`              | replaces          | TrainStep.run                 | micro-batches dealt over ranks (data-parallel groups under SP) by tokens; metrics over all ranks, a group counted once (verl all-reduces only on CUDA); a non-finite step is skipped |
+| `validation_step`            | replaces          | Validator.run                 | every validation pair scored once (by one data-parallel group); metrics over the whole set and all ranks, per strength and per group |
 | `_init_checkpoint_manager`   | replaces          | btrm.checkpointer.Checkpointer (verl's manager inside: checkpointer.verl_manager) | under LoRA verl's HF export would write peft keys as a plain model |
 | `save_checkpoint`            | replaces          | Checkpointer.save             | verl tracks and prunes before the save is complete, saves non-finite weights, pickles data.pt; a failed write is one line |
 | `load_checkpoint`            | replaces          | Checkpointer.resume           | verl restarts at step 0 without a tracker, replays epochs, loads with weights_only=False; what a resume prints reaches the console |
@@ -19,7 +19,8 @@
 | `_find_latest_checkpoint`    | inherited, unused | -                             | only verl's load_checkpoint calls it                         |
 | `fit`                        | replaces          | asks Validator.should_validate, Checkpointer.should_save, FaultGuard.stop_decided / check_divergence / classify | logs BT metrics, keeps the epoch schedule under total_training_steps, stops a diverged run unsaved, saves and exits on a stop signal, names a hung peer |
 
-verl's module-level `run_sft` / `main` always ask for nccl: `run` / `main` here start gloo on CPU.
+verl's module-level `run_sft` / `main` always ask for nccl: `run` / `main` here start gloo on CPU, and check
+that ulysses_sequence_parallel_size divides the model's attention heads before loading anything heavy.
 
 The recipe's features:
 - model: a scalar value head (`*ForTokenClassification`, num_labels=1, what verl's RewardModelWorker
@@ -29,6 +30,7 @@ The recipe's features:
   or token budget (`auto`: the memory plan's on GPU, btrm.plan), dealt over the ranks with balanced loads,
   accumulated exactly (btrm.step, btrm.batching, btrm.attention), checked against padded at start-up;
 - parallelism: FSDP2 (FSDP1 on GPU), precision chosen by device, optional CPU offload and gradient checkpointing;
+  Ulysses sequence parallelism splits each packed row over a group of ranks, exactly (btrm.sequence_parallel);
 - validation: every pair once, metrics per |strength| and per value of data.group_columns (btrm.validator);
 - checkpoints: complete or ignored, never loaded as pickles, resumed exactly mid-epoch, pruned only after
   the new one is complete (btrm.checkpointer, btrm.checkpoint); a HF export every consumer scores alike (btrm.export);
@@ -57,6 +59,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
+from transformers import AutoConfig
 from verl.trainer.fsdp_sft_trainer import FSDPSFTTrainer
 from verl.utils.fs import copy_to_local
 
@@ -66,6 +69,7 @@ from btrm.fault_guard import FaultGuard, TrainingDiverged
 from btrm.modeling import init_distributed, resolve_device, resolve_param_dtype, seed_everything
 from btrm.pair_dataset import check_strengths, create_pair_dataset, group_index, has_strengths, load_tokenizer
 from btrm.reporting import quiet_known_noise, write_run_log
+from btrm.sequence_parallel import SequenceParallel, check_heads
 from btrm.step import MicroBatchResult, TrainStep
 from btrm.validator import Validator
 
@@ -82,6 +86,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
     train_dataset: PreferenceDataset
     val_dataset: PreferenceDataset
     use_remove_padding: bool  # set by verl's __init__ from config.use_remove_padding
+    sequence_parallel: SequenceParallel  # this rank's sequence-parallel group and data-parallel group
     pairs_per_rank: int
     train_sampler: DistributedSampler
     train_dataloader: StatefulDataLoader
@@ -102,6 +107,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
     ):
         self.settings = settings if settings is not None else RunConfig.from_config(config)
         self.device_name = self.settings.trainer.device
+        self.sequence_parallel = SequenceParallel.create(self.settings.ulysses_sequence_parallel_size, self.device_name)
         self.resumed_from, self.last_val_metrics, self.console = None, None, sys.stdout
         heartbeats = faults.Heartbeats(
             dist.distributed_c10d._get_default_store(), device_mesh.get_rank(), device_mesh.size()
@@ -134,10 +140,18 @@ class BTRewardTrainer(FSDPSFTTrainer):
         )
         summary = reporting.format_startup_summary(facts)
         fresh_head = self.built.newly_initialized and self.resumed_from is None  # a resumed head is the trained one
-        notes = [
-            f"score head initialised fresh ({', '.join(self.built.newly_initialized)}): expected when starting from a causal LM"
-        ]
-        print("\n".join([summary, *(notes if fresh_head else [])]))
+        notes = []
+        if fresh_head:
+            notes.append(
+                f"score head initialised fresh ({', '.join(self.built.newly_initialized)}): expected when starting from a causal LM"
+            )
+        sp = self.sequence_parallel
+        if sp.size > 1:
+            notes.append(
+                f"sequence parallelism: each packed row split over {sp.size} ranks (ulysses_sequence_parallel_size), "
+                f"{sp.dp_size} data-parallel group{'s' * (sp.dp_size != 1)}"
+            )
+        print("\n".join([summary, *notes]))
         write_run_log("start-up summary:\n" + summary)
 
     @property
@@ -205,7 +219,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
         self.total_steps = self.steps_per_epoch * self.settings.trainer.total_epochs
 
     def _build_model_optimizer(self):
-        settings, rank, world_size = self.settings, self.device_mesh.get_rank(), self.device_mesh.size()
+        settings, sp = self.settings, self.sequence_parallel
         self.built = built = modeling.build_model(
             self.config,
             self.device_mesh,
@@ -231,17 +245,20 @@ class BTRewardTrainer(FSDPSFTTrainer):
             param_dtype=resolve_param_dtype(settings.model.mixed_precision, self.device_name),
             guard=self.guard,
             check_layout=settings.trainer.check_layout,
+            sequence_parallel=sp,
         )
         self.validator = Validator(
             self.step,
             self.val_dataset,
-            indices=list(range(rank, len(self.val_dataset), world_size)),  # every pair once: no sampler padding
+            # every pair once (no sampler padding), scored by one data-parallel group (its ranks share each row)
+            indices=list(range(sp.dp_rank, len(self.val_dataset), sp.dp_size)),
             groups=group_index(
                 self.val_dataset.groups, settings.data.group_columns, settings.data.max_groups_per_column
             ),
             has_strengths=has_strengths(self.val_dataset),
             test_freq=settings.trainer.test_freq,
             guard=self.guard,
+            sequence_parallel=sp,
         )
 
     def _init_checkpoint_manager(self):
@@ -397,6 +414,10 @@ def run(config: DictConfig):
     seed_everything(settings.trainer.seed)
     device_mesh = init_device_mesh(device_type=device, mesh_shape=(world_size,), mesh_dim_names=("fsdp",))
     local_model_path = copy_to_local(src=config.model.partial_pretrain, verbose=False)
+    check_heads(
+        AutoConfig.from_pretrained(local_model_path, trust_remote_code=settings.model.trust_remote_code),
+        settings.ulysses_sequence_parallel_size,
+    )
     tokenizer = load_tokenizer(local_model_path, config.data, config.model.trust_remote_code)
     train_dataset = create_pair_dataset(config.data.train_files, config.data, tokenizer)
     val_dataset = create_pair_dataset(config.data.val_files, config.data, tokenizer)

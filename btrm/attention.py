@@ -288,9 +288,18 @@ def segment_attention(
         raise ValueError(f"segment attention takes one packed row, got a batch of {query.shape[0]}")
     if kwargs.get("sliding_window") is not None:
         raise ValueError("segment attention does not implement sliding-window attention")
+    if not isinstance(attention_segments, SegmentLayout):
+        # a row split over a sequence-parallel group (btrm.sequence_parallel.RowShard): it gathers the row
+        # and scatters the heads around attend_segments
+        return attention_segments.attend(query, key, value, scaling, dropout, attend_segments), None
+    return attend_segments(query, key, value, attention_segments, scaling, dropout), None
+
+
+def attend_segments(query, key, value, segments: SegmentLayout, scaling: float | None, dropout: float) -> torch.Tensor:
+    """[1, heads, tokens, head_dim] in, [1, tokens, heads, head_dim] out: varlen_attn on CUDA in half precision, else sdpa."""
     if runs_on_varlen_kernel(query):
-        return varlen_attention(query, key, value, attention_segments, scaling, dropout), None
-    return sdpa_attention(query, key, value, attention_segments, scaling, dropout), None
+        return varlen_attention(query, key, value, segments, scaling, dropout)
+    return sdpa_attention(query, key, value, segments, scaling, dropout)
 
 
 def segment_attention_mask(*args, attention_mask=None, config=None, **kwargs):

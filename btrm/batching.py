@@ -406,9 +406,16 @@ class LayoutCheck(NamedTuple):
 
 @torch.no_grad()
 def check_layout(
-    model, pairs: Sequence[TokenizedPair], pad_token_id: int, layout: str, device, compute_dtype: torch.dtype
+    model,
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    layout: str,
+    device,
+    compute_dtype: torch.dtype,
+    rewards: Callable = compute_rewards,
 ) -> LayoutCheck:
-    """Rewards of `pairs` in `layout` against the padded layout, same model, no grad.
+    """Rewards of `pairs` in `layout` (computed by `rewards`, e.g. split over a sequence-parallel group) against
+    the padded layout, same model, no grad.
 
     Guards hardware and kernels the tests never ran on (e.g. varlen_attn's causal alignment on a
     given GPU). Runs two forwards: under FSDP every rank must call it, on its own pairs.
@@ -417,7 +424,7 @@ def check_layout(
     model.eval()
     try:
         padded = compute_rewards(model, move_to(collate_pairs(pairs, pad_token_id, "padded"), device))
-        candidate = compute_rewards(model, move_to(collate_pairs(pairs, pad_token_id, layout), device))
+        candidate = rewards(model, move_to(collate_pairs(pairs, pad_token_id, layout), device))
     finally:
         model.train(was_training)
     tolerance = LAYOUT_CHECK_TOLERANCE.get(compute_dtype, 1e-3) * max(1.0, float(padded.abs().max()))

@@ -240,7 +240,7 @@ KNOB_RULES: dict[str, Rule] = {
         for name, (expected, accepts) in bt_loss.LOSS_KNOB_RULES.items()
     },
     "use_remove_padding": flag(),
-    "ulysses_sequence_parallel_size": exactly(1, "sequence parallelism is not supported"),
+    "ulysses_sequence_parallel_size": integer(1),  # divides the ranks (below) and the heads (btrm.sequence_parallel)
     "trainer.device": one_of("auto", "cuda", "cpu"),
     "trainer.seed": any_integer(),
     "trainer.check_layout": flag(),
@@ -378,6 +378,17 @@ def check_combinations(values: Mapping[str, Any], world_size: int | None) -> Non
         raise PreflightError(
             "data.max_tokens_per_micro_batch=null and data.micro_batch_size_per_gpu=null: micro-batches need a token "
             "budget or a pair count; set one (e.g. data.max_tokens_per_micro_batch=auto)"
+        )
+    sequence_parallel = values["ulysses_sequence_parallel_size"]
+    if sequence_parallel > 1 and not values["use_remove_padding"]:
+        raise PreflightError(
+            f"ulysses_sequence_parallel_size={sequence_parallel} with use_remove_padding=false: sequence parallelism "
+            "splits packed rows only; set use_remove_padding=true (packed or shared layout) or the size to 1"
+        )
+    if world_size and world_size % sequence_parallel:
+        raise PreflightError(
+            f"ulysses_sequence_parallel_size={sequence_parallel} does not divide the {world_size} ranks; "
+            "use a divisor of the number of ranks"
         )
     if world_size:
         batch = values["data.train_batch_size"]

@@ -2,7 +2,10 @@
 layouts, the preference loss, the update (a non-finite one skipped), metrics summed over all ranks.
 
 `TrainStep` is built once the model and optimizer exist (bt_trainer's `_build_model_optimizer`) from
-the data, optim and model sections and the loss section's bt_loss.LossConfig. Its collectives are
+the data, optim and model sections, the loss section's bt_loss.LossConfig and this rank's
+btrm.sequence_parallel.SequenceParallel (ulysses_sequence_parallel_size): with N > 1 a group of N
+ranks shares each micro-batch, its packed row split over them, so micro-batches are dealt per
+data-parallel group and a group's metrics are counted by its first rank. Its collectives are
 torch.distributed's: a one-rank gloo group is enough to run it in a test.
 """
 
@@ -16,13 +19,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bt_loss import SUM_FIELDS, LossConfig, metrics_from_sums, preference_loss
-from btrm import batching
+from btrm import batching, sequence_parallel
 from btrm.checkpoint import TrainerState
 
 if TYPE_CHECKING:
     from btrm.config import DataSection, ModelSection, OptimSection
     from btrm.fault_guard import FaultGuard
     from btrm.pair_dataset import TokenizedPair
+    from btrm.sequence_parallel import SequenceParallel
 
 
 class MicroBatchResult(NamedTuple):
@@ -55,6 +59,7 @@ class TrainStep:
         param_dtype: torch.dtype,
         guard: FaultGuard,
         check_layout: bool,
+        sequence_parallel: SequenceParallel,
     ):
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.max_pairs, self.clip_grad, self.strategy = (
@@ -64,6 +69,7 @@ class TrainStep:
         )
         self.loss, self.layout, self.token_budget = loss, layout, token_budget
         self.pad_token_id, self.device, self.param_dtype, self.guard = pad_token_id, device, param_dtype, guard
+        self.sequence_parallel = sequence_parallel  # this rank's sequence-parallel and data-parallel groups
         self.layout_checked = (
             layout == "padded" or not check_layout
         )  # the start-up layout check has run, or is not needed
@@ -78,16 +84,21 @@ class TrainStep:
         With a token budget the pairs every rank sampled are gathered and dealt again by
         batching.deal_micro_batches: the same number of micro-batches on every rank (FSDP's collectives
         pair up) and balanced loads, so that no rank idles at a collective while another computes.
-        Fixed-size micro-batches (a null budget) stay on the rank that sampled them.
+        Fixed-size micro-batches (a null budget) stay on the rank that sampled them. With sequence parallelism
+        (ulysses_sequence_parallel_size) they are dealt per data-parallel group instead of per rank.
         """
-        world_size = dist.get_world_size()
+        world_size, sp = dist.get_world_size(), self.sequence_parallel
         if self.token_budget.tokens is None:
-            return [[pairs[i] for i in indices] for indices in self.plan(pairs)], len(pairs)
+            # sequence parallelism: a group's ranks share the micro-batches of the pairs they sampled
+            group_pairs = sequence_parallel.gather_group_pairs(pairs, sp)
+            return [[group_pairs[i] for i in indices] for indices in self.plan(group_pairs)], len(pairs)
         sampled: list[list[TokenizedPair] | None] = [None] * world_size
         dist.all_gather_object(sampled, pairs)
         step = [pair for rank_pairs in sampled for pair in rank_pairs]
-        dealt = batching.deal_micro_batches(step, self.token_budget.tokens, self.max_pairs, world_size, self.layout)
-        return [[step[i] for i in indices] for indices in dealt[dist.get_rank()]], len(step) / world_size
+        # dealt per data-parallel group (world / ulysses_sequence_parallel_size of them); the normaliser stays
+        # the pairs per rank: FSDP averages the gradient over all ranks, and a group's ranks add up to its gradient
+        dealt = batching.deal_micro_batches(step, self.token_budget.tokens, self.max_pairs, sp.dp_size, self.layout)
+        return [[step[i] for i in indices] for indices in dealt[sp.dp_rank]], len(step) / world_size
 
     def collate(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
         return batching.move_to(batching.collate_pairs(pairs, self.pad_token_id, self.layout), self.device)
@@ -97,7 +108,7 @@ class TrainStep:
     ) -> MicroBatchResult:
         """Loss of one micro-batch, normalised by the pairs of the whole step (exact accumulation)."""
         batch = self.collate(pairs)
-        rewards = batching.compute_rewards(self.model, batch)
+        rewards = self.rewards(self.model, batch)
         n = len(pairs)
         strengths = [p.preference_strength for p in pairs] if self.loss.needs_strengths else None
         loss, sums = preference_loss(rewards[:n], rewards[n:], strengths, self.loss, normalizer=step_pairs or n)
@@ -107,6 +118,10 @@ class TrainStep:
         return MicroBatchResult(
             loss, sums, rewards[:n].detach(), rewards[n:].detach(), counts.real, counts.computed, counts.conversation
         )
+
+    def rewards(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """batching.compute_rewards, a packed row split over this rank's sequence-parallel group when it has one."""
+        return sequence_parallel.compute_rewards(model, batch, self.sequence_parallel)
 
     def run(self, pairs: list[TokenizedPair], state: TrainerState) -> dict[str, float]:
         """One optimizer step over this rank's sampled pairs; the step's metrics over all ranks."""
@@ -133,6 +148,9 @@ class TrainStep:
         grad_norm = self.clip_and_step(state)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
+        if not self.sequence_parallel.counts_metrics:  # the group's first rank counts its pairs and tokens
+            sums.zero_()
+            tokens.zero_()
         tokens[4] = self.guard.stop_vote()
         self.guard.at(state.step, "all-reducing the step's metrics")
         dist.all_reduce(sums)
@@ -145,7 +163,7 @@ class TrainStep:
             grad_norm=float(grad_norm),
             lr=lr,
             elapsed=elapsed,
-            world_size=dist.get_world_size(),
+            world_size=self.sequence_parallel.dp_size,
             skipped_steps=state.skipped_steps,
         )
 
@@ -170,10 +188,19 @@ class TrainStep:
     def check_layout(self, pairs: list[TokenizedPair]) -> None:
         """Start-up check (trainer.check_layout) on this rank's two shortest pairs: two segments or more per
         pair, and a segment boundary between pairs, at a small share of the first step's cost; collective,
-        so all ranks stop together."""
+        so all ranks stop together. With sequence parallelism: the group's two shortest, split over the group."""
         self.layout_checked = True
+        pairs = sequence_parallel.gather_group_pairs(pairs, self.sequence_parallel)  # one sample per group
         sample = sorted(pairs, key=lambda pair: pair.num_tokens)[:2]
-        check_layout_on_every_rank(self.model, sample, self.pad_token_id, self.layout, self.device, self.param_dtype)
+        check_layout_on_every_rank(
+            self.model,
+            sample,
+            self.pad_token_id,
+            self.layout,
+            self.device,
+            self.param_dtype,
+            rewards=self.rewards,
+        )
 
 
 def step_metrics(
@@ -204,12 +231,18 @@ def step_metrics(
 
 
 def check_layout_on_every_rank(
-    model, pairs: list[TokenizedPair], pad_token_id: int, layout: str, device: str, dtype: torch.dtype
+    model,
+    pairs: list[TokenizedPair],
+    pad_token_id: int,
+    layout: str,
+    device: str,
+    dtype: torch.dtype,
+    rewards=batching.compute_rewards,
 ) -> None:
     """The pairs' rewards in `layout` vs padded (two forwards on every rank, so FSDP's collectives pair up);
     the worst ratio to the dtype's tolerance is all-reduced, so every rank passes or raises together."""
     start = time.perf_counter()
-    check = batching.check_layout(model, pairs, pad_token_id, layout, device, dtype)
+    check = batching.check_layout(model, pairs, pad_token_id, layout, device, dtype, rewards=rewards)
     worst = torch.tensor(check.ratio, dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     worst = float(worst)

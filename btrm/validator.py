@@ -2,9 +2,11 @@
 
 `Validator` is built once the step exists (it scores through the step's planning and forward) from
 the trainer section's trainer.test_freq. Every rank scores its own share of the pairs (no sampler
-padding: each pair once); FSDP forwards are collectives, so every rank runs as many micro-batches as
-the busiest one and discards the extra ones. One fp64 vector holds the pair sums, the per-|strength|
-sums and the per-group sums, all-reduced once.
+padding: each pair once); with sequence parallelism (btrm.sequence_parallel) the share is its
+data-parallel group's, the group's ranks split each row and its first rank alone counts the sums.
+FSDP forwards are collectives, so every rank runs as many micro-batches as the busiest one and
+discards the extra ones. One fp64 vector holds the pair sums, the per-|strength| sums and the
+per-group sums, all-reduced once.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from bt_loss import RewardStats
     from btrm.fault_guard import FaultGuard
     from btrm.pair_dataset import GroupIndex, PreferenceDataset, TokenizedPair
+    from btrm.sequence_parallel import SequenceParallel
     from btrm.step import TrainStep
 
 
@@ -51,9 +54,11 @@ class Validator:
         has_strengths: bool,
         test_freq: int,
         guard: FaultGuard,
+        sequence_parallel: SequenceParallel,
     ):
         self.step, self.dataset, self.indices, self.groups = step, dataset, indices, groups
         self.has_strengths, self.test_freq, self.guard = has_strengths, test_freq, guard
+        self.sequence_parallel = sequence_parallel  # `indices` are its data-parallel group's share
         self.max_strength = step.loss.max_strength
         self.last_sums: torch.Tensor | None = None  # for the reward scale written with a checkpoint of that step
         self.last_step: int | None = None
@@ -80,6 +85,8 @@ class Validator:
                 sums += self.micro_batch_sums([pairs[i] for i in plan[round_index]], indices)
             else:
                 self.step.forward_backward([self.dataset[0]], backward=False)
+        if not self.sequence_parallel.counts_metrics:  # the group's first rank counts its pairs
+            sums.zero_()
         dist.all_reduce(sums)
         self.last_sums, self.last_step = sums[: len(SUM_FIELDS)].cpu(), step
         pair_sums, strength_part, group_part = sums.split([len(SUM_FIELDS), strength_width, group_width])

@@ -13,6 +13,7 @@ from btrm.checkpoint import TrainerState
 from btrm.config import RunConfig
 from btrm.fault_guard import FaultGuard
 from btrm.schema import compose_config
+from btrm.sequence_parallel import SequenceParallel
 from btrm.step import TrainStep
 
 
@@ -40,6 +41,7 @@ def make_step(settings, model, *, layout="padded", optimizer=None, pad_token_id=
         param_dtype=torch.float32,
         guard=FaultGuard(settings.trainer, heartbeats=None, rank=0),
         check_layout=False,
+        sequence_parallel=SequenceParallel(1, 0, None, 0, 1),  # no sequence parallelism: one group per rank
     )
 
 

@@ -29,6 +29,7 @@ def make_validator(settings, step, dataset, groups, *, test_freq=3, has_strength
         has_strengths=has_strengths,
         test_freq=test_freq,
         guard=FaultGuard(settings.trainer, heartbeats=None, rank=0),
+        sequence_parallel=step.sequence_parallel,
     )
 
 
