@@ -210,6 +210,10 @@ def score_pairs(
             rewards = batching.compute_rewards(model, batch).tolist()
             for k, index in enumerate(indices):
                 chosen[index], rejected[index] = rewards[k], rewards[len(indices) + k]
+                if dataset[index].chosen == dataset[index].rejected:
+                    # the same tokens: the same reward, a tie (wrong, as in RewardBench), not float noise
+                    # between two rows of one batch deciding it
+                    rejected[index] = chosen[index]
     return chosen, rejected
 
 

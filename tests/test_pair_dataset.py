@@ -111,6 +111,7 @@ def test_training_score_and_evaluate_rm_tokenize_role_and_content_only(
     batching.score(stand_in_model, reasoning_tokenizer, list(conversations))
     scored, fed[:] = list(fed), []
     monkeypatch.setattr(evaluate_rm, "load_reward_model", lambda *args, **kwargs: (stand_in_model, reasoning_tokenizer))
+    monkeypatch.setattr(evaluate_rm, "check_reward_model", lambda model_dir: None)  # the stand-in is the reward model
     evaluate_rm.main(["--model", str(tiny_model_dir), "--data", str(path), "--no-progress"])
     evaluated = list(fed)
 
