@@ -828,13 +828,19 @@ def auto_token_budget(config, world_size: int):
             f"at {result['tokens']:,} tokens, with {result['usable_gib']:.1f} of {result['gpu_memory_gib']:g} GiB usable "
             f"({result['margin']:.0%} kept free, trainer.gpu_memory_margin); it fits {fits} on {world_size} GPUs, "
             f"less than a lone pair of 2 x data.max_length = {result['lone_pair_tokens']:,} tokens; lower "
-            f"data.max_length or trainer.gpu_memory_margin, or use {fused}LoRA (model.lora_rank), "
+            f"data.max_length or trainer.gpu_memory_margin, or use {fused}{sequence_parallel.KEY} (rows split over "
+            "GPUs), LoRA (model.lora_rank), "
             "model.fsdp_config.cpu_offload=true or more GPUs (bash run_bt_rm.sh --plan shows the parts and plans each)"
         )
     return batching.TokenBudget(
         budget,
         f"auto: the memory plan's largest fitting budget ({result['gpus']} GPUs of {result['gpu_memory_gib']:g} GiB, "
-        f"{result['margin']:.0%} kept free)",
+        f"{result['margin']:.0%} kept free"
+        + (
+            f"; per row of a sequence-parallel group of {result['sequence_parallel_size']} GPUs)"
+            if result.get("sequence_parallel_size", 1) > 1
+            else ")"
+        ),
     )
 
 
@@ -1042,7 +1048,8 @@ def suggest_sequence_parallel(s: Suggestions) -> None:
         if gpus % size or not heads or heads % size:
             continue
         setting = f"{sequence_parallel.KEY}={size}"
-        cost = f"each row split over {size} GPUs (all-to-all in attention; {gpus // size} data-parallel groups)"
+        groups = f"{gpus // size} data-parallel group" + ("s" if gpus // size > 1 else "")
+        cost = f"each row split over {size} GPUs (all-to-alls in attention; {groups})"
         if s.try_change(Change(setting, 1, cost, (setting,))):
             return
 
@@ -1205,6 +1212,7 @@ def format_report(result: dict) -> str:
     if budget is not None and budget < r["lone_pair_tokens"]:
         lines.append(
             f"  a lone pair of 2 x data.max_length = {r['lone_pair_tokens']:,} tokens exceeds it: lower data.max_length"
+            + (" or split rows over more GPUs (ulysses_sequence_parallel_size)" if r["layout"] != "padded" else "")
         )
     recompute = " + checkpoint recompute" if r["gradient_checkpointing"] else ""
     share = f"; each GPU's 1/{sp_size} of the row" if sp_size > 1 else ""

@@ -532,6 +532,7 @@ def test_auto_budget_with_sequence_parallelism_is_a_groups_row(attention_heavy, 
     }
     assert 8192 <= budgets[1].tokens < 8192 * 1.1
     assert budgets[2].tokens > 1.7 * budgets[1].tokens
+    assert "per row of a sequence-parallel group of 2 GPUs" in budgets[2].source
     again = planned(
         attention_heavy,
         "data.max_length=2048",
