@@ -14,7 +14,10 @@ What it does (no GPU, no weights; Qwen3-32B on 8 GPUs plans in 9-15 s on 2 CPU c
    optim.* (verl's build_optimizer); on the meta device, then on FakeTensorMode, in a fake process group of
    `gpus` ranks (rank 0 is planned: it holds the largest shards);
 3. runs one micro-batch in the trainer's layout (packed / shared rows through btrm.attention's segment
-   attention; padded rows) through forward and backward, then the optimizer step, each under torch's
+   attention; padded rows; with ulysses_sequence_parallel_size N > 1, rank 0's share of the row split as the
+   trainer splits it, btrm.sequence_parallel.compute_rewards in a fake group of N ranks: tokens/N through the
+   decoder, attention over the whole row with heads/N and its all-to-all buffers; the budget and tokens/s are
+   then per group row, shared by N GPUs) through forward and backward, then the optimizer step, each under torch's
    FSDPMemTracker, with the optimizer state already there (as in every step after the first); reports the
    per-rank peak of each phase split into parts: sharded / unsharded parameters, gradients, optimizer state and
    the step's temporaries, activations, temporaries, all-gather and reduce-scatter buffers;
@@ -91,7 +94,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from btrm import attention, batching, modeling
+from btrm import attention, batching, modeling, sequence_parallel
 from btrm.plan_assumptions import DEFAULT_GPU_MEMORY_GIB, DEFAULT_GPUS
 from btrm.schema import REPO, PreflightError
 
@@ -192,6 +195,11 @@ def resolve_settings(
     return PlanSettings(gpus, device, float(gpu_memory_gib), assumed, margin)
 
 
+def sequence_parallel_size(config) -> int:
+    """ulysses_sequence_parallel_size (1 where the config has none): the ranks that share one packed row."""
+    return int(config.get(sequence_parallel.KEY, 1) or 1)
+
+
 def default_tokens(config) -> int:
     """The micro-batch to plan: the largest the config allows (the budget, or a lone longest pair when that is
     longer); for a budget of `auto`, a lone longest pair (what any budget must hold; the search finds the budget)."""
@@ -274,12 +282,15 @@ def gpu_attention_kernels(device: str):
 class FakeWorld:
     mesh: object  # DeviceMesh over the fake ranks
     fake_mode: object  # FakeTensorMode: where the model's tensors are made and every step runs
+    sequence_parallel: object  # btrm.sequence_parallel.SequenceParallel of rank 0 (its group: fake ranks 0..N-1)
 
 
 @contextlib.contextmanager
-def fake_world(gpus: int, device: str):
-    """A fake process group of `gpus` ranks (this process is rank 0), its device mesh and a FakeTensorMode;
-    the group destroyed on exit, the RNG state restored. Refuses to run beside a real process group."""
+def fake_world(gpus: int, device: str, sequence_parallel_size: int = 1):
+    """A fake process group of `gpus` ranks (this process is rank 0), its device mesh, rank 0's sequence-parallel
+    group (ranks 0..N-1, as the trainer's (dp, sp) mesh makes it; FSDP keeps the 1-D mesh over all ranks) and a
+    FakeTensorMode; the group destroyed on exit, the RNG state restored. Refuses to run beside a real process
+    group."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -290,9 +301,12 @@ def fake_world(gpus: int, device: str):
     try:
         # the mesh outside FakeTensorMode: inside it, init_device_mesh fails on a data-dependent .item()
         mesh = init_device_mesh("cpu", (gpus,), mesh_dim_names=("fsdp",))
+        size = sequence_parallel_size
+        group = dist.new_group(list(range(size))) if size > 1 else None
+        sp = sequence_parallel.SequenceParallel(size, 0, group, 0, gpus // size)
         with torch.random.fork_rng(devices=[]), gpu_attention_kernels(device):
             # non-fake inputs allowed: the model's meta tensors are the inputs of its to_empty (Simulation)
-            yield FakeWorld(mesh, FakeTensorMode(allow_non_fake_inputs=True))
+            yield FakeWorld(mesh, FakeTensorMode(allow_non_fake_inputs=True), sp)
     finally:
         dist.destroy_process_group()
 
@@ -338,6 +352,7 @@ class Simulation:
         fsdp_kwargs = {**modeling.fsdp2_kwargs(model_config, world.mesh, device), "offload_policy": None}
         apply_fsdp2(model, fsdp_kwargs, model_config.fsdp_config)
         self.model, self.fake_mode, self.layers = model, world.fake_mode, layers
+        self.sequence_parallel = world.sequence_parallel
         model.train()  # as the trainer's training_step (gradient checkpointing only acts in training mode)
         with self.fake_mode:
             model.to_empty(device="cpu")
@@ -359,7 +374,9 @@ class Simulation:
         """One reward per conversation, computed in the trainer's layout."""
         if self.layout != "padded":
             batch = batching.collate_packed([[0] * n for n in lengths])
-            return batching.compute_rewards(self.model, batch)
+            # with ulysses_sequence_parallel_size N > 1: the trainer's own split (btrm.sequence_parallel) of the
+            # row over the group: this rank's tokens/N through the decoder, the all-to-all buffers in attention
+            return sequence_parallel.compute_rewards(self.model, batch, self.sequence_parallel)
         longest = max(lengths)
         input_ids = torch.zeros(len(lengths), longest, dtype=torch.long)
         position_ids = torch.arange(longest).expand(len(lengths), -1)
@@ -463,7 +480,13 @@ class Planner:
         if self.layers in measured:
             return measured[self.layers]["peak"]
         common = set.intersection(*(set(m) - {"peak"} for m in measured.values()))
-        scaled = [extrapolate({d: m[name] for d, m in measured.items()}, self.layers) for name in sorted(common)]
+        # A module's own peak is where its memory was highest; at two depths that may be two different moments
+        # (two near-equal candidates, one winning at each depth). At one moment no part shrinks with depth (model
+        # states and checkpoints grow, the rest stays): a moment where one does is not the same moment at both
+        # depths, and scaling it part by part would be meaningless (with sequence parallelism, tens of GiB).
+        low, high = (measured[d] for d in sorted(measured)[:2])
+        consistent = {n for n in common if all(high[n][k] >= low[n][k] - 2**20 for k in low[n])}
+        scaled = [extrapolate({d: m[name] for d, m in measured.items()}, self.layers) for name in sorted(consistent)]
         peak = max(scaled, key=lambda parts: sum(parts.values()))
         # The peak may fall between two snapshots (inside a hook): what it exceeds them by is kept, as temporaries.
         above = max(sum(m["peak"].values()) - max(sum(m[n].values()) for n in common) for m in measured.values())
@@ -550,7 +573,9 @@ def search_budget(planner: Planner, tokens: int, fb_peak: float) -> tuple[int | 
 
 
 def step_flops(planner: Planner, hf_config, tokens: int) -> float:
-    """FLOPs of one micro-batch's forward and backward on one GPU.
+    """FLOPs of one micro-batch's forward and backward on one GPU (with sequence parallelism N: a group's row of
+    `tokens` tokens, of which each of its N GPUs computes 1/N: tokens/N through the dense layers, heads/N in
+    attention).
 
     Dense: 2 x non-embedding parameters x tokens a forward (no lm_head: the score head is one column); backward
     2x that (full fine-tuning: input and weight gradients) or 1x (LoRA: frozen weights get no weight gradient).
@@ -563,7 +588,7 @@ def step_flops(planner: Planner, hf_config, tokens: int) -> float:
     attention_flops = 4 * heads * head_dim * planner.layers * sum(n * (n + 1) / 2 for n in lengths)
     backward = (1 if planner.first.lora_settings is not None else 2) * dense + 2 * attention_flops
     recompute = dense + attention_flops if planner.config.model.enable_gradient_checkpointing else 0
-    return dense + attention_flops + backward + recompute
+    return (dense + attention_flops + backward + recompute) / sequence_parallel_size(planner.config)
 
 
 # ----------------------------------------------------------------------------- the plan as a dict
@@ -598,6 +623,13 @@ def describe(planner: Planner, settings: PlanSettings, tokens: int) -> dict:
         notes.append(
             f"simulated {' and '.join(map(str, planner.simulations))} layers; parts scaled to {planner.layers}"
         )
+    sp_size = sequence_parallel_size(config)
+    if sp_size > 1:
+        notes.append(
+            f"{sequence_parallel.KEY}={sp_size}: each row of {tokens:,} tokens split over {sp_size} GPUs "
+            f"({-(-tokens // sp_size):,} tokens each through the decoder; attention over the whole row with 1/{sp_size} "
+            "of the heads, all-to-all buffers included); the token budget is per sequence-parallel group"
+        )
     simulated = len(simulated_lengths(tokens, config.data.max_length))
     if simulated < len(conversation_lengths(tokens, config.data.max_length)):
         notes.append(f"simulated as {simulated} longer conversations (the same tokens; simulated_lengths)")
@@ -613,7 +645,9 @@ def describe(planner: Planner, settings: PlanSettings, tokens: int) -> dict:
         "gradient_checkpointing": bool(config.model.enable_gradient_checkpointing),
         "compute_dtype": str(modeling.resolve_param_dtype(config.model.mixed_precision, settings.device)),
         "master_dtype": config.model.fsdp_config.model_dtype,
-        "tokens": tokens,
+        "tokens": tokens,  # per micro-batch: with sequence parallelism, one row of a group (split over its GPUs)
+        "sequence_parallel_size": sp_size,
+        "tokens_per_gpu": -(-tokens // sp_size),
         "conversations": len(conversation_lengths(tokens, config.data.max_length)),
         "lone_pair_tokens": 2 * int(config.data.max_length),
         "notes": notes,
@@ -664,7 +698,8 @@ def throughput(planner: Planner, hf_config, settings: PlanSettings, tokens: int)
     figures = {"step_flops": flops, "step_tflops": round(flops / 1e12, 2), "mfu_assumption": None, "peak_tflops": None}
     figures.update(predicted_tokens_per_s=None, predicted_tokens_per_s_all_gpus=None)
     if settings.device == "cuda":  # the MFU assumption is about GPUs; a CPU rate would be a guess
-        per_gpu = tokens / (flops / (MFU_ASSUMPTION * PEAK_TFLOPS * 1e12))
+        # a row of `tokens` takes its group's N GPUs the time of one GPU's share of FLOPs: tokens / N per GPU
+        per_gpu = tokens / sequence_parallel_size(planner.config) / (flops / (MFU_ASSUMPTION * PEAK_TFLOPS * 1e12))
         figures.update(mfu_assumption=MFU_ASSUMPTION, peak_tflops=PEAK_TFLOPS)
         figures.update(
             predicted_tokens_per_s=round(per_gpu), predicted_tokens_per_s_all_gpus=round(per_gpu * settings.gpus)
@@ -703,7 +738,12 @@ def plan_config(
         return plan_in_subprocess(config, settings, tokens, search, suggest)
     start = time.perf_counter()
     hf_config = read_hf_config(config.model)
-    with fake_world(settings.gpus, settings.device) as world, warnings.catch_warnings():
+    sp_size = sequence_parallel_size(config)
+    try:
+        sequence_parallel.check_heads(hf_config, sp_size)
+    except ValueError as error:
+        raise PreflightError(str(error)) from None
+    with fake_world(settings.gpus, settings.device, sp_size) as world, warnings.catch_warnings():
         # FSDP2 warns that the root returns a view (the logits' reward column): true of the trainer too, harmless
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
         planner = Planner(config, hf_config, settings, world)
@@ -728,7 +768,7 @@ def plan_config(
     elif result["fits"]:
         result.update(suggestions=[], suggestions_method="it fits: nothing to suggest")
     else:
-        result.update(suggest_changes(config, settings, result))
+        result.update(suggest_changes(config, settings, result, getattr(hf_config, "num_attention_heads", None)))
     return result
 
 
@@ -788,13 +828,19 @@ def auto_token_budget(config, world_size: int):
             f"at {result['tokens']:,} tokens, with {result['usable_gib']:.1f} of {result['gpu_memory_gib']:g} GiB usable "
             f"({result['margin']:.0%} kept free, trainer.gpu_memory_margin); it fits {fits} on {world_size} GPUs, "
             f"less than a lone pair of 2 x data.max_length = {result['lone_pair_tokens']:,} tokens; lower "
-            f"data.max_length or trainer.gpu_memory_margin, or use {fused}LoRA (model.lora_rank), "
+            f"data.max_length or trainer.gpu_memory_margin, or use {fused}{sequence_parallel.KEY} (rows split over "
+            "GPUs), LoRA (model.lora_rank), "
             "model.fsdp_config.cpu_offload=true or more GPUs (bash run_bt_rm.sh --plan shows the parts and plans each)"
         )
     return batching.TokenBudget(
         budget,
         f"auto: the memory plan's largest fitting budget ({result['gpus']} GPUs of {result['gpu_memory_gib']:g} GiB, "
-        f"{result['margin']:.0%} kept free)",
+        f"{result['margin']:.0%} kept free"
+        + (
+            f"; per row of a sequence-parallel group of {result['sequence_parallel_size']} GPUs)"
+            if result.get("sequence_parallel_size", 1) > 1
+            else ")"
+        ),
     )
 
 
@@ -831,8 +877,8 @@ def plan_in_subprocess(config, settings: PlanSettings, tokens: int, search: bool
 # computed (a fused optimizer, a smaller token budget, less memory kept free), tier 1 computes the same thing more
 # slowly, tier 2 changes what is trained or on what, tier 3 needs more hardware. Within a tier, the order of
 # SUGGESTERS. Each change is planned for real (plan_config of the changed config), and only changes that fit are
-# suggested. Ulysses sequence parallelism (ulysses_sequence_parallel_size) belongs in tier 1, before CPU offload,
-# once the trainer supports it: a suggester that doubles it until the plan fits.
+# suggested. Ulysses sequence parallelism (ulysses_sequence_parallel_size) is tier 1, before CPU offload: the
+# smallest size that divides the GPUs and the heads and fits.
 TIERS = {
     0: "the same training",
     1: "the same training, slower",
@@ -874,8 +920,9 @@ class Suggestions:
     """Plans changes of a configuration that does not fit (plan_config's result `base`), at most
     MAX_SUGGESTION_PLANS plans; `entries` holds the changes that fit, in the order SUGGESTERS tried them."""
 
-    def __init__(self, config, settings: PlanSettings, base: dict):
+    def __init__(self, config, settings: PlanSettings, base: dict, heads: int | None = None):
         self.config, self.settings, self.base = config, settings, base
+        self.heads = heads  # the model's attention heads (sequence parallelism must divide them)
         self.plans = 0
         self.entries: list[dict] = []
         self.not_fitting: list[str] = []
@@ -990,6 +1037,23 @@ def suggest_gradient_checkpointing(s: Suggestions) -> None:
         s.try_change(Change(setting, 1, "one more forward per step (~30% more compute)", (setting,)))
 
 
+def suggest_sequence_parallel(s: Suggestions) -> None:
+    """Ulysses sequence parallelism: the smallest N above the current one that divides the GPUs and the attention
+    heads and whose plan fits (each row's activations split over N GPUs); packed and shared layouts only, and
+    nothing where the optimizer step alone overflows (sequence parallelism leaves the model states as they are)."""
+    if not s.config.use_remove_padding or s.base["phases"]["optimizer_step"]["peak_gib"] > s.base["usable_gib"]:
+        return
+    current, gpus, heads = sequence_parallel_size(s.config), s.settings.gpus, s.heads
+    for size in range(current + 1, gpus + 1):
+        if gpus % size or not heads or heads % size:
+            continue
+        setting = f"{sequence_parallel.KEY}={size}"
+        groups = f"{gpus // size} data-parallel group" + ("s" if gpus // size > 1 else "")
+        cost = f"each row split over {size} GPUs (all-to-alls in attention; {groups})"
+        if s.try_change(Change(setting, 1, cost, (setting,))):
+            return
+
+
 def suggest_cpu_offload(s: Suggestions) -> None:
     if not s.config.model.fsdp_config.cpu_offload:
         setting = "model.fsdp_config.cpu_offload=true"
@@ -1043,7 +1107,7 @@ SUGGESTERS = (
     suggest_token_budget,
     suggest_margin,
     suggest_gradient_checkpointing,
-    # sequence parallelism (ulysses_sequence_parallel_size) goes here once the trainer supports it
+    suggest_sequence_parallel,
     suggest_cpu_offload,
     suggest_max_length,
     suggest_lora,
@@ -1051,11 +1115,11 @@ SUGGESTERS = (
 )
 
 
-def suggest_changes(config, settings: PlanSettings, base: dict) -> dict:
+def suggest_changes(config, settings: PlanSettings, base: dict, heads: int | None = None) -> dict:
     """What would fit a configuration that does not (plan_config's result `base`): {"suggestions": the changes
     that fit, cheapest first (TIERS), each planned; "suggestions_method": how many plans, what did not fit}."""
     start = time.perf_counter()
-    suggestions = Suggestions(config, settings, base)
+    suggestions = Suggestions(config, settings, base, heads)
     for suggester in SUGGESTERS:
         suggester(suggestions)
     method = f"{suggestions.plans} plans of single changes in {time.perf_counter() - start:.0f} s"
@@ -1119,12 +1183,19 @@ def format_report(result: dict) -> str:
     )
     peak = max(phase["peak_gib"] for phase in r["phases"].values())
     budget = r["max_tokens_per_micro_batch"]
+    sp_size = r.get("sequence_parallel_size", 1)
+    split = (
+        f"; sequence parallelism {sp_size} (each row over {sp_size} GPUs, {r['tokens_per_gpu']:,} tokens each)"
+        if sp_size > 1
+        else ""
+    )
+    per_group = f" per sequence-parallel group of {sp_size} GPUs (a row)" if sp_size > 1 else ""
     lines = [
         f"bt-rm plan: {r['model']} as {r['model_class']}",
         f"  {r['layers']} layers, {count(r['parameters'])} parameters ({count(r['trainable_parameters'])} trained); "
         f"FSDP2 over {r['gpus']} ranks ({r['device']}); compute {r['compute_dtype'].removeprefix('torch.')}, "
         f"master weights and optimizer state {r['master_dtype']}; gradient checkpointing "
-        f"{'on' if r['gradient_checkpointing'] else 'off'}; layout {r['layout']}",
+        f"{'on' if r['gradient_checkpointing'] else 'off'}; layout {r['layout']}{split}",
         f"  micro-batch: {r['tokens']:,} tokens as {r['conversations']} conversations (data.max_length caps one); "
         f"simulated on fake tensors in {r.get('wall_s', '?')} s",
         *(f"  note: {note}" for note in r["notes"]),
@@ -1135,14 +1206,17 @@ def format_report(result: dict) -> str:
         f"{r['margin']:.0%}: {size(r['usable_gib'])} -> {'FITS' if r['fits'] else 'DOES NOT FIT'}",
         f"model states {size(r['model_states_bytes'] / GIB)}, activations "
         f"{size(r['phases']['forward_backward']['parts'].get('activations', 0.0))} per {per}",
-        f"largest token budget that fits: {'none' if budget is None else f'{budget:,}'} ({r['max_tokens_method']})",
+        f"largest token budget that fits: {'none' if budget is None else f'{budget:,}'}{per_group} "
+        f"({r['max_tokens_method']})",
     ]
     if budget is not None and budget < r["lone_pair_tokens"]:
         lines.append(
             f"  a lone pair of 2 x data.max_length = {r['lone_pair_tokens']:,} tokens exceeds it: lower data.max_length"
+            + (" or split rows over more GPUs (ulysses_sequence_parallel_size)" if r["layout"] != "padded" else "")
         )
     recompute = " + checkpoint recompute" if r["gradient_checkpointing"] else ""
-    lines.append(f"compute: {r['step_flops'] / 1e12:,.4g} TFLOP per micro-batch (forward + backward{recompute})")
+    share = f"; each GPU's 1/{sp_size} of the row" if sp_size > 1 else ""
+    lines.append(f"compute: {r['step_flops'] / 1e12:,.4g} TFLOP per micro-batch (forward + backward{recompute}{share})")
     if r["predicted_tokens_per_s"] is not None:
         lines[-1] += (
             f"; at {r['mfu_assumption']:.0%} MFU of {r['peak_tflops']:g} TFLOP/s: {r['predicted_tokens_per_s']:,} tokens/s "

@@ -298,11 +298,12 @@ def test_what_would_fit_is_planned_cheapest_first_and_each_change_fits(shallow):
     suggestions = {s["change"]: s for s in result["suggestions"]}
     assert list(suggestions) == [
         "trainer.gpu_memory_margin=0.07",  # the largest whole percent kept free at which the peak fits
+        "ulysses_sequence_parallel_size=2",  # the smallest size dividing the 2 GPUs and the 4 heads
         "model.fsdp_config.cpu_offload=true",
         "data.max_length=768",  # the longest multiple of 256 whose lone pair fits the largest budget (< 2,048)
         "8 GPUs (one node)",  # 4 do not fit (the activations stay)
     ]
-    assert [s["tier"] for s in suggestions.values()] == [0, 1, 2, 3]
+    assert [s["tier"] for s in suggestions.values()] == [0, 1, 1, 2, 3]
     # LoRA of rank 64 on a 64-wide model saves nothing: planned, not suggested
     assert (
         "did not fit: model.lora_rank=64" in result["suggestions_method"] and "4 GPUs" in result["suggestions_method"]
@@ -459,3 +460,130 @@ def test_auto_budget_refuses_in_one_line_what_cannot_fit_one_pair(shallow, monke
     monkeypatch.setattr(plan, "DEFAULT_GPU_MEMORY_GIB", 80.0)
     budget = plan.auto_token_budget(config, world_size=2)
     assert budget.tokens >= 128 and "2 GPUs of 80 GiB, 10% kept free" in budget.source
+
+
+# ----------------------------------------------------------------------------- sequence parallelism
+
+ATTENTION_HEAVY = {  # attention's tensors dominate (64-wide hidden, 512-wide queries); 1 kv head: repeated for N=2
+    "hidden_size": 32,
+    "intermediate_size": 32,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "vocab_size": 256,
+}
+
+
+@pytest.fixture(scope="module")
+def attention_heavy(tmp_path_factory):
+    from transformers import Qwen3Config
+
+    folder = tmp_path_factory.mktemp("qwen3-attention-heavy")
+    Qwen3Config(**ATTENTION_HEAVY, num_hidden_layers=2, tie_word_embeddings=False).save_pretrained(folder)
+    return folder
+
+
+def forward_backward_parts(result) -> dict:
+    return result["phases"]["forward_backward"]["parts"]
+
+
+def test_sequence_parallel_rank_holds_its_share_of_the_row_and_the_all_to_all_buffers(attention_heavy):
+    """N=2 at a row of T tokens: each rank is N=1 at T/2 tokens plus the four all-to-all outputs of attention (the
+    gathered query, key, value and the output: the whole row with 1/N of the heads, the kv head repeated to N),
+    written out by hand; the activations of the row are about halved; the table and the JSON say N."""
+    row, size = 4096, 2
+    base = ("data.max_length=2048",)
+    one = planned(attention_heavy, *base, tokens=row, search=False)
+    half = planned(attention_heavy, *base, tokens=row // size, search=False)
+    split = planned(attention_heavy, *base, f"ulysses_sequence_parallel_size={size}", tokens=row, search=False)
+    heads, kv_heads, head_dim = (ATTENTION_HEAVY[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+    repeated_kv = max(kv_heads, size)  # btrm.sequence_parallel repeats kv heads until N divides them
+    all_to_all = row * head_dim * 4 * (2 * heads + 2 * repeated_kv) // size  # fp32 q, out; k, v (bytes)
+    added = (
+        split["phases"]["forward_backward"]["peak_gib"] - half["phases"]["forward_backward"]["peak_gib"]
+    ) * plan.GIB
+    assert added == pytest.approx(all_to_all, rel=0.05)
+    activations = {name: forward_backward_parts(r)["activations"] for name, r in (("one", one), ("split", split))}
+    assert activations["split"] < 0.65 * activations["one"]  # the half, and the all-to-all outputs kept for backward
+    assert (split["sequence_parallel_size"], split["tokens"], split["tokens_per_gpu"]) == (2, row, row // 2)
+    assert one["sequence_parallel_size"] == 1
+    report = plan.format_report(split)
+    assert "sequence parallelism 2 (each row over 2 GPUs, 2,048 tokens each)" in report
+    assert "ulysses_sequence_parallel_size=2: each row of 4,096 tokens split over 2 GPUs" in report
+
+
+def test_sequence_parallelism_needs_heads_it_divides(shallow):
+    from btrm.schema import PreflightError
+
+    with pytest.raises(PreflightError, match="does not divide the model's 4 attention heads"):
+        planned(shallow, "ulysses_sequence_parallel_size=8", gpus=8, search=False)
+
+
+def test_auto_budget_with_sequence_parallelism_is_a_groups_row(attention_heavy, monkeypatch):
+    """data.max_tokens_per_micro_batch=auto with N=2 (bt_trainer and the launcher): the budget of a group's row,
+    about twice one GPU's alone where activations fill the memory, and a row of it fits."""
+    base = overrides(attention_heavy, "data.max_length=2048")
+    one_gpu = planned(attention_heavy, "data.max_length=2048", tokens=8192, margin=0.0, device="cuda", search=False)
+    memory = one_gpu["peak_gib"]
+    monkeypatch.setattr(plan, "DEFAULT_GPU_MEMORY_GIB", memory / 0.9)  # 8,192 tokens fit one GPU with 10% free
+    budgets = {
+        size: plan.auto_token_budget(compose_config([*base, f"ulysses_sequence_parallel_size={size}"]), world_size=2)
+        for size in (1, 2)
+    }
+    assert 8192 <= budgets[1].tokens < 8192 * 1.1
+    assert budgets[2].tokens > 1.7 * budgets[1].tokens
+    assert "per row of a sequence-parallel group of 2 GPUs" in budgets[2].source
+    again = planned(
+        attention_heavy,
+        "data.max_length=2048",
+        "ulysses_sequence_parallel_size=2",
+        tokens=budgets[2].tokens,
+        gpu_memory_gib=memory / 0.9,
+        device="cuda",
+        search=False,
+    )
+    assert again["fits"] is True
+
+
+def qwen3_32b(folder):
+    from transformers import Qwen3Config
+
+    dims = {"hidden_size": 5120, "intermediate_size": 25600, "num_attention_heads": 64, "num_key_value_heads": 8}
+    Qwen3Config(**dims, head_dim=128, vocab_size=151936, num_hidden_layers=64).save_pretrained(folder)
+    return folder
+
+
+def test_qwen3_32b_at_16k_with_sequence_parallelism_8_holds_a_quarter_of_the_activations(tmp_path):
+    """Issue 30's acceptance (the plan's half): Qwen3-32B-shaped, 8 x 80 GB, data.max_length=16384."""
+    base = [f"model.partial_pretrain={qwen3_32b(tmp_path)}", "data.max_length=16384"]
+    one, eight = (
+        plan.plan_from_overrides(
+            [*base, f"ulysses_sequence_parallel_size={n}"], gpus=8, gpu_memory_gib=80, device="cuda", search=False
+        )
+        for n in (1, 8)
+    )
+    assert one["tokens"] == eight["tokens"] == 32768 and eight["tokens_per_gpu"] == 4096
+    assert forward_backward_parts(eight)["activations"] <= forward_backward_parts(one)["activations"] / 4
+    assert one["fits"] is False and eight["fits"] is True
+    # the same work per token, split over 8 GPUs: each GPU's tokens/s as without splitting
+    assert eight["predicted_tokens_per_s"] == one["predicted_tokens_per_s"]
+    assert eight["step_flops"] == pytest.approx(one["step_flops"] / 8)
+
+
+def test_sequence_parallelism_is_suggested_at_the_smallest_size_that_fits(tmp_path, monkeypatch):
+    order = [suggester.__name__ for suggester in plan.SUGGESTERS]  # tier 1, tried before CPU offload
+    assert order.index("suggest_sequence_parallel") == order.index("suggest_cpu_offload") - 1
+    base = [f"model.partial_pretrain={qwen3_32b(tmp_path)}", "data.max_length=16384"]
+    monkeypatch.setattr(plan, "SUGGESTERS", (plan.suggest_sequence_parallel,))
+    result = plan.plan_from_overrides(base, gpus=8, gpu_memory_gib=80, device="cuda", suggest=True)
+    assert result["fits"] is False
+    (suggestion,) = result["suggestions"]
+    size = int(suggestion["overrides"][0].removeprefix("ulysses_sequence_parallel_size="))
+    assert suggestion["tier"] == 1 and size in (2, 4, 8)
+    smaller = [n for n in (2, 4) if n < size]
+    assert all(f"ulysses_sequence_parallel_size={n} (peak" in result["suggestions_method"] for n in smaller)
+    assert suggestion["max_tokens_per_micro_batch"] >= 32768  # a group's row holds a lone pair
+    again = plan.plan_from_overrides(
+        [*base, *suggestion["overrides"]], gpus=8, gpu_memory_gib=80, device="cuda", search=False
+    )
+    assert again["fits"] is True and again["peak_gib"] == suggestion["peak_gib"]
