@@ -5,14 +5,7 @@
     python plot_curves.py METRICS.jsonl --output curves.png --smoothing 0.6
     python plot_curves.py METRICS.jsonl --group-columns domain task_type   # which val/accuracy_<label> are groups
 
-The file holds one JSON object a line, `{"step": N, "data": {"train/loss": ..., ...}}`: the
-trainer's history file (trainer.history_file) or verl's "file" logger output. Values that are null
-or not finite (a diverged step) are skipped.
-
-Each panel shows the per-step train values faintly, their smoothed line on top (an exponential
-moving average, debiased as TensorBoard does: see ema_smooth), validation points, and, when the
-validation data has preference strengths, one dashed line per |preference_strength|
-(val/accuracy_s1, val/loss_s1, ...).
+What the figure shows, and the file it reads: btrm/curves.py, which draws it.
 
 When the validation data has group columns (trainer.yaml data.group_columns, e.g. domain, language,
 subset), a second row holds one panel per column that has metrics, in group_columns order: the
