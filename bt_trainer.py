@@ -163,17 +163,6 @@ class BTRewardTrainer(FSDPSFTTrainer):
         # verl's __init__ ends by copying config.trainer.device verbatim: "auto" must stay resolved.
         self._device = resolve_device(setting)
 
-    @property
-    def token_budget(self) -> batching.TokenBudget:
-        """data.max_tokens_per_micro_batch resolved (auto: by device / memory plan); the step's once it exists."""
-        return self.step.token_budget if hasattr(self, "step") else self._token_budget
-
-    @token_budget.setter
-    def token_budget(self, budget: batching.TokenBudget) -> None:  # bench/gpu_check.py sets it between steps
-        self._token_budget = budget
-        if hasattr(self, "step"):
-            self.step.token_budget = budget
-
     def last_step(self) -> int:
         """The step this run stops after: the schedule's end, or trainer.total_training_steps if sooner."""
         stop_early = self.settings.trainer.total_training_steps
@@ -239,7 +228,7 @@ class BTRewardTrainer(FSDPSFTTrainer):
             model_settings=settings.model,
             loss=settings.loss,
             layout=self.layout,
-            token_budget=self._token_budget,
+            token_budget=self.token_budget,
             pad_token_id=self.tokenizer.pad_token_id,
             device=self.device_name,
             param_dtype=resolve_param_dtype(settings.model.mixed_precision, self.device_name),

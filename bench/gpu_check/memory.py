@@ -80,11 +80,10 @@ def part_memory(ctx: Context) -> dict:
     pool = bench.helpsteer2_like_pairs(max(budgets) // 600 + 8, dims["vocab_size"], sizes["max_length"], seed=1)
 
     def step(tokens: int) -> dict:
-        # one micro-batch of exactly `tokens` computed tokens; the trainer reads its budget from token_budget
-        # (resolved at start-up) where it has one, else from the config
+        # one micro-batch of exactly `tokens` computed tokens: the trainer's step plans with its own budget
+        # (resolved at start-up from the config)
         config.data.max_tokens_per_micro_batch = tokens
-        if hasattr(trainer, "token_budget"):
-            trainer.token_budget = type(trainer.token_budget)(tokens, "bench.gpu_check")
+        trainer.step.token_budget = type(trainer.step.token_budget)(tokens, "bench.gpu_check")
         pairs = one_full_micro_batch(pool, tokens, layout)
         entry: dict = {"tokens": sum(p.computed_tokens(layout) for p in pairs), "pairs": len(pairs)}
         if cuda:
