@@ -14,6 +14,7 @@ The mechanisms (signal handlers, heartbeats, the classification rules) are btrm.
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ class FaultGuard:
         self.doing = "starting"  # what the ranks are doing, for a collective that fails
         self.stop_signals = faults.StopSignals([])  # the signals this rank received (installed while watching)
         self.stop_agreed = False  # some rank received one: the step's metrics all-reduce says so
+        self.stopped_by: signal.Signals | None = None  # this rank's own signal when the ranks agreed to stop
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[FaultGuard]:
@@ -57,6 +59,9 @@ class FaultGuard:
     def count_votes(self, votes: float) -> None:
         """The all-reduced votes: any rank's signal stops every rank at this step boundary."""
         self.stop_agreed = votes > 0
+        # Who stopped the run, as known when the ranks agreed: the launcher relays the stop to every rank
+        # during the save, and that relayed signal must not be reported as the one that stopped it.
+        self.stopped_by = self.stop_signals.received
 
     def stop_decided(self, step: int, last_step: int) -> bool:
         """Stop now on a signal (at the last step the run ends anyway)."""
@@ -68,8 +73,7 @@ class FaultGuard:
 
     def stopped(self, step: int, last_step: int, saved: str) -> faults.Stopped:
         """The one line a stopped run ends with: who stopped it, what was saved, how to resume."""
-        received = self.stop_signals.received
-        by = received.name if received is not None else "a signal another rank received"
+        by = self.stopped_by.name if self.stopped_by is not None else "a signal another rank received"
         return faults.Stopped(
             f"stopped by {by} after step {step} of {last_step}: {saved}. To resume, run the same command again "
             "(trainer.resume_mode=auto continues from the tracked checkpoint), or add trainer.resume_from_path=<checkpoint>"

@@ -37,8 +37,20 @@ def test_stop_signals_are_watched_only_inside_the_block(section):
     with guard.watching():
         signal.raise_signal(signal.SIGUSR1)
         assert guard.stop_vote() == 1.0
+        guard.count_votes(1.0)
     assert signal.getsignal(signal.SIGUSR1) is before
     assert guard.stopped(4, 9, "saved").line.startswith("stopped by SIGUSR1 after step 4 of 9")
+
+
+def test_the_stop_relayed_to_a_rank_during_the_save_is_not_named_as_what_stopped_the_run(section):
+    """Rank 1 received the signal; the launcher relays it to every rank once they agreed, so rank 0 receives
+    it during the save. Its line still says another rank's signal stopped the run."""
+    guard = FaultGuard(dataclasses.replace(section, stop_signals=("SIGUSR1",)), heartbeats=None, rank=0)
+    with guard.watching():
+        guard.count_votes(guard.stop_vote() + 1.0)  # rank 1's vote
+        signal.raise_signal(signal.SIGUSR1)  # the relay, while saving
+        line = guard.stopped(5, 12, "saved x/global_step_5").line
+    assert line.startswith("stopped by a signal another rank received after step 5 of 12: saved x/global_step_5.")
 
 
 def test_divergence_stops_at_the_configured_streak(section, tmp_path):
