@@ -253,7 +253,7 @@ def test_a_hung_peer_times_out_with_one_line_naming_the_step_and_the_silent_rank
         *INJECTION,
         "trainer.collective_timeout_s=5",
         name=name,
-        extra_env={"BTRM_TEST_HANG_FLAG": str(flag), "BTRM_TEST_HANG_RANK": "1", "SHUTDOWN_TIMEOUT": "3"},
+        extra_env={"BTRM_TEST_HANG_FLAG": str(flag), "BTRM_TEST_HANG_RANK": "1"},
     )
     wait_for_step(process, tmp_path, name, 2)
     hung_at = max(logged_steps(tmp_path, name)) + 1
