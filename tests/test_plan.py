@@ -570,20 +570,24 @@ def test_qwen3_32b_at_16k_with_sequence_parallelism_8_holds_a_quarter_of_the_act
     assert eight["step_flops"] == pytest.approx(one["step_flops"] / 8)
 
 
-def test_sequence_parallelism_is_suggested_at_the_smallest_size_that_fits(tmp_path, monkeypatch):
+def test_sequence_parallelism_is_suggested_at_the_smallest_size_that_fits(shallow, monkeypatch):
+    """8 GPUs, 4 heads: sizes 2 and 4 divide both. The memory lies between their peaks: 2 is planned and does
+    not fit, 4 is suggested, and planned again from its overrides it fits with the same peak."""
     order = [suggester.__name__ for suggester in plan.SUGGESTERS]  # tier 1, tried before CPU offload
     assert order.index("suggest_sequence_parallel") == order.index("suggest_cpu_offload") - 1
-    base = [f"model.partial_pretrain={qwen3_32b(tmp_path)}", "data.max_length=16384"]
+    base = ("data.max_length=1024",)  # a lone pair: 2,048 tokens
+    peaks = {
+        n: planned(shallow, *base, f"ulysses_sequence_parallel_size={n}", gpus=8, margin=0.0, search=False)["peak_gib"]
+        for n in (2, 4)
+    }
+    assert peaks[4] < peaks[2]
+    memory = (peaks[2] + peaks[4]) / 2 / 0.9  # trainer.yaml keeps 10% free
     monkeypatch.setattr(plan, "SUGGESTERS", (plan.suggest_sequence_parallel,))
-    result = plan.plan_from_overrides(base, gpus=8, gpu_memory_gib=80, device="cuda", suggest=True)
+    result = planned(shallow, *base, gpus=8, gpu_memory_gib=memory, suggest=True)
     assert result["fits"] is False
     (suggestion,) = result["suggestions"]
-    size = int(suggestion["overrides"][0].removeprefix("ulysses_sequence_parallel_size="))
-    assert suggestion["tier"] == 1 and size in (2, 4, 8)
-    smaller = [n for n in (2, 4) if n < size]
-    assert all(f"ulysses_sequence_parallel_size={n} (peak" in result["suggestions_method"] for n in smaller)
-    assert suggestion["max_tokens_per_micro_batch"] >= 32768  # a group's row holds a lone pair
-    again = plan.plan_from_overrides(
-        [*base, *suggestion["overrides"]], gpus=8, gpu_memory_gib=80, device="cuda", search=False
-    )
+    assert suggestion["tier"] == 1 and suggestion["overrides"] == ["ulysses_sequence_parallel_size=4"]
+    assert "ulysses_sequence_parallel_size=2 (peak" in result["suggestions_method"]
+    assert suggestion["max_tokens_per_micro_batch"] >= 2048  # a group's row holds a lone pair
+    again = replanned(shallow, base, suggestion, memory)
     assert again["fits"] is True and again["peak_gib"] == suggestion["peak_gib"]
