@@ -322,6 +322,35 @@ def tracker_parts(snapshot) -> Parts:
     return parts
 
 
+@dataclass(frozen=True)
+class SimulationFacts:
+    """What a Simulation's model is, without the model."""
+
+    parameters: int
+    trainable_parameters: int
+    embedding_parameters: int
+    layer_bytes: int
+    layout: str
+    lora_settings: object
+    class_name: str
+    layers: int
+
+
+# Measurements of fake runs for the life of the process: a plan's suggestions, and a suggestion planned again
+# from its plan_command, simulate the same model again. Keyed by all a Simulation is built from (simulation_key).
+MEASURED: dict[tuple, object] = {}
+
+
+def simulation_key(config, hf_config, gpus: int, device: str, layers: int) -> tuple:
+    """Everything a Simulation and its runs depend on: the whole config (but trainer.gpu_memory_margin, which
+    only sets the usable memory), the model's config, the fake world and the depth."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(config, resolve=False)
+    container.get("trainer", {}).pop("gpu_memory_margin", None)
+    return json.dumps(container, sort_keys=True, default=str), hf_config.to_json_string(), gpus, device, layers
+
+
 class Simulation:
     """The trainer's model with `layers` decoder layers on fake tensors, sharded over the fake world, with its
     optimizer and optimizer state (as in every step after the first)."""
@@ -357,6 +386,11 @@ class Simulation:
         with self.fake_mode:
             model.to_empty(device="cpu")
             self.optimizer = self.optimizer_with_state(config, device)
+
+    def facts(self) -> SimulationFacts:
+        return SimulationFacts(
+            **{field.name: getattr(self, field.name) for field in dataclasses.fields(SimulationFacts)}
+        )
 
     def optimizer_with_state(self, config, device: str) -> torch.optim.Optimizer:
         """The trainer's optimizer (verl's build_optimizer on the trainable parameters), its state created by one
@@ -455,17 +489,31 @@ class Planner:
     """Simulations at SIMULATED_LAYERS depths and every measurement scaled to the real depth, GPU corrections added."""
 
     def __init__(self, config, hf_config, settings: PlanSettings, world: FakeWorld):
-        self.config, self.settings = config, settings
+        self.config, self.settings, self.hf_config, self.world = config, settings, hf_config, world
         self.layers = int(hf_config.num_hidden_layers)
         depths = (self.layers,) if self.layers <= max(SIMULATED_LAYERS) else SIMULATED_LAYERS
-        self.simulations = {d: Simulation(config, hf_config, world, d, settings.device) for d in depths}
+        self.keys = {d: simulation_key(config, hf_config, settings.gpus, settings.device, d) for d in depths}
+        self.built: dict[int, Simulation] = {}  # built when a measurement is not in MEASURED
+        self.simulations = {d: self.measured(d, ("facts",), lambda d=d: self.simulation(d).facts()) for d in depths}
         self._optimizer_phase: tuple[Parts, Parts] | None = None
+
+    def simulation(self, depth: int) -> Simulation:
+        if depth not in self.built:
+            self.built[depth] = Simulation(self.config, self.hf_config, self.world, depth, self.settings.device)
+        return self.built[depth]
+
+    def measured(self, depth: int, what: tuple, measure):
+        """MEASURED's copy of `what` at `depth`, measured first where it is not there."""
+        key = (self.keys[depth], *what)
+        if key not in MEASURED:
+            MEASURED[key] = measure()
+        return copy.deepcopy(MEASURED[key])
 
     def scaled(self, attribute: str) -> float:
         return extrapolate({d: getattr(s, attribute) for d, s in self.simulations.items()}, self.layers)
 
     @property
-    def first(self) -> Simulation:
+    def first(self) -> SimulationFacts:
         return next(iter(self.simulations.values()))
 
     def forward_backward(self, tokens: int) -> Parts:
@@ -476,7 +524,12 @@ class Planner:
         so each snapshot of each FSDP module is scaled to the real depth (the first and the last decoder layer
         standing for the two ends of the stack) and the largest taken."""
         lengths = simulated_lengths(tokens, self.config.data.max_length)
-        measured = {d: s.forward_backward(lengths) for d, s in self.simulations.items()}
+        measured = {
+            d: self.measured(
+                d, ("forward_backward", *lengths), lambda d=d: self.simulation(d).forward_backward(lengths)
+            )
+            for d in self.simulations
+        }
         if self.layers in measured:
             return measured[self.layers]["peak"]
         common = set.intersection(*(set(m) - {"peak"} for m in measured.values()))
@@ -495,7 +548,11 @@ class Planner:
     def optimizer_step(self) -> tuple[Parts, Parts]:
         """(peak parts, resident parts after the step), measured once: they do not depend on the tokens."""
         if self._optimizer_phase is None:
-            steps = {d: s.optimizer_step() for d, s in self.simulations.items()}
+            # a simulation built anew (its forward/backward remembered) has its gradients from optimizer_with_state
+            steps = {
+                d: self.measured(d, ("optimizer_step",), lambda d=d: self.simulation(d).optimizer_step())
+                for d in self.simulations
+            }
             self._optimizer_phase = (
                 extrapolate({d: peak for d, (peak, _) in steps.items()}, self.layers),
                 extrapolate({d: after for d, (_, after) in steps.items()}, self.layers),

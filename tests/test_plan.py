@@ -109,6 +109,30 @@ def test_full_fine_tune_states_equal_the_hand_formula(shallow):
     assert result["layers_simulated"] == [2] and result["device"] == "cpu" and result["lora"] is False
 
 
+def test_a_plan_from_remembered_measurements_equals_the_plan_measured_afresh(shallow, monkeypatch):
+    """plan.MEASURED keeps the fake runs of a process: planning the same config again (and with another
+    trainer.gpu_memory_margin) simulates nothing and answers as a fresh plan does; another config is measured;
+    an optimizer step measured on a simulation built anew (its forward/backward remembered) is the same."""
+    base = ("data.max_length=512",)
+    monkeypatch.setattr(plan, "MEASURED", {})
+    fresh = planned(shallow, *base, gpu_memory_gib=1.0, search=False)
+    remembered = dict(plan.MEASURED)
+    with monkeypatch.context() as nothing_built:
+        nothing_built.setattr(plan, "Simulation", None)  # every measurement must come from MEASURED
+        again = planned(shallow, *base, "trainer.gpu_memory_margin=0.2", gpu_memory_gib=1.0, search=False)
+    without = ("wall_s", "margin", "usable_gib", "fits")
+    assert {k: v for k, v in again.items() if k not in without} == {k: v for k, v in fresh.items() if k not in without}
+    assert again["margin"] == 0.2
+    # another config, the same micro-batch: measured, not taken from what is remembered
+    kept = planned(shallow, *base, "model.enable_gradient_checkpointing=false", gpu_memory_gib=1.0, search=False)
+    assert kept["tokens"] == fresh["tokens"] and kept["activations_gib"] > fresh["activations_gib"]
+    monkeypatch.setattr(
+        plan, "MEASURED", {key: value for key, value in remembered.items() if key[-1] != "optimizer_step"}
+    )
+    stepped = planned(shallow, *base, gpu_memory_gib=1.0, search=False)
+    assert {k: v for k, v in stepped.items() if k != "wall_s"} == {k: v for k, v in fresh.items() if k != "wall_s"}
+
+
 def peaks_by_tokens(model_dir, tokens: tuple[int, ...]) -> dict[int, dict[str, float]]:
     """The planner's forward/backward and optimizer-step peaks (bytes) of micro-batches of `tokens` tokens."""
     config = compose_config(overrides(model_dir))
