@@ -86,7 +86,6 @@ class BTRewardTrainer(FSDPSFTTrainer):
     device_mesh: DeviceMesh
     train_dataset: PreferenceDataset
     val_dataset: PreferenceDataset
-    use_remove_padding: bool  # set by verl's __init__ from config.use_remove_padding
     sequence_parallel: SequenceParallel  # this rank's sequence-parallel group and data-parallel group
     pairs_per_rank: int
     train_sampler: DistributedSampler
@@ -126,10 +125,12 @@ class BTRewardTrainer(FSDPSFTTrainer):
 
     def _print_startup_summary(self) -> None:
         facts = reporting.gather_startup_facts(
-            self.config,
             self.built,
             self.train_dataset,
             self.val_dataset,
+            data=self.settings.data,
+            model=self.settings.model,
+            trainer=self.settings.trainer,
             device=self.device_name,
             world_size=self.device_mesh.size(),
             token_budget=self.token_budget,
@@ -211,11 +212,13 @@ class BTRewardTrainer(FSDPSFTTrainer):
     def _build_model_optimizer(self):
         settings, sp = self.settings, self.sequence_parallel
         self.built = built = modeling.build_model(
-            self.config,
+            settings.model,
+            settings.optim,
             self.device_mesh,
             self.device_name,
+            layout=batching.layout_for(settings.use_remove_padding, settings.data.share_prompt),
+            seed=settings.trainer.seed,
             pad_token_id=self.tokenizer.pad_token_id,
-            use_remove_padding=self.use_remove_padding,
             total_steps=self.total_steps,
         )
         self.model, self.fsdp_model, self.model_config = built.model, built.fsdp_model, built.model_config
@@ -310,7 +313,12 @@ class BTRewardTrainer(FSDPSFTTrainer):
                     "(nothing to train; use another trainer.experiment_name for a new run)"
                 )
             return None
-        metrics_log = reporting.MetricsLog(self.config, resumed_step=self.state.step, writes=rank == 0)
+        metrics_log = reporting.MetricsLog(
+            self.settings.trainer,
+            run_config=OmegaConf.to_container(self.config, resolve=True),
+            resumed_step=self.state.step,
+            writes=rank == 0,
+        )
         progress = tqdm(
             total=last_step,
             initial=self.state.step,
@@ -331,7 +339,9 @@ class BTRewardTrainer(FSDPSFTTrainer):
             progress.close()
             metrics_log.close()
         if rank == 0:
-            reporting.print_final_report(self.config, self.state.step, self.last_val_metrics)
+            reporting.print_final_report(
+                self.settings.trainer, self.settings.data, self.state.step, self.last_val_metrics
+            )
         return self.last_val_metrics
 
     def _train(self, last_step: int, metrics_log: reporting.MetricsLog, progress: tqdm) -> None:

@@ -117,6 +117,7 @@ def measure(spec: dict) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from btrm import batching, modeling, plan
+    from btrm.config import RunConfig
     from btrm.schema import compose_config
 
     torch.set_num_threads(2)
@@ -127,8 +128,16 @@ def measure(spec: dict) -> dict:
     generator = torch.Generator().manual_seed(0)
     sequences = [torch.randint(1, 1000, (n,), generator=generator).tolist() for n in lengths]
     baseline = memory_kib()
+    settings = RunConfig.from_config(config)
     built = modeling.build_model(
-        config, mesh, "cpu", pad_token_id=0, use_remove_padding=config.use_remove_padding, total_steps=10
+        settings.model,
+        settings.optim,
+        mesh,
+        "cpu",
+        layout=batching.layout_for(settings.use_remove_padding, settings.data.share_prompt),
+        seed=settings.trainer.seed,
+        pad_token_id=0,
+        total_steps=10,
     )
     built.fsdp_model.train()  # as the trainer's training_step: from_pretrained leaves eval mode (no checkpointing)
     layout = built.layout

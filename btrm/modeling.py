@@ -6,20 +6,21 @@ on a causal LM; the score bias is zeroed and frozen so every consumer's loader s
 LoRA, gradient checkpointing, FSDP2 (or FSDP1 on GPU) wrapping, optimizer and LR schedule. Its steps
 (`value_head_config`, `adapt_model`, `fsdp2_kwargs`; `value_head_model_from_config` in place of loading the
 weights) are also what btrm.plan builds on fake tensors, so a plan measures the model the trainer trains.
+They read the typed sections of btrm.config (`model`, `optim`); verl's builders get what they read.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import datetime
 import os
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
 from torch.distributed.device_mesh import DeviceMesh
 from verl.utils.torch_functional import (
     get_constant_schedule_with_warmup,
@@ -30,6 +31,9 @@ from verl.workers.config.optimizer import build_optimizer
 
 from btrm import attention, batching, lora
 from btrm.noise import quiet_transformers
+
+if TYPE_CHECKING:
+    from btrm.config import ModelSection, OptimSection
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -138,17 +142,16 @@ def value_head_model_from_config(
     return finish_value_head(model)
 
 
-def optimizer_settings(optim_config: DictConfig) -> DictConfig:
-    """optim.* as verl's build_optimizer reads it: optim.fused becomes the optimizer's `fused=` argument, under the
-    user's optim.override_optimizer_config (which wins)."""
-    settings = copy.deepcopy(optim_config)
-    extra = optim_config.override_optimizer_config
-    override = {} if extra is None else OmegaConf.to_container(extra, resolve=True)
-    settings.override_optimizer_config = ({"fused": True} if optim_config.fused else {}) | override or None
-    return settings
+def optimizer_settings(optim: OptimSection) -> OptimSection:
+    """optim.* as verl's build_optimizer reads it (attributes): optim.fused becomes the optimizer's `fused=`
+    argument, under the user's optim.override_optimizer_config (which wins)."""
+    override = dict(optim.override_optimizer_config or {})
+    return dataclasses.replace(
+        optim, override_optimizer_config=({"fused": True} if optim.fused else {}) | override or None
+    )
 
 
-def build_lr_scheduler(optimizer, optim_config, total_steps: int):
+def build_lr_scheduler(optimizer, optim_config: OptimSection, total_steps: int):
     """optim.lr_scheduler (cosine, wsd or constant, as btrm.schema allows) with its warm-up."""
     warmup_steps = int(total_steps * optim_config.warmup_steps_ratio)
     name = optim_config.lr_scheduler
@@ -184,34 +187,34 @@ class BuiltModel:
 
 
 def build_model(
-    config: DictConfig,
+    model_config: ModelSection,
+    optim: OptimSection,
     device_mesh: DeviceMesh,
     device: str,
     *,
+    layout: str,
+    seed: int,
     pad_token_id: int,
-    use_remove_padding: bool,
     total_steps: int,
 ) -> BuiltModel:
-    """The value-head model, sharded, with its optimizer and schedule (the schedule spans `total_steps`)."""
-    model_config = config.model
-    seed_everything(config.trainer.seed)
+    """The value-head model in `layout` (batching.layout_for), sharded, with its optimizer and schedule (the
+    schedule spans `total_steps`); the weights it initialises are drawn after seeding with `seed`."""
+    seed_everything(seed)
     model = load_sharding_ready_model(model_config, device_mesh)
     model.config.pad_token_id = pad_token_id
     value_head_config, newly_initialized = model.config, model.newly_initialized
-    model, layout, lora_settings, class_name = adapt_model(model, config, use_remove_padding=use_remove_padding)
+    model, lora_settings, class_name = adapt_model(model, model_config, layout=layout)
     # Counted before sharding (every rank holds the whole model here); the frozen score bias is not trainable.
     parameter_count = sum(p.numel() for p in model.parameters())
     trainable_parameter_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fsdp_model = shard_model(model, model_config, device_mesh, device)
-    optimizer = build_optimizer(
-        [p for p in fsdp_model.parameters() if p.requires_grad], optimizer_settings(config.optim)
-    )
+    optimizer = build_optimizer([p for p in fsdp_model.parameters() if p.requires_grad], optimizer_settings(optim))
     return BuiltModel(
         model=model,
         fsdp_model=fsdp_model,
         model_config=value_head_config,
         optimizer=optimizer,
-        lr_scheduler=build_lr_scheduler(optimizer, config.optim, total_steps),
+        lr_scheduler=build_lr_scheduler(optimizer, optim, total_steps),
         layout=layout,
         lora_settings=lora_settings,
         class_name=class_name,
@@ -222,16 +225,17 @@ def build_model(
 
 
 def adapt_model(
-    model: torch.nn.Module, config: DictConfig, *, use_remove_padding: bool
-) -> tuple[torch.nn.Module, str, lora.LoraSettings | None, str]:
-    """Attention layout, LoRA and gradient checkpointing on the value-head model, before sharding.
+    model: torch.nn.Module, model_config: ModelSection, *, layout: str
+) -> tuple[torch.nn.Module, lora.LoraSettings | None, str]:
+    """The attention `layout` (batching.LAYOUTS), LoRA and gradient checkpointing on the value-head model, before
+    sharding.
 
-    Returns (the model, a peft model under LoRA; its layout; the LoRA settings or None; its class name).
+    Returns (the model, a peft model under LoRA; the LoRA settings or None; its class name).
     """
-    model_config = config.model
-    # Layout (batching.LAYOUTS): packed and shared rows are attended per segment (btrm.attention, no flash-attn
-    # needed); padded batches keep model.attn_implementation, also on a model switched to segments.
-    layout = batching.layout_for(use_remove_padding, config.data.share_prompt)
+    if layout not in batching.LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {batching.LAYOUTS}")
+    # Packed and shared rows are attended per segment (btrm.attention, no flash-attn needed); padded batches keep
+    # model.attn_implementation, also on a model switched to segments.
     if layout != "padded":
         attention.enable_segment_attention(model)
     class_name = type(model).__name__
@@ -247,10 +251,10 @@ def adapt_model(
         )
     if model_config.enable_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, layout, lora_settings, class_name
+    return model, lora_settings, class_name
 
 
-def load_sharding_ready_model(model_config: DictConfig, device_mesh: DeviceMesh) -> torch.nn.Module:
+def load_sharding_ready_model(model_config: ModelSection, device_mesh: DeviceMesh) -> torch.nn.Module:
     """The value-head model under verl's init context: weights on meta except on rank 0, unless embeddings are tied."""
     from transformers import AutoConfig
     from verl.utils.fs import copy_to_local
@@ -269,7 +273,7 @@ def load_sharding_ready_model(model_config: DictConfig, device_mesh: DeviceMesh)
         )
 
 
-def fsdp2_kwargs(model_config: DictConfig, device_mesh: DeviceMesh, device: str) -> dict:
+def fsdp2_kwargs(model_config: ModelSection, device_mesh: DeviceMesh, device: str) -> dict:
     """fully_shard's arguments for every module verl's apply_fsdp2 wraps: model.mixed_precision's compute dtype,
     fp32 gradient reduction, CPU offload per model.fsdp_config.cpu_offload, parameters resharded after forward."""
     from verl.utils.fsdp_utils import CPUOffloadPolicy, MixedPrecisionPolicy
@@ -287,8 +291,13 @@ def fsdp2_kwargs(model_config: DictConfig, device_mesh: DeviceMesh, device: str)
     }
 
 
+def verl_fsdp_config(fsdp_config) -> dict:
+    """model.fsdp_config as verl's apply_fsdp2 and get_fsdp_wrap_policy read it (a mapping: they call .get)."""
+    return dataclasses.asdict(fsdp_config)
+
+
 def shard_model(
-    model: torch.nn.Module, model_config: DictConfig, device_mesh: DeviceMesh, device: str
+    model: torch.nn.Module, model_config: ModelSection, device_mesh: DeviceMesh, device: str
 ) -> torch.nn.Module:
     """FSDP2 (in place; returns the same module) or FSDP1 (a wrapper), with model.mixed_precision's compute dtype."""
     from verl.utils.fsdp_utils import apply_fsdp2, fsdp2_load_full_state_dict, get_fsdp_wrap_policy, init_fn
@@ -297,7 +306,7 @@ def shard_model(
     if model_config.strategy == "fsdp2":
         fsdp_kwargs = fsdp2_kwargs(model_config, device_mesh, device)
         full_state = model.state_dict()
-        apply_fsdp2(model, fsdp_kwargs, fsdp_config)
+        apply_fsdp2(model, fsdp_kwargs, verl_fsdp_config(fsdp_config))
         fsdp2_load_full_state_dict(model, full_state, device_mesh, fsdp_kwargs["offload_policy"])
         return model
     param_dtype = resolve_param_dtype(model_config.mixed_precision, device)
@@ -311,7 +320,7 @@ def shard_model(
         cpu_offload=CPUOffload(offload_params=True) if fsdp_config.cpu_offload else None,
         param_init_fn=init_fn,
         use_orig_params=True,  # the frozen score bias shares a flat parameter with trainable weights
-        auto_wrap_policy=get_fsdp_wrap_policy(model, config=fsdp_config.wrap_policy),
+        auto_wrap_policy=get_fsdp_wrap_policy(model, config=verl_fsdp_config(fsdp_config)["wrap_policy"]),
         device_id=torch.cuda.current_device(),
         sharding_strategy=ShardingStrategy.FULL_SHARD,
         mixed_precision=MixedPrecision(param_dtype=param_dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32),

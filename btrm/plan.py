@@ -95,6 +95,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from btrm import attention, batching, modeling, sequence_parallel
+from btrm.config import OptimSection, RunConfig
 from btrm.plan_assumptions import DEFAULT_GPU_MEMORY_GIB, DEFAULT_GPUS
 from btrm.schema import REPO, PreflightError
 
@@ -230,17 +231,15 @@ def simulated_lengths(tokens: int, max_length: int) -> list[int]:
     return conversation_lengths(tokens, longest)
 
 
-def optimizer_config(config, device: str):
+def optimizer_config(optim: OptimSection, device: str) -> OptimSection:
     """optim.* as the trainer passes it to verl's build_optimizer. For device cuda, torch.optim's Adam/AdamW with
     no implementation chosen get foreach=True: torch's own choice for CUDA parameters, which on fake CPU tensors
     would fall to the per-parameter loop (no temporary the size of all parameters)."""
-    from omegaconf import OmegaConf
-
-    optim = modeling.optimizer_settings(config.optim)
-    override = dict(OmegaConf.to_container(optim, resolve=True)["override_optimizer_config"] or {})
+    optim = modeling.optimizer_settings(optim)
+    override = dict(optim.override_optimizer_config or {})
     chosen = "foreach" in override or "fused" in override
     if device == "cuda" and optim.optimizer_impl == "torch.optim" and "adam" in optim.optimizer.lower() and not chosen:
-        optim.override_optimizer_config = {**override, "foreach": True}
+        return dataclasses.replace(optim, override_optimizer_config={**override, "foreach": True})
     return optim
 
 
@@ -358,7 +357,8 @@ class Simulation:
     def __init__(self, config, hf_config, world: FakeWorld, layers: int, device: str):
         from verl.utils.fsdp_utils import apply_fsdp2
 
-        model_config = config.model
+        settings = RunConfig.from_config(config)
+        model_config = settings.model
         # Built and sharded on the meta device, then made fake: module.to(...) cannot swap fake parameters
         # (peft moves its adapters so), and meta needs no weight initialisation.
         with torch.device("meta"):
@@ -369,9 +369,8 @@ class Simulation:
                 trust_remote_code=model_config.trust_remote_code,
             )
             self.embedding_parameters = model.get_input_embeddings().weight.numel()
-            model, self.layout, self.lora_settings, self.class_name = modeling.adapt_model(
-                model, config, use_remove_padding=config.use_remove_padding
-            )
+            self.layout = batching.layout_for(settings.use_remove_padding, settings.data.share_prompt)
+            model, self.lora_settings, self.class_name = modeling.adapt_model(model, model_config, layout=self.layout)
         self.parameters = sum(p.numel() for p in model.parameters())
         self.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         compute_dtype = modeling.resolve_param_dtype(model_config.mixed_precision, device)
@@ -379,26 +378,26 @@ class Simulation:
         self.layer_bytes = sum(p.numel() for p in first_layer.parameters()) * compute_dtype.itemsize
         # offload is accounted by moving parts to host memory (Planner.on_gpu); the fake run keeps them in place
         fsdp_kwargs = {**modeling.fsdp2_kwargs(model_config, world.mesh, device), "offload_policy": None}
-        apply_fsdp2(model, fsdp_kwargs, model_config.fsdp_config)
+        apply_fsdp2(model, fsdp_kwargs, modeling.verl_fsdp_config(model_config.fsdp_config))
         self.model, self.fake_mode, self.layers = model, world.fake_mode, layers
         self.sequence_parallel = world.sequence_parallel
         model.train()  # as the trainer's training_step (gradient checkpointing only acts in training mode)
         with self.fake_mode:
             model.to_empty(device="cpu")
-            self.optimizer = self.optimizer_with_state(config, device)
+            self.optimizer = self.optimizer_with_state(settings.optim, device)
 
     def facts(self) -> SimulationFacts:
         return SimulationFacts(
             **{field.name: getattr(self, field.name) for field in dataclasses.fields(SimulationFacts)}
         )
 
-    def optimizer_with_state(self, config, device: str) -> torch.optim.Optimizer:
+    def optimizer_with_state(self, optim: OptimSection, device: str) -> torch.optim.Optimizer:
         """The trainer's optimizer (verl's build_optimizer on the trainable parameters), its state created by one
         step on zero gradients: the state every step after the first starts with."""
         from verl.workers.config.optimizer import build_optimizer
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(trainable, optimizer_config(config, device))
+        optimizer = build_optimizer(trainable, optimizer_config(optim, device))
         for parameter in trainable:
             parameter.grad = torch.zeros_like(parameter)
         optimizer.step()

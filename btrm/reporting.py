@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from verl.utils.tracking import Tracking
 
@@ -24,6 +23,7 @@ from btrm import atomic
 
 if TYPE_CHECKING:
     from btrm.batching import TokenBudget
+    from btrm.config import DataSection, ModelSection, TrainerSection
 
 # ----------------------------------------------------------------------------- start-up summary
 
@@ -131,11 +131,13 @@ def describe_groups(index) -> str:
 
 
 def gather_startup_facts(
-    config: DictConfig,
     built,
     train_dataset,
     val_dataset,
     *,
+    data: DataSection,
+    model: ModelSection,
+    trainer: TrainerSection,
     device: str,
     world_size: int,
     token_budget: TokenBudget,
@@ -145,13 +147,13 @@ def gather_startup_facts(
     resumed: str | None,
     val_groups=None,
 ) -> StartupFacts:
-    """The start-up facts of a run: its config, the model btrm.modeling.build_model built, the datasets and the schedule."""
+    """The start-up facts of a run: its config sections, the model btrm.modeling.build_model built, the datasets and
+    the schedule."""
     import torch.distributed as dist
 
     from btrm.batching import describe_micro_batches, smallest_pair_over_budget
     from btrm.modeling import DTYPES, resolve_param_dtype
 
-    data, model = config.data, config.model
     datasets = (train_dataset, val_dataset)
     mean_tokens, max_tokens = conversation_token_stats(d[i] for d in datasets for i in range(len(d)))
     alone = (
@@ -184,25 +186,24 @@ def gather_startup_facts(
         dropped_tokens=sum(d.dropped_tokens for d in datasets),
         truncation=data.truncation,
         steps_per_epoch=steps_per_epoch,
-        epochs=config.trainer.total_epochs,
+        epochs=trainer.total_epochs,
         total_steps=total_steps,
         last_step=last_step,
         train_batch_size=data.train_batch_size,
         micro_batch=micro_batch,
-        resume=f"resumed from {resumed}"
-        if resumed
-        else f"fresh start (trainer.resume_mode={config.trainer.resume_mode})",
-        output_dir=str(config.trainer.default_local_dir),
+        resume=f"resumed from {resumed}" if resumed else f"fresh start (trainer.resume_mode={trainer.resume_mode})",
+        output_dir=str(trainer.default_local_dir),
     )
 
 
-def print_final_report(config: DictConfig, step: int, val_metrics: dict[str, float]) -> None:
+def print_final_report(
+    trainer_config: TrainerSection, data: DataSection, step: int, val_metrics: dict[str, float]
+) -> None:
     """Rank 0's last lines: the final validation, where the model is, how to evaluate it, the curves."""
     from pathlib import Path
 
     from btrm.checkpoint import step_dir
 
-    trainer_config, data = config.trainer, config.data
     final = step_dir(trainer_config.default_local_dir, step)
     print("final validation: " + "  ".join(f"{k.removeprefix('val/')} {v:.4g}" for k, v in val_metrics.items()))
     print(f"final model: {final / 'huggingface'}")
@@ -272,10 +273,10 @@ class MetricsLog:
     """Where a step's metrics go on rank 0: the trackers of trainer.logger, the compact console line and
     trainer.history_file. Other ranks get one that writes nothing."""
 
-    def __init__(self, config: DictConfig, *, resumed_step: int, writes: bool):
-        trainer_config = config.trainer
+    def __init__(self, trainer_config: TrainerSection, *, run_config: dict, resumed_step: int, writes: bool):
+        """run_config: the whole config as plain data, what the trackers record."""
         self.console = "console" in trainer_config.logger
-        self.tracking: Tracking | None = start_tracking(trainer_config, config) if writes else None
+        self.tracking: Tracking | None = start_tracking(trainer_config, run_config) if writes else None
         self.history = None
         if writes and trainer_config.history_file is not None:
             os.makedirs(os.path.dirname(os.path.abspath(trainer_config.history_file)), exist_ok=True)
@@ -326,7 +327,7 @@ def close_tracking(tracking: Tracking) -> None:
             backend.finish(**kwargs)
 
 
-def start_tracking(trainer_config, config: DictConfig) -> Tracking:
+def start_tracking(trainer_config: TrainerSection, run_config: dict) -> Tracking:
     """verl's Tracking, with the wandb mode and tensorboard directory taken from the config.
 
     verl's console backend prints every metric with 16 digits; the trainer prints its own compact
@@ -343,5 +344,5 @@ def start_tracking(trainer_config, config: DictConfig) -> Tracking:
         project_name=trainer_config.project_name,
         experiment_name=trainer_config.experiment_name,
         default_backend=[b for b in trainer_config.logger if b != "console"],
-        config=OmegaConf.to_container(config, resolve=True),
+        config=run_config,
     )

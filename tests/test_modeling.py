@@ -26,6 +26,23 @@ def trainer_config(model_dir, *overrides):
         )
 
 
+def build(config, mesh, *, use_remove_padding):
+    from btrm import batching
+    from btrm.config import RunConfig
+
+    settings = RunConfig.from_config(config)
+    return modeling.build_model(
+        settings.model,
+        settings.optim,
+        mesh,
+        "cpu",
+        layout=batching.layout_for(use_remove_padding, settings.data.share_prompt),
+        seed=settings.trainer.seed,
+        pad_token_id=7,
+        total_steps=10,
+    )
+
+
 def causal_lm_linear_shapes(model_dir):
     """(in, out) of every linear layer in the causal LM's blocks, and its backbone size without lm_head: read
     from transformers' own model, not from anything build_model returns."""
@@ -49,7 +66,7 @@ def test_full_fine_tune_counts_layout_and_schedule(one_rank_mesh, tiny_model_dir
         "optim.lr=0.25",
         "data.share_prompt=true",
     )
-    built = modeling.build_model(config, one_rank_mesh, "cpu", pad_token_id=7, use_remove_padding=True, total_steps=10)
+    built = build(config, one_rank_mesh, use_remove_padding=True)
     _, backbone, hidden = causal_lm_linear_shapes(tiny_model_dir)
     assert built.class_name == "Qwen3ForTokenClassification" and built.lora_settings is None
     assert (built.parameter_count, built.trainable_parameter_count) == (
@@ -66,7 +83,7 @@ def test_full_fine_tune_counts_layout_and_schedule(one_rank_mesh, tiny_model_dir
 
 def test_lora_trains_adapters_and_the_score_weight_only(one_rank_mesh, tiny_model_dir):
     config = trainer_config(tiny_model_dir, "model.lora_rank=4", "model.lora_alpha=8", "use_remove_padding=false")
-    built = modeling.build_model(config, one_rank_mesh, "cpu", pad_token_id=7, use_remove_padding=False, total_steps=10)
+    built = build(config, one_rank_mesh, use_remove_padding=False)
     shapes, backbone, hidden = causal_lm_linear_shapes(tiny_model_dir)
     adapters = sum(4 * (fan_in + fan_out) for fan_in, fan_out in shapes)
     assert built.layout == "padded"
@@ -104,11 +121,12 @@ def test_auto_device_is_cpu_without_a_gpu():
 def test_the_optimizer_is_fused_unless_the_config_says_otherwise(overrides, fused, eps):
     from verl.workers.config.optimizer import build_optimizer
 
+    from btrm.config import RunConfig
     from btrm.modeling import optimizer_settings
     from btrm.schema import compose_config
 
-    optim_config = compose_config(overrides).optim
-    optimizer = build_optimizer(torch.nn.Linear(4, 1).parameters(), optimizer_settings(optim_config))
+    optim = RunConfig.from_config(compose_config(overrides)).optim
+    optimizer = build_optimizer(torch.nn.Linear(4, 1).parameters(), optimizer_settings(optim))
     assert type(optimizer) is torch.optim.AdamW
     assert optimizer.defaults["fused"] == fused and optimizer.defaults["eps"] == eps
-    assert compose_config(overrides).optim.override_optimizer_config == optim_config.override_optimizer_config
+    assert RunConfig.from_config(compose_config(overrides)).optim == optim  # the view is not changed
