@@ -413,12 +413,12 @@ def run(config: DictConfig):
         write_run_log("resolved config:\n" + OmegaConf.to_yaml(config, resolve=True))
     seed_everything(settings.trainer.seed)
     device_mesh = init_device_mesh(device_type=device, mesh_shape=(world_size,), mesh_dim_names=("fsdp",))
-    local_model_path = copy_to_local(src=config.model.partial_pretrain, verbose=False)
+    local_model_path = copy_to_local(src=settings.model.partial_pretrain, verbose=False)
     check_heads(
         AutoConfig.from_pretrained(local_model_path, trust_remote_code=settings.model.trust_remote_code),
         settings.ulysses_sequence_parallel_size,
     )
-    tokenizer = load_tokenizer(local_model_path, config.data, config.model.trust_remote_code)
+    tokenizer = load_tokenizer(local_model_path, config.data, settings.model.trust_remote_code)
     train_dataset = create_pair_dataset(config.data.train_files, config.data, tokenizer)
     val_dataset = create_pair_dataset(config.data.val_files, config.data, tokenizer)
     check_strengths(settings.loss, config.data, train_dataset, val_dataset)
