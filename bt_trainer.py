@@ -212,12 +212,9 @@ class BTRewardTrainer(FSDPSFTTrainer):
     def _build_model_optimizer(self):
         settings, sp = self.settings, self.sequence_parallel
         self.built = built = modeling.build_model(
-            settings.model,
-            settings.optim,
+            settings,
             self.device_mesh,
             self.device_name,
-            layout=batching.layout_for(settings.use_remove_padding, settings.data.share_prompt),
-            seed=settings.trainer.seed,
             pad_token_id=self.tokenizer.pad_token_id,
             total_steps=self.total_steps,
         )

@@ -128,17 +128,7 @@ def measure(spec: dict) -> dict:
     generator = torch.Generator().manual_seed(0)
     sequences = [torch.randint(1, 1000, (n,), generator=generator).tolist() for n in lengths]
     baseline = memory_kib()
-    settings = RunConfig.from_config(config)
-    built = modeling.build_model(
-        settings.model,
-        settings.optim,
-        mesh,
-        "cpu",
-        layout=batching.layout_for(settings.use_remove_padding, settings.data.share_prompt),
-        seed=settings.trainer.seed,
-        pad_token_id=0,
-        total_steps=10,
-    )
+    built = modeling.build_model(RunConfig.from_config(config), mesh, "cpu", pad_token_id=0, total_steps=10)
     built.fsdp_model.train()  # as the trainer's training_step: from_pretrained leaves eval mode (no checkpointing)
     layout = built.layout
     batch = batching.collate_padded(sequences, 0) if layout == "padded" else batching.collate_packed(sequences)

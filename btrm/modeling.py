@@ -33,7 +33,7 @@ from btrm import attention, batching, lora
 from btrm.noise import quiet_transformers
 
 if TYPE_CHECKING:
-    from btrm.config import ModelSection, OptimSection
+    from btrm.config import ModelSection, OptimSection, RunConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -187,19 +187,13 @@ class BuiltModel:
 
 
 def build_model(
-    model_config: ModelSection,
-    optim: OptimSection,
-    device_mesh: DeviceMesh,
-    device: str,
-    *,
-    layout: str,
-    seed: int,
-    pad_token_id: int,
-    total_steps: int,
+    settings: RunConfig, device_mesh: DeviceMesh, device: str, *, pad_token_id: int, total_steps: int
 ) -> BuiltModel:
-    """The value-head model in `layout` (batching.layout_for), sharded, with its optimizer and schedule (the
-    schedule spans `total_steps`); the weights it initialises are drawn after seeding with `seed`."""
-    seed_everything(seed)
+    """The value-head model, sharded, with its optimizer and schedule (the schedule spans `total_steps`), from the
+    typed config's model and optim sections, its layout (use_remove_padding, data.share_prompt) and seed."""
+    model_config, optim = settings.model, settings.optim
+    layout = batching.layout_for(settings.use_remove_padding, settings.data.share_prompt)
+    seed_everything(settings.trainer.seed)
     model = load_sharding_ready_model(model_config, device_mesh)
     model.config.pad_token_id = pad_token_id
     value_head_config, newly_initialized = model.config, model.newly_initialized
@@ -232,8 +226,6 @@ def adapt_model(
 
     Returns (the model, a peft model under LoRA; the LoRA settings or None; its class name).
     """
-    if layout not in batching.LAYOUTS:
-        raise ValueError(f"layout {layout!r}: expected one of {batching.LAYOUTS}")
     # Packed and shared rows are attended per segment (btrm.attention, no flash-attn needed); padded batches keep
     # model.attn_implementation, also on a model switched to segments.
     if layout != "padded":
@@ -320,7 +312,7 @@ def shard_model(
         cpu_offload=CPUOffload(offload_params=True) if fsdp_config.cpu_offload else None,
         param_init_fn=init_fn,
         use_orig_params=True,  # the frozen score bias shares a flat parameter with trainable weights
-        auto_wrap_policy=get_fsdp_wrap_policy(model, config=verl_fsdp_config(fsdp_config)["wrap_policy"]),
+        auto_wrap_policy=get_fsdp_wrap_policy(model, config=dataclasses.asdict(fsdp_config.wrap_policy)),
         device_id=torch.cuda.current_device(),
         sharding_strategy=ShardingStrategy.FULL_SHARD,
         mixed_precision=MixedPrecision(param_dtype=param_dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32),

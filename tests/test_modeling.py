@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from btrm import modeling
+from btrm.config import RunConfig
 from conftest import REPO, free_port
 
 
@@ -24,23 +25,6 @@ def trainer_config(model_dir, *overrides):
         return compose(
             config_name="trainer", overrides=[f"model.partial_pretrain={model_dir}", "trainer.device=cpu", *overrides]
         )
-
-
-def build(config, mesh, *, use_remove_padding):
-    from btrm import batching
-    from btrm.config import RunConfig
-
-    settings = RunConfig.from_config(config)
-    return modeling.build_model(
-        settings.model,
-        settings.optim,
-        mesh,
-        "cpu",
-        layout=batching.layout_for(use_remove_padding, settings.data.share_prompt),
-        seed=settings.trainer.seed,
-        pad_token_id=7,
-        total_steps=10,
-    )
 
 
 def causal_lm_linear_shapes(model_dir):
@@ -66,7 +50,7 @@ def test_full_fine_tune_counts_layout_and_schedule(one_rank_mesh, tiny_model_dir
         "optim.lr=0.25",
         "data.share_prompt=true",
     )
-    built = build(config, one_rank_mesh, use_remove_padding=True)
+    built = modeling.build_model(RunConfig.from_config(config), one_rank_mesh, "cpu", pad_token_id=7, total_steps=10)
     _, backbone, hidden = causal_lm_linear_shapes(tiny_model_dir)
     assert built.class_name == "Qwen3ForTokenClassification" and built.lora_settings is None
     assert (built.parameter_count, built.trainable_parameter_count) == (
@@ -83,7 +67,7 @@ def test_full_fine_tune_counts_layout_and_schedule(one_rank_mesh, tiny_model_dir
 
 def test_lora_trains_adapters_and_the_score_weight_only(one_rank_mesh, tiny_model_dir):
     config = trainer_config(tiny_model_dir, "model.lora_rank=4", "model.lora_alpha=8", "use_remove_padding=false")
-    built = build(config, one_rank_mesh, use_remove_padding=False)
+    built = modeling.build_model(RunConfig.from_config(config), one_rank_mesh, "cpu", pad_token_id=7, total_steps=10)
     shapes, backbone, hidden = causal_lm_linear_shapes(tiny_model_dir)
     adapters = sum(4 * (fan_in + fan_out) for fan_in, fan_out in shapes)
     assert built.layout == "padded"
@@ -121,7 +105,6 @@ def test_auto_device_is_cpu_without_a_gpu():
 def test_the_optimizer_is_fused_unless_the_config_says_otherwise(overrides, fused, eps):
     from verl.workers.config.optimizer import build_optimizer
 
-    from btrm.config import RunConfig
     from btrm.modeling import optimizer_settings
     from btrm.schema import compose_config
 
